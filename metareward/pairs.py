@@ -1,0 +1,298 @@
+"""DPO preference pairs for Meta-Rewarding (Wu et al., 2024).
+
+Pure functions over the JSONL records of one iteration (prompts, responses,
+judgements, meta-judgements). Two kinds of pairs come out, both in TRL's
+conversational preference format plus provenance fields:
+
+* actor pairs: per prompt, a high-scoring response over a low-scoring one, with
+  length control ``rho`` (shortest of the top tier over longest of the bottom tier);
+* judge pairs: per prompt, for the response whose judge scores vary most, the
+  judgement with the highest Elo (from meta-judge verdicts, debiased for position)
+  over the one with the lowest.
+
+Results never depend on row order: rows are grouped by id, sums are exact or
+correctly rounded, and ties are broken by score and by the integer in the id.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+# Slack in the actor tier thresholds, so float rounding in S_max - rho*(S_max - S_min)
+# does not drop a response whose mean sits exactly on the threshold.
+SCORE_TOL = 1e-9
+# Judge-score variances closer than this are a tie (broken by lower k).
+VARIANCE_TOL = 1e-12
+# A judge pair needs max(elo) - min(elo) >= ELO_TIE; within the top (bottom) tier,
+# Elos closer than ELO_SAME to the max (min) tie and the lower n wins.
+ELO_TIE = 1e-6
+ELO_SAME = 1e-9
+
+
+def _index_after(record_id: str, marker: str, what: str) -> int:
+    head, sep, tail = record_id.rpartition(marker)
+    if not sep or not head or not tail.isdigit():
+        raise ValueError(f"{what} {record_id!r} does not end in '{marker}<integer>'")
+    return int(tail)
+
+
+def response_k(response_id: str) -> int:
+    """The k of ``"<prompt_id>/r<k>"``: the integer after the last ``/r``."""
+    return _index_after(response_id, "/r", "response_id")
+
+
+def judgement_n(judgement_id: str) -> int:
+    """The n of ``"<response_id>/j<n>"``: the integer after the last ``/j``."""
+    return _index_after(judgement_id, "/j", "judgement_id")
+
+
+def _score(judgement: dict) -> float | None:
+    """The parsed score as a float; None when missing (NaN/inf count as missing too)."""
+    score = judgement.get("score")
+    return None if score is None or not math.isfinite(score) else float(score)
+
+
+def _mean(values: list[float]) -> float:
+    # fsum is correctly rounded, hence independent of the order of the values.
+    return math.fsum(values) / len(values)
+
+
+def _pvariance(values: list[float]) -> float:
+    if max(values) == min(values):  # exactly 0, whatever the rounding of the mean
+        return 0.0
+    mean = _mean(values)
+    return math.fsum((v - mean) ** 2 for v in values) / len(values)
+
+
+def usable_judgements(judgements: Iterable[dict]) -> list[dict]:
+    """Judgements that have a parsed score and were not cut off (``finish_reason != "length"``)."""
+    return [j for j in judgements if _score(j) is not None and j.get("finish_reason") != "length"]
+
+
+def _by_key(rows: Iterable[dict], key: str) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[row[key]].append(row)
+    return groups
+
+
+def judge_target_responses(responses: list[dict], judgements: list[dict]) -> dict[str, str]:
+    """prompt_id -> the response to meta-judge: largest population variance of its usable scores.
+
+    A response is eligible with >= 2 usable judgements whose scores are not all equal;
+    variance ties go to the lower k. Prompts with no eligible response are absent.
+    """
+    usable = _by_key(usable_judgements(judgements), "response_id")
+    best: dict[str, tuple[float, str]] = {}
+    # Walking in k order and replacing only on a strictly larger variance keeps the lower k on ties.
+    for response in sorted(responses, key=lambda r: (r["prompt_id"], response_k(r["response_id"]))):
+        scores = [_score(j) for j in usable.get(response["response_id"], [])]
+        variance = _pvariance(scores) if len(scores) >= 2 else 0.0
+        if variance <= 0:
+            continue
+        current = best.get(response["prompt_id"])
+        if current is None or variance > current[0] + VARIANCE_TOL:
+            best[response["prompt_id"]] = (variance, response["response_id"])
+    return {prompt_id: response_id for prompt_id, (_, response_id) in best.items()}
+
+
+def actor_pairs(
+    prompts: list[dict], responses: list[dict], judgements: list[dict], rho: float
+) -> tuple[list[dict], dict]:
+    """One length-controlled (chosen, rejected) response pair per prompt, where possible.
+
+    S = mean of a response's parsed judge scores. With spread D = S_max - S_min > 0,
+    chosen = shortest response with S >= S_max - rho*D (ties: higher S, lower k) and
+    rejected = longest with S <= S_min + rho*D (ties: lower S, lower k).
+    """
+    if not 0 <= rho < 0.5:
+        raise ValueError(f"rho={rho!r}: must be in [0, 0.5)")
+    scores = {rid: [s for j in rows if (s := _score(j)) is not None]
+              for rid, rows in _by_key(judgements, "response_id").items()}
+    by_prompt = _by_key(responses, "prompt_id")
+
+    stats = {"prompts": len(prompts), "pairs": 0, "skipped_no_scored_responses": 0,
+             "skipped_one_scored_response": 0, "skipped_all_equal_scores": 0}
+    pairs = []
+    for prompt in prompts:
+        prompt_id = prompt["prompt_id"]
+        scored = [(_mean(scores[r["response_id"]]), response_k(r["response_id"]), r)
+                  for r in by_prompt.get(prompt_id, []) if scores.get(r["response_id"])]
+        if not scored:
+            stats["skipped_no_scored_responses"] += 1
+            continue
+        if len(scored) == 1:
+            stats["skipped_one_scored_response"] += 1
+            continue
+        s_max, s_min = max(t[0] for t in scored), min(t[0] for t in scored)
+        spread = s_max - s_min
+        if spread <= 0:
+            stats["skipped_all_equal_scores"] += 1
+            continue
+        # Capping the slack at a quarter of the gap between the tiers keeps them disjoint
+        # even when the spread is tiny, so chosen and rejected are always different rows.
+        tol = min(SCORE_TOL, 0.25 * (1 - 2 * rho) * spread)
+        top = [t for t in scored if t[0] >= s_max - rho * spread - tol]
+        bottom = [t for t in scored if t[0] <= s_min + rho * spread + tol]
+        s_c, _, chosen = min(top, key=lambda t: (t[2]["num_tokens"], -t[0], t[1]))
+        s_r, _, rejected = min(bottom, key=lambda t: (-t[2]["num_tokens"], t[0], t[1]))
+        pairs.append({
+            "prompt": prompt["messages"],
+            "chosen": [{"role": "assistant", "content": chosen["text"]}],
+            "rejected": [{"role": "assistant", "content": rejected["text"]}],
+            "prompt_id": prompt_id,
+            "chosen_id": chosen["response_id"],
+            "rejected_id": rejected["response_id"],
+            "chosen_score": s_c,
+            "rejected_score": s_r,
+            "chosen_tokens": int(chosen["num_tokens"]),
+            "rejected_tokens": int(rejected["num_tokens"]),
+        })
+    stats["pairs"] = len(pairs)
+    return pairs, stats
+
+
+def _position_wins(meta_judgements: list[dict]) -> tuple[int, int]:
+    """(W1, W2): verdicts won by the first resp. second position."""
+    winners = [m.get("winner") for m in meta_judgements]
+    return winners.count("first"), winners.count("second")
+
+
+def positional_weights(meta_judgements: list[dict]) -> tuple[float, float]:
+    """(w1, w2) = (W2, W1) / (W1 + W2): a win from the favoured position counts for less.
+
+    Returns (0.0, 0.0) when there are no verdicts at all.
+    """
+    first, second = _position_wins(meta_judgements)
+    if first + second == 0:
+        return 0.0, 0.0
+    return second / (first + second), first / (first + second)
+
+
+def battle_matrix(judgement_ids: list[str], meta_judgements: list[dict], w1: float, w2: float) -> np.ndarray:
+    """B[m][n]: weighted wins of judgement m over judgement n (indices into ``judgement_ids``).
+
+    A first-position win adds w1, a second-position win adds w2. Rows naming a judgement
+    outside ``judgement_ids``, comparing one with itself, or without a winner are ignored.
+    """
+    index = {jid: i for i, jid in enumerate(judgement_ids)}
+    size = len(judgement_ids)
+    # Integer counts first: exact, so B does not depend on the order of the rows.
+    first_wins = np.zeros((size, size))
+    second_wins = np.zeros((size, size))
+    for row in meta_judgements:
+        a, b = index.get(row["first_id"]), index.get(row["second_id"])
+        if a is None or b is None or a == b:
+            continue
+        if row.get("winner") == "first":
+            first_wins[a, b] += 1
+        elif row.get("winner") == "second":
+            second_wins[b, a] += 1
+    return w1 * first_wins + w2 * second_wins
+
+
+def _elo_objective(battles: np.ndarray, eps: np.ndarray, l2: float) -> float:
+    diff = eps[:, None] - eps[None, :]
+    # log sigmoid(d) = -log(1 + e^-d), written stably.
+    return float(-np.sum(battles * np.logaddexp(0.0, -diff)) - 0.5 * l2 * eps @ eps)
+
+
+def fit_elo(battles: np.ndarray, l2: float = 0.01) -> np.ndarray:
+    """Bradley-Terry Elo: argmax sum B[m][n] log sigmoid(eps_m - eps_n) - (l2/2) |eps|^2.
+
+    The objective is strictly concave for l2 > 0; Newton's method with a backtracking
+    line search reaches the optimum to near machine precision in a few steps.
+    """
+    if l2 <= 0:
+        raise ValueError(f"l2={l2!r}: must be > 0")
+    battles = np.asarray(battles, dtype=float)
+    size = battles.shape[0]
+    eps = np.zeros(size)
+    grad_tol = 1e-12 * (1.0 + battles.sum())
+    for _ in range(100):
+        diff = eps[:, None] - eps[None, :]
+        p_lose = np.exp(-np.logaddexp(0.0, diff))  # sigmoid(-d) = d/dd log sigmoid(d)
+        flow = battles * p_lose
+        grad = flow.sum(axis=1) - flow.sum(axis=0) - l2 * eps
+        if np.max(np.abs(grad), initial=0.0) < grad_tol:
+            break
+        curv = battles * p_lose * (1.0 - p_lose)
+        sym = curv + curv.T
+        neg_hessian = np.diag(sym.sum(axis=1)) - sym + l2 * np.eye(size)
+        step = np.linalg.solve(neg_hessian, grad)
+        start, slope, t = _elo_objective(battles, eps, l2), grad @ step, 1.0
+        # Armijo backtracking; the slack absorbs rounding in the objective near the optimum,
+        # where full Newton steps are right but the gain is below float resolution.
+        slack = 1e-13 * (1.0 + abs(start))
+        while _elo_objective(battles, eps + t * step, l2) < start + 1e-4 * t * slope - slack and t > 1e-10:
+            t *= 0.5
+        eps = eps + t * step
+        if np.max(np.abs(t * step)) < 1e-15 * (1.0 + np.max(np.abs(eps))):
+            break
+    return eps
+
+
+def judge_pairs(
+    prompts: list[dict],
+    responses: list[dict],
+    judgements: list[dict],
+    meta_judgements: list[dict],
+    judge_prompt: Callable[[list[dict], str], list[dict]],
+    l2: float = 0.01,
+) -> tuple[list[dict], dict]:
+    """One (chosen, rejected) judgement pair per prompt, ranked by Elo from meta-judge verdicts.
+
+    The judged response is :func:`judge_target_responses`'s pick; positional weights come
+    from all ``meta_judgements`` rows of the iteration. ``judge_prompt(messages, response_text)``
+    builds the judge's input messages, which become the pair's prompt.
+    """
+    first_wins, second_wins = _position_wins(meta_judgements)
+    w1, w2 = positional_weights(meta_judgements)
+    targets = judge_target_responses(responses, judgements)
+    response_by_id = {r["response_id"]: r for r in responses}
+    usable = _by_key(usable_judgements(judgements), "response_id")
+    meta_by_response = _by_key(meta_judgements, "response_id")
+
+    stats = {"prompts": len(prompts), "pairs": 0, "skipped_no_variance": 0, "skipped_no_verdicts": 0,
+             "skipped_elo_tie": 0, "first_position_wins": first_wins, "second_position_wins": second_wins,
+             "w1": w1, "w2": w2}
+    pairs = []
+    for prompt in prompts:
+        prompt_id = prompt["prompt_id"]
+        response_id = targets.get(prompt_id)
+        if response_id is None:
+            stats["skipped_no_variance"] += 1
+            continue
+        # Sorted by n, so "first index in a tier" means "lower n".
+        rows = sorted(usable[response_id], key=lambda j: judgement_n(j["judgement_id"]))
+        ids = [j["judgement_id"] for j in rows]
+        battles = battle_matrix(ids, meta_by_response.get(response_id, []), w1, w2)
+        if not battles.any():
+            stats["skipped_no_verdicts"] += 1
+            continue
+        elo = fit_elo(battles, l2)
+        best, worst = float(elo.max()), float(elo.min())
+        if best - worst < ELO_TIE:
+            stats["skipped_elo_tie"] += 1
+            continue
+        c = next(i for i in range(len(ids)) if elo[i] >= best - ELO_SAME)
+        r = next(i for i in range(len(ids)) if elo[i] <= worst + ELO_SAME)
+        pairs.append({
+            "prompt": judge_prompt(prompt["messages"], response_by_id[response_id]["text"]),
+            "chosen": [{"role": "assistant", "content": rows[c]["text"]}],
+            "rejected": [{"role": "assistant", "content": rows[r]["text"]}],
+            "prompt_id": prompt_id,
+            "response_id": response_id,
+            "chosen_id": ids[c],
+            "rejected_id": ids[r],
+            "chosen_score": _score(rows[c]),
+            "rejected_score": _score(rows[r]),
+            "chosen_elo": float(elo[c]),
+            "rejected_elo": float(elo[r]),
+        })
+    stats["pairs"] = len(pairs)
+    return pairs, stats

@@ -1,0 +1,105 @@
+"""The judge and meta-judge prompts; nothing else.
+
+The judge prompt is the additive 5-point rubric of Self-Rewarding Language Models
+(Yuan et al. 2024, Figure 2); the meta-judge prompt follows Meta-Rewarding Language
+Models (Wu et al. 2024, Figure 2). Both are ``str.format`` templates; ``judge.template``
+and ``meta_judge.template`` in the config may name files that replace them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+RUBRIC = """\
+- Add 1 point if the response is relevant and provides some information related to the user's inquiry, \
+even if it is incomplete or contains some irrelevant content.
+- Add another point if the response addresses a substantial portion of the user's question, but does not \
+completely resolve the query or provide a direct answer.
+- Award a third point if the response answers the basic elements of the user's question in a useful way, \
+regardless of whether it seems to have been written by an AI Assistant or if it has elements typically \
+found in blogs or search results.
+- Grant a fourth point if the response is clearly written from an AI Assistant's perspective, addressing \
+the user's question directly and comprehensively, and is well-organized and helpful, even if there is \
+slight room for improvement in clarity, conciseness or focus.
+- Bestow a fifth point for a response that is impeccably tailored to the user's question by an AI \
+Assistant, without extraneous information, reflecting expert knowledge, and demonstrating a high-quality, \
+engaging, and insightful answer."""
+
+JUDGE_TEMPLATE = """\
+Review the user's question and the corresponding response using the additive 5-point scoring system \
+described below. Points are accumulated based on the satisfaction of each criterion:
+{rubric}
+
+User: {question}
+<response>{response}</response>
+
+After examining the user's instruction and the response:
+- Briefly justify your total score, up to 100 words.
+- Conclude with the score using the format: "Score: <total points>"
+Remember to assess from the AI Assistant perspective, utilizing web search knowledge as necessary. To \
+evaluate the response in alignment with this additive scoring model, we'll systematically attribute \
+points based on the outlined criteria."""
+
+META_JUDGE_TEMPLATE = """\
+Review the user's question and the corresponding response, along with two judgments. Determine which \
+judgment is more accurate according to the rubric provided below. The rubric used for the initial \
+judgments is as follows:
+{rubric}
+
+User: {question}
+<response>{response}</response>
+
+Judgment A: {judgement_a}
+
+Judgment B: {judgement_b}
+
+After examining the original question, response, and both judgments:
+- Explain which judgment is more accurate according to the original rubric and why. Consider factors \
+such as adherence to the rubric, accuracy in evaluating the response, and consistency in applying the \
+criteria.
+- Conclude with a clear statement of which judgment is better using the format: \
+"Winner: [Judgement A | Judgement B]\""""
+
+# Appended after a judgement (or its last "Score:") to read the model's distribution over 0..5.
+SCORE_CUE = "Score: "
+SCORE_TOKENS = ["0", "1", "2", "3", "4", "5"]
+# Appended after a meta-judgement to read the model's preference between A and B.
+WINNER_CUE = "Winner: Judgement "
+WINNER_TOKENS = ["A", "B"]
+
+
+def question_text(messages: list[dict]) -> str:
+    """The user's side of a conversation as the judge sees it: the question, or the whole exchange."""
+    turns = [m for m in messages if m["role"] != "system"]
+    if len(turns) == 1:
+        return turns[0]["content"]
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
+
+
+@dataclass(frozen=True)
+class Templates:
+    judge: str = JUDGE_TEMPLATE
+    meta_judge: str = META_JUDGE_TEMPLATE
+
+    @classmethod
+    def load(cls, judge_path: str | None, meta_judge_path: str | None) -> Templates:
+        """Built-in templates, each replaced by a file's text where a path is given."""
+        return cls(
+            judge=Path(judge_path).read_text(encoding="utf-8") if judge_path else JUDGE_TEMPLATE,
+            meta_judge=Path(meta_judge_path).read_text(encoding="utf-8") if meta_judge_path else META_JUDGE_TEMPLATE,
+        )
+
+    def judge_messages(self, prompt: list[dict], response: str) -> list[dict]:
+        content = self.judge.format(rubric=RUBRIC, question=question_text(prompt), response=response)
+        return [{"role": "user", "content": content}]
+
+    def meta_judge_messages(self, prompt: list[dict], response: str, judgement_a: str, judgement_b: str) -> list[dict]:
+        content = self.meta_judge.format(
+            rubric=RUBRIC,
+            question=question_text(prompt),
+            response=response,
+            judgement_a=judgement_a,
+            judgement_b=judgement_b,
+        )
+        return [{"role": "user", "content": content}]

@@ -1,0 +1,116 @@
+"""Run-directory layout and crash-safe JSON/JSONL files.
+
+Every file is written whole or not at all: to a temporary file in the same directory,
+flushed to disk, then renamed over the target. A long stage writes its output as numbered
+chunk files in ``<file>.parts/`` (each one written whole) and joins them into the final
+file when the stage ends, so a killed stage loses at most the chunk it was working on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+PROMPTS = "prompts.jsonl"
+RESPONSES = "responses.jsonl"
+JUDGEMENTS = "judgements.jsonl"
+META_JUDGEMENTS = "meta_judgements.jsonl"
+ACTOR_PAIRS = "actor_pairs.jsonl"
+JUDGE_PAIRS = "judge_pairs.jsonl"
+METRICS = "metrics.json"
+MODEL = "model"
+CONFIG = "config.yaml"
+
+
+class RecordError(ValueError):
+    """A file holds something metareward cannot read; the message names the file and line."""
+
+
+def iter_dir(run_dir: Path, iteration: int) -> Path:
+    return run_dir / f"iter_{iteration}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic_write_text(path, text)
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    _atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RecordError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise RecordError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                if not isinstance(row, dict):
+                    raise RecordError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+    except UnicodeDecodeError as error:
+        raise RecordError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    return rows
+
+
+class ChunkedFile:
+    """A stage's output, built chunk by chunk; ``path`` exists only once every chunk is in."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.parts = path.with_name(path.name + ".parts")
+
+    @property
+    def complete(self) -> bool:
+        return self.path.is_file()
+
+    def _chunk_path(self, index: int) -> Path:
+        return self.parts / f"{index:06d}.jsonl"
+
+    def has_chunk(self, index: int) -> bool:
+        return self._chunk_path(index).is_file()
+
+    def write_chunk(self, index: int, rows: list[dict]) -> None:
+        write_jsonl(self._chunk_path(index), rows)
+
+    def finish(self, num_chunks: int) -> list[dict]:
+        """Join chunks 0..num_chunks-1 into the final file and return its rows."""
+        rows = []
+        for index in range(num_chunks):
+            rows.extend(read_jsonl(self._chunk_path(index)))
+        write_jsonl(self.path, rows)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return rows

@@ -1,0 +1,223 @@
+"""The three roles of one iteration: actor, judge and meta-judge.
+
+Each stage is records in, records out, through a :class:`~metareward.generation.Generator`.
+Work is cut into fixed chunks; a chunk's output is written whole before the next starts,
+and a chunk's sampling seed depends only on the run seed, the iteration, the stage and the
+chunk's index, so a resumed stage reproduces exactly the rows an uninterrupted one writes.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from metareward import pairs
+from metareward.config import ActorConfig, JudgeConfig, MetaJudgeConfig
+from metareward.generation import Generator, SamplingParams
+from metareward.parsing import parse_score, parse_winner
+from metareward.prompts import SCORE_CUE, SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS, Templates
+from metareward.records import ChunkedFile, read_jsonl
+
+_SCORE_KEY = re.compile(r"(score|points)\s*:", re.IGNORECASE)
+_WINNER_KEY = re.compile(r"winner\s*:", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    generator: Generator
+    templates: Templates
+    seed: int
+    iteration: int
+    chunk_size: int
+
+    def chunk_seed(self, stage: str, chunk: int) -> int:
+        return zlib.crc32(f"{self.seed}/{self.iteration}/{stage}/{chunk}".encode())
+
+
+def run_chunked(out: ChunkedFile, items: list, chunk_size: int, work: Callable[[list, int], list[dict]]) -> list[dict]:
+    """Apply ``work(chunk, index)`` to each chunk not yet on disk, then join the chunks."""
+    if out.complete:
+        return read_jsonl(out.path)
+    chunks = [items[start : start + chunk_size] for start in range(0, len(items), chunk_size)]
+    for index, chunk in enumerate(chunks):
+        if not out.has_chunk(index):
+            out.write_chunk(index, work(chunk, index))
+    return out.finish(len(chunks))
+
+
+def actor(ctx: StageContext, prompts: list[dict], cfg: ActorConfig, out: ChunkedFile) -> list[dict]:
+    """K sampled responses per prompt; exact duplicates of an earlier sample are dropped."""
+    num_chunks = -(-len(prompts) // ctx.chunk_size)
+
+    def work(chunk: list[dict], index: int) -> list[dict]:
+        params = SamplingParams(
+            n=cfg.num_responses,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=ctx.chunk_seed("actor", index),
+        )
+        outputs = ctx.generator.generate(
+            [p["messages"] for p in chunk], params, desc=f"actor {index + 1}/{num_chunks}"
+        )
+        rows = []
+        for prompt, completions in zip(chunk, outputs, strict=True):
+            seen: set[str] = set()
+            for k, completion in enumerate(completions):
+                if completion.text in seen:
+                    continue
+                seen.add(completion.text)
+                rows.append(
+                    {
+                        "prompt_id": prompt["prompt_id"],
+                        "response_id": f"{prompt['prompt_id']}/r{k}",
+                        "text": completion.text,
+                        "num_tokens": completion.num_tokens,
+                        "finish_reason": completion.finish_reason,
+                    }
+                )
+        return rows
+
+    return run_chunked(out, prompts, ctx.chunk_size, work)
+
+
+def score_cue_text(judgement: str) -> str:
+    """The judgement up to its last "Score:", followed by the cue whose next token is the score."""
+    matches = list(_SCORE_KEY.finditer(judgement))
+    head = judgement[: matches[-1].start()] if matches else judgement.rstrip() + "\n"
+    return head + SCORE_CUE
+
+
+def winner_cue_text(verdict: str) -> str:
+    matches = list(_WINNER_KEY.finditer(verdict))
+    head = verdict[: matches[-1].start()] if matches else verdict.rstrip() + "\n"
+    return head + WINNER_CUE
+
+
+def judge(
+    ctx: StageContext, prompts: list[dict], responses: list[dict], cfg: JudgeConfig, out: ChunkedFile
+) -> list[dict]:
+    """N judgements per response, each with its parsed score and the model's distribution over 0..5."""
+    messages_of = {p["prompt_id"]: p["messages"] for p in prompts}
+    num_chunks = -(-len(responses) // ctx.chunk_size)
+
+    def work(chunk: list[dict], index: int) -> list[dict]:
+        requests = [ctx.templates.judge_messages(messages_of[r["prompt_id"]], r["text"]) for r in chunk]
+        params = SamplingParams(
+            n=cfg.num_judgements,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=ctx.chunk_seed("judge", index),
+        )
+        outputs = ctx.generator.generate(requests, params, desc=f"judge {index + 1}/{num_chunks}")
+        cue_texts = [
+            ctx.generator.render(request) + score_cue_text(c.text)
+            for request, completions in zip(requests, outputs, strict=True)
+            for c in completions
+        ]
+        all_probs = iter(ctx.generator.next_token_probs(cue_texts, SCORE_TOKENS))
+        rows = []
+        for response, completions in zip(chunk, outputs, strict=True):
+            for n, completion in enumerate(completions):
+                probs = next(all_probs)
+                mass = sum(probs)
+                distribution = [p / mass for p in probs] if mass > 0 else None
+                score, source = parse_score(completion.text), "text"
+                if score is None:
+                    source = None
+                    if cfg.score_from == "text_or_expected" and distribution is not None:
+                        score, source = sum(i * p for i, p in enumerate(distribution)), "expected"
+                rows.append(
+                    {
+                        "response_id": response["response_id"],
+                        "judgement_id": f"{response['response_id']}/j{n}",
+                        "text": completion.text,
+                        "score": score,
+                        "score_source": source,
+                        "score_probs": distribution,
+                        "score_probs_mass": mass,
+                        "num_tokens": completion.num_tokens,
+                        "finish_reason": completion.finish_reason,
+                    }
+                )
+        return rows
+
+    return run_chunked(out, responses, ctx.chunk_size, work)
+
+
+def comparisons(responses: list[dict], judgements: list[dict]) -> list[tuple[str, str, str]]:
+    """(response_id, first_id, second_id): every pair of usable judgements of each prompt's
+    meta-judged response, in both orders."""
+    targets = pairs.judge_target_responses(responses, judgements)
+    usable = pairs.usable_judgements(judgements)
+    items = []
+    for response_id in sorted(targets.values(), key=lambda rid: [r["response_id"] for r in responses].index(rid)):
+        ids = sorted((j["judgement_id"] for j in usable if j["response_id"] == response_id), key=pairs.judgement_n)
+        for m, first in enumerate(ids):
+            for second in ids[m + 1 :]:
+                items.append((response_id, first, second))
+                items.append((response_id, second, first))
+    return items
+
+
+def meta_judge(
+    ctx: StageContext,
+    prompts: list[dict],
+    responses: list[dict],
+    judgements: list[dict],
+    cfg: MetaJudgeConfig,
+    out: ChunkedFile,
+) -> list[dict]:
+    """The meta-judge's verdict on each comparison: which of two judgements is more accurate."""
+    messages_of = {p["prompt_id"]: p["messages"] for p in prompts}
+    response_of = {r["response_id"]: r for r in responses}
+    judgement_text = {j["judgement_id"]: j["text"] for j in judgements}
+    items = comparisons(responses, judgements)
+    num_chunks = -(-len(items) // ctx.chunk_size)
+
+    def work(chunk: list[tuple[str, str, str]], index: int) -> list[dict]:
+        requests = []
+        for response_id, first, second in chunk:
+            response = response_of[response_id]
+            requests.append(
+                ctx.templates.meta_judge_messages(
+                    messages_of[response["prompt_id"]], response["text"], judgement_text[first], judgement_text[second]
+                )
+            )
+        params = SamplingParams(
+            n=1,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=ctx.chunk_seed("meta_judge", index),
+        )
+        outputs = [c[0] for c in ctx.generator.generate(requests, params, desc=f"meta-judge {index + 1}/{num_chunks}")]
+        verdicts = [parse_winner(c.text) for c in outputs]
+        sources = ["text" if v else None for v in verdicts]
+        if cfg.winner_from == "text_or_probs":
+            # Only verdicts the meta-judge did not write need the extra forward pass.
+            missing = [i for i, v in enumerate(verdicts) if v is None]
+            cue_texts = [ctx.generator.render(requests[i]) + winner_cue_text(outputs[i].text) for i in missing]
+            for i, (p_a, p_b) in zip(missing, ctx.generator.next_token_probs(cue_texts, WINNER_TOKENS), strict=True):
+                if p_a != p_b:
+                    verdicts[i], sources[i] = ("A" if p_a > p_b else "B"), "probs"
+        return [
+            {
+                "response_id": response_id,
+                "first_id": first,
+                "second_id": second,
+                "text": completion.text,
+                "winner": {"A": "first", "B": "second"}.get(verdict),
+                "winner_source": source,
+                "num_tokens": completion.num_tokens,
+                "finish_reason": completion.finish_reason,
+            }
+            for (response_id, first, second), completion, verdict, source in zip(
+                chunk, outputs, verdicts, sources, strict=True
+            )
+        ]
+
+    return run_chunked(out, items, ctx.chunk_size, work)

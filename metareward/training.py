@@ -1,0 +1,147 @@
+"""One DPO iteration: train M_t from M_{t-1} on preference pairs with TRL.
+
+This is the only module that imports ``trl``. The loop calls::
+
+    result = train_dpo(str(prev_model_dir), pair_rows, cfg.train.dpo, next_model_dir, seed=cfg.seed)
+
+``pair_rows`` are TRL conversational preference rows (``prompt`` / ``chosen`` / ``rejected`` message
+lists, plus provenance keys that are dropped here). The reference policy is M_{t-1} itself, the
+directory being trained from. ``out_dir`` receives a plain, full (LoRA-merged) safetensors model
+with its tokenizer and chat template, written atomically; the returned dict (TRL's log history,
+pair count, optimiser steps) is JSON-serialisable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+
+from metareward.config import DPOSettings
+
+PAIR_KEYS = ("prompt", "chosen", "rejected")
+# Saved inside the model directory so that the log and the model appear together, or not at all.
+TRAINING_LOG = "training_log.json"
+
+
+def _dpo_config(
+    settings: DPOSettings, work_dir: Path, seed: int, report_to: str, trust_remote_code: bool
+) -> DPOConfig:
+    on_gpu = torch.cuda.is_available()
+    return DPOConfig(
+        output_dir=str(work_dir),
+        beta=settings.beta,
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.num_epochs,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        max_length=settings.max_length,
+        # transformers 5 has no warmup_ratio: a float in [0, 1) passed as warmup_steps is the ratio.
+        warmup_steps=settings.warmup_ratio,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        precompute_ref_log_probs=settings.precompute_ref_log_probs,
+        # transformers 5's name for gradient checkpointing (TRL defaults it to on; we follow our settings).
+        activation_checkpointing=settings.gradient_checkpointing,
+        seed=seed,
+        trust_remote_code=trust_remote_code,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=report_to,
+        push_to_hub=False,
+        dataloader_num_workers=0,
+        use_cpu=not on_gpu,
+        # TRL defaults bf16 to True, which on CPU is slow; autocast only where the GPU supports it.
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+    )
+
+
+def _lora_config(settings: DPOSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        # "all-linear" leaves out the LM head, which TRL refuses to put an adapter on.
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _save_atomically(model, tokenizer, out_dir: Path, log: dict) -> None:
+    """Write into a sibling temp dir, then rename it into place: a killed run leaves no half model."""
+    tmp = out_dir.parent / (out_dir.name + ".tmp")
+    if tmp.exists():  # left by a run killed while saving
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / TRAINING_LOG).write_text(json.dumps(log, indent=2))
+    if out_dir.exists():  # os.replace cannot replace a non-empty directory
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def train_dpo(
+    model_dir: str,
+    rows: list[dict],
+    settings: DPOSettings,
+    out_dir: Path,
+    *,
+    seed: int,
+    trust_remote_code: bool = False,
+    work_dir: Path | None = None,
+    report_to: str = "none",
+) -> dict:
+    """DPO-train ``model_dir`` on ``rows`` with itself as the reference; save the result to ``out_dir``."""
+    if not rows:
+        raise ValueError("train_dpo needs at least one preference pair; rows is empty")
+    # Provenance columns (ids, scores) would be carried through TRL's dataset maps, and mixed types
+    # in them can break Arrow; only the three pair columns are training data.
+    dataset = Dataset.from_list([{key: row[key] for key in PAIR_KEYS} for row in rows])
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # fp32 master weights even on GPU: bf16 weights would round away updates at DPO learning rates
+    # (~5e-7); DPOConfig.bf16 autocasts the compute instead.
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    peft_config = _lora_config(settings) if settings.use_lora else None
+
+    with tempfile.TemporaryDirectory(prefix="metareward-dpo-") as default_work_dir:
+        args = _dpo_config(settings, Path(work_dir or default_work_dir), seed, report_to, trust_remote_code)
+        # ref_model=None: without LoRA, TRL loads a frozen copy of model.config._name_or_path (= model_dir,
+        # i.e. M_{t-1}); with LoRA it disables the adapter, which is again M_{t-1}. With
+        # precompute_ref_log_probs it scores the pairs with the untrained policy before step one.
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=None,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
+        trainer.train()
+
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    if settings.use_lora:
+        # Later iterations, the judge and generation all load a plain model directory.
+        trained = trained.merge_and_unload()
+    if getattr(trained.config, "quantization_config", None) is not None:
+        del trained.config.quantization_config
+    log = {
+        "log_history": list(trainer.state.log_history),
+        "train_pairs": len(rows),
+        "global_steps": int(trainer.state.global_step),
+    }
+    _save_atomically(trained, tokenizer, Path(out_dir), log)
+    return log

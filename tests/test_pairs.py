@@ -1,0 +1,395 @@
+"""Behaviour tests for metareward.pairs: hand-computed examples plus hypothesis properties."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metareward.pairs import (
+    actor_pairs,
+    battle_matrix,
+    fit_elo,
+    judge_pairs,
+    judge_target_responses,
+    judgement_n,
+    positional_weights,
+    response_k,
+    usable_judgements,
+)
+
+# ---------------------------------------------------------------- builders
+
+
+def prompt(pid):
+    return {"prompt_id": pid, "messages": [{"role": "user", "content": f"question {pid}"}]}
+
+
+def response(pid, k, tokens):
+    rid = f"{pid}/r{k}"
+    return {"prompt_id": pid, "response_id": rid, "text": f"answer {rid}", "num_tokens": tokens,
+            "finish_reason": "stop"}
+
+
+def judgement(rid, n, score, finish="stop"):
+    jid = f"{rid}/j{n}"
+    return {"response_id": rid, "judgement_id": jid, "text": f"judging {jid}", "score": score,
+            "score_probs": None, "finish_reason": finish}
+
+
+def judgements_for(rid, scores, start=0):
+    return [judgement(rid, start + n, s) for n, s in enumerate(scores)]
+
+
+def meta(first, second, winner):
+    rid = first.rpartition("/j")[0]
+    return {"response_id": rid, "first_id": first, "second_id": second, "text": "...", "winner": winner}
+
+
+def judge_prompt(messages, text):
+    return [{"role": "user", "content": f"judge: {messages[-1]['content']} -> {text}"}]
+
+
+def by_id(rows):
+    return {row["prompt_id"]: row for row in rows}
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# ---------------------------------------------------------------- ids
+
+
+def test_ids_parse_the_last_marker():
+    assert response_k("a/rb/r12") == 12
+    assert judgement_n("p/r3/j07") == 7
+    with pytest.raises(ValueError):
+        response_k("p/j3")
+    with pytest.raises(ValueError):
+        judgement_n("p/r3/jx")
+
+
+# ---------------------------------------------------------------- actor pairs
+
+
+def test_score_ties_prefer_higher_score_then_lower_k():
+    # S: r1=5, r3=4.5, r4=5 (all 20 tokens) on top; r0=1, r2=1.5, r5=1 (all 5 tokens) at the bottom.
+    means = {1: 5.0, 3: 4.5, 4: 5.0, 0: 1.0, 2: 1.5, 5: 1.0}
+    responses = [response("p", k, 20 if s > 3 else 5) for k, s in means.items()]
+    judgements = [judgement(f"p/r{k}", 0, s) for k, s in means.items()]
+    # D = 4, rho = 0.2: top tier S >= 4.2 -> {r1, r3, r4}; bottom tier S <= 1.8 -> {r0, r2, r5}.
+    pairs, stats = actor_pairs([prompt("p")], responses, judgements, rho=0.2)
+    assert stats["pairs"] == 1
+    assert (pairs[0]["chosen_id"], pairs[0]["rejected_id"]) == ("p/r1", "p/r0")
+    assert (pairs[0]["chosen_score"], pairs[0]["rejected_score"]) == (5.0, 1.0)
+
+
+def test_rho_picks_shorter_chosen_and_longer_rejected():
+    responses = [response("p", 0, 300), response("p", 1, 50), response("p", 2, 10), response("p", 3, 400)]
+    judgements = [judgement(f"p/r{k}", 0, s) for k, s in enumerate([5.0, 4.0, 1.0, 2.0])]
+    strict, _ = actor_pairs([prompt("p")], responses, judgements, rho=0.0)
+    assert (strict[0]["chosen_id"], strict[0]["rejected_id"]) == ("p/r0", "p/r2")
+    # rho = 0.25, D = 4: top tier S >= 4 -> {r0, r1}, bottom tier S <= 2 -> {r2, r3}.
+    controlled, _ = actor_pairs([prompt("p")], responses, judgements, rho=0.25)
+    row = controlled[0]
+    assert (row["chosen_id"], row["rejected_id"]) == ("p/r1", "p/r3")
+    assert (row["chosen_tokens"], row["rejected_tokens"]) == (50, 400)
+    assert row["prompt"] == prompt("p")["messages"]
+    assert row["chosen"] == [{"role": "assistant", "content": "answer p/r1"}]
+    assert row["rejected"] == [{"role": "assistant", "content": "answer p/r3"}]
+
+
+def test_threshold_tolerates_float_rounding():
+    # 1.1 - 0.4 * (1.1 - 0.1) evaluates to 0.7000000000000001 > 0.7, yet r1 (S = 0.7) is in the top tier.
+    responses = [response("p", 0, 100), response("p", 1, 10), response("p", 2, 50)]
+    judgements = [judgement("p/r0", 0, 1.1), judgement("p/r1", 0, 0.7), judgement("p/r2", 0, 0.1)]
+    pairs, _ = actor_pairs([prompt("p")], responses, judgements, rho=0.4)
+    assert pairs[0]["chosen_id"] == "p/r1"
+
+
+def test_no_actor_pair_without_two_distinct_scores():
+    prompts = [prompt("same"), prompt("one"), prompt("none"), prompt("empty")]
+    responses = [response("same", 0, 5), response("same", 1, 9), response("one", 0, 5), response("one", 1, 5),
+                 response("none", 0, 5)]
+    judgements = (judgements_for("same/r0", [3.0, 4.0]) + judgements_for("same/r1", [3.5])
+                  + judgements_for("one/r0", [2.0]) + judgements_for("one/r1", [None, None])
+                  + judgements_for("none/r0", [None]))
+    pairs, stats = actor_pairs(prompts, responses, judgements, rho=0.0)
+    assert pairs == []
+    assert stats == {"prompts": 4, "pairs": 0, "skipped_no_scored_responses": 2,
+                     "skipped_one_scored_response": 1, "skipped_all_equal_scores": 1}
+
+
+def test_none_scores_are_left_out_of_the_mean():
+    responses = [response("p", 0, 5), response("p", 1, 5)]
+    judgements = judgements_for("p/r0", [4.0, None, 2.0]) + judgements_for("p/r1", [None, 1.0])
+    pairs, _ = actor_pairs([prompt("p")], responses, judgements, rho=0.0)
+    assert (pairs[0]["chosen_score"], pairs[0]["rejected_score"]) == (3.0, 1.0)
+
+
+def test_rho_out_of_range_is_refused():
+    with pytest.raises(ValueError):
+        actor_pairs([], [], [], rho=0.5)
+
+
+# ---------------------------------------------------------------- judge target
+
+
+def test_unusable_judgements_do_not_count_for_the_target():
+    cut_off = judgement("p/r1", 0, 0.0, "length")
+    judgements = (judgements_for("p/r0", [1.0, 2.0]) + [cut_off] + judgements_for("p/r1", [5.0, 5.0], start=1)
+                  + judgements_for("p/r2", [None, 5.0]))
+    responses = [response("p", k, 5) for k in range(3)]
+    assert len(usable_judgements(judgements)) == 5
+    # With the cut-off 0.0, r1 would vary most; without it r1 has variance 0 and r2 one usable score.
+    assert judge_target_responses(responses, judgements) == {"p": "p/r0"}
+    only_unusable = judgements_for("p/r0", [1.0, None]) + [judgement("p/r1", 0, 1.0, "length"),
+                                                            judgement("p/r1", 1, 4.0)]
+    assert judge_target_responses(responses, only_unusable) == {}
+
+
+def test_variance_ties_go_to_lower_k():
+    responses = [response("p", 7, 5), response("p", 5, 5), response("p", 2, 5)]
+    judgements = (judgements_for("p/r5", [2.0, 4.0]) + judgements_for("p/r7", [3.0, 3.0, 3.0])
+                  + judgements_for("p/r2", [1.0, 3.0]))
+    for seed in range(5):
+        random.Random(seed).shuffle(judgements)
+        random.Random(seed).shuffle(responses)
+        assert judge_target_responses(responses, judgements) == {"p": "p/r2"}
+
+
+# ---------------------------------------------------------------- verdicts and Elo
+
+
+def test_positional_weights_hand_example():
+    rows = [meta("a/j0", "a/j1", w) for w in ["first", "first", "second", "first", None]]
+    assert positional_weights(rows) == (0.25, 0.75)
+    assert positional_weights([meta("a/j0", "a/j1", None)]) == (0.0, 0.0)
+    assert positional_weights([]) == (0.0, 0.0)
+
+
+def test_battle_matrix_hand_example():
+    ids = ["x/j0", "x/j1", "x/j2"]
+    rows = [
+        meta("x/j0", "x/j1", "first"),   # j0 wins from first: B[0][1] += w1
+        meta("x/j1", "x/j0", "second"),  # j0 wins from second: B[0][1] += w2
+        meta("x/j2", "x/j0", "first"),   # B[2][0] += w1
+        meta("x/j0", "x/j2", None),      # no verdict
+        meta("x/j1", "x/j9", "first"),   # j9 is not among the ids
+        meta("x/j1", "x/j1", "first"),   # self-comparison
+    ]
+    expected = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.25, 0.0, 0.0]])
+    np.testing.assert_array_equal(battle_matrix(ids, rows, 0.25, 0.75), expected)
+
+
+def test_elo_two_players_hand_solution():
+    a, b, l2 = 3.0, 1.0, 0.01
+    eps = fit_elo(np.array([[0.0, a], [b, 0.0]]), l2)
+    assert eps[0] > 0 > eps[1]
+    assert eps[1] == pytest.approx(-eps[0], abs=1e-12)
+    d = eps[0] - eps[1]
+    assert a * sigmoid(-d) - b * sigmoid(d) - l2 * eps[0] == pytest.approx(0.0, abs=1e-10)
+    # Same optimum by bisection on the scalar condition g(e) = a s(-2e) - b s(2e) - l2 e = 0.
+    lo, hi = 0.0, 10.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if a * sigmoid(-2 * mid) - b * sigmoid(2 * mid) - l2 * mid > 0 else (lo, mid)
+    assert eps[0] == pytest.approx(lo, abs=1e-9)
+    np.testing.assert_allclose(fit_elo(np.array([[0.0, 2.0], [2.0, 0.0]])), [0.0, 0.0], atol=1e-12)
+
+
+def test_elo_one_sided_stays_finite_and_ordered():
+    battles = np.array([[0.0, 5.0, 5.0], [0.0, 0.0, 5.0], [0.0, 0.0, 0.0]])
+    eps = fit_elo(battles, 0.01)
+    assert np.all(np.isfinite(eps)) and eps[0] > eps[1] > eps[2]
+
+
+# ---------------------------------------------------------------- judge pairs
+
+
+def judge_world():
+    prompts = [prompt("p"), prompt("q")]
+    responses = [response("p", 0, 5), response("p", 2, 5), response("q", 1, 5)]
+    judgements = (judgements_for("p/r0", [2.0, 5.0]) + [judgement("p/r0", 2, 1.0, "length")]
+                  + judgements_for("p/r0", [4.0], start=3) + judgements_for("p/r2", [3.0, 3.0])
+                  + judgements_for("q/r1", [4.0, 3.0]))
+    j0, j1, j2, j3 = (f"p/r0/j{n}" for n in range(4))
+    metas = [
+        meta(j1, j0, "first"), meta(j0, j1, "second"),  # j1 beats j0 in both orders
+        meta(j1, j3, "first"), meta(j3, j1, "second"),  # j1 beats j3 in both orders
+        meta(j3, j0, "first"), meta(j0, j3, "first"),   # j3 vs j0: each wins from first position
+        meta(j2, j0, "first"),                          # j2 is cut off: counts for W1, not in battles
+        meta("q/r1/j0", "q/r1/j1", "first"), meta("q/r1/j1", "q/r1/j0", "first"),
+    ]
+    return prompts, responses, judgements, metas
+
+
+def test_judge_pair_hand_example():
+    pairs, stats = judge_pairs(*judge_world(), judge_prompt=judge_prompt)
+    # W1 = 7, W2 = 2 -> w1 = 2/9, w2 = 7/9.
+    # For p: B[j1][j0] = B[j1][j3] = w1 + w2 = 1 and B[j3][j0] = B[j0][j3] = w1, so j0 and j3 tie.
+    assert stats == {"prompts": 2, "pairs": 1, "skipped_no_variance": 0, "skipped_no_verdicts": 0,
+                     "skipped_elo_tie": 1, "first_position_wins": 7, "second_position_wins": 2,
+                     "w1": pytest.approx(2 / 9), "w2": pytest.approx(7 / 9)}
+    row = pairs[0]
+    assert (row["prompt_id"], row["response_id"]) == ("p", "p/r0")
+    assert (row["chosen_id"], row["rejected_id"]) == ("p/r0/j1", "p/r0/j0")  # j0, j3 tie: lower n
+    assert (row["chosen_score"], row["rejected_score"]) == (5.0, 2.0)
+    assert row["chosen_elo"] > 0 > row["rejected_elo"]
+    assert row["prompt"] == judge_prompt(prompt("p")["messages"], "answer p/r0")
+    assert row["chosen"] == [{"role": "assistant", "content": "judging p/r0/j1"}]
+    assert row["rejected"] == [{"role": "assistant", "content": "judging p/r0/j0"}]
+
+
+def test_elo_tie_gives_no_pair():
+    # A meta-judge that always prefers the first position: both judgements get equal weight.
+    prompts = [prompt("p")]
+    responses = [response("p", 0, 5)]
+    judgements = judgements_for("p/r0", [1.0, 5.0])
+    metas = [meta("p/r0/j0", "p/r0/j1", "first"), meta("p/r0/j1", "p/r0/j0", "first"),
+             meta("z/r0/j0", "z/r0/j1", "second"), meta("z/r0/j1", "z/r0/j0", "second")]
+    pairs, stats = judge_pairs(prompts, responses, judgements, metas, judge_prompt)
+    assert pairs == [] and stats["skipped_elo_tie"] == 1 and stats["w1"] == 0.5
+
+
+def test_no_verdicts_or_no_variance_gives_no_pair():
+    prompts = [prompt("p"), prompt("q")]
+    responses = [response("p", 0, 5), response("q", 0, 5)]
+    judgements = judgements_for("p/r0", [1.0, 5.0]) + judgements_for("q/r0", [2.0, 2.0])
+    metas = [meta("p/r0/j0", "p/r0/j1", None)]
+    pairs, stats = judge_pairs(prompts, responses, judgements, metas, judge_prompt)
+    assert pairs == []
+    assert (stats["skipped_no_verdicts"], stats["skipped_no_variance"], stats["w1"]) == (1, 1, 0.0)
+
+
+# ---------------------------------------------------------------- order and format
+
+
+def shuffled(rows, rng):
+    rows = list(rows)
+    rng.shuffle(rows)
+    return rows
+
+
+def pair_world():
+    """judge_world plus scores that give both prompts an actor pair."""
+    prompts, responses, judgements, metas = judge_world()
+    judgements += judgements_for("p/r2", [1.0, 4.5], start=2) + judgements_for("q/r1", [0.5], start=2)
+    responses.append(response("q", 4, 9))
+    judgements += judgements_for("q/r4", [5.0, None])
+    return prompts, responses, judgements, metas
+
+
+def test_shuffling_rows_leaves_output_unchanged():
+    prompts, responses, judgements, metas = pair_world()
+    expected_actor = actor_pairs(prompts, responses, judgements, rho=0.3)
+    expected_judge = judge_pairs(prompts, responses, judgements, metas, judge_prompt)
+    assert expected_actor[0] and expected_judge[0]
+    rng = random.Random(0)
+    for _ in range(10):
+        args = [shuffled(rows, rng) for rows in (responses, judgements, metas)]
+        assert actor_pairs(prompts, args[0], args[1], rho=0.3) == expected_actor
+        assert judge_pairs(prompts, *args, judge_prompt) == expected_judge
+
+
+def test_rows_load_with_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    prompts, responses, judgements, metas = pair_world()
+    actor, actor_stats = actor_pairs(prompts, responses, judgements, rho=0.0)
+    judge, judge_stats = judge_pairs(prompts, responses, judgements, metas, judge_prompt)
+    json.dumps(actor_stats), json.dumps(judge_stats)
+    for name, rows in [("actor", actor), ("judge", judge)]:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        loaded = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path))
+        assert len(loaded) == len(rows) > 0
+        assert {"prompt", "chosen", "rejected", "chosen_id", "rejected_id"} <= set(loaded.column_names)
+        assert loaded[0]["chosen"] == rows[0]["chosen"]
+
+
+# ---------------------------------------------------------------- properties
+
+SCORES = st.one_of(st.none(), st.integers(0, 5).map(float), st.sampled_from([0.1, 0.7, 1.1, 3.3]))
+
+
+@st.composite
+def worlds(draw):
+    prompts, responses, judgements, metas = [], [], [], []
+    for p in range(draw(st.integers(1, 3))):
+        pid = f"p{p}"
+        prompts.append(prompt(pid))
+        for k in draw(st.lists(st.integers(0, 8), unique=True, max_size=5)):
+            responses.append(response(pid, k, draw(st.integers(1, 6))))
+            rid = f"{pid}/r{k}"
+            usable = []
+            for n in draw(st.lists(st.integers(0, 6), unique=True, max_size=4)):
+                row = judgement(rid, n, draw(SCORES), draw(st.sampled_from(["stop", "stop", "length"])))
+                judgements.append(row)
+                if usable_judgements([row]):
+                    usable.append(row["judgement_id"])
+            verdicts = st.sampled_from(["first", "second", None])
+            metas += [meta(a, b, draw(verdicts)) for a in usable for b in usable if a != b]
+    return prompts, responses, judgements, metas
+
+
+def mean_scores(judgements):
+    scores = {}
+    for j in judgements:
+        if j["score"] is not None:
+            scores.setdefault(j["response_id"], []).append(j["score"])
+    return {rid: sum(s) / len(s) for rid, s in scores.items()}
+
+
+@settings(max_examples=150, deadline=None)
+@given(worlds(), st.sampled_from([0.0, 0.1, 0.25, 0.4, 0.49]))
+def test_actor_pair_properties(world, rho):
+    prompts, responses, judgements, _ = world
+    pairs, stats = actor_pairs(prompts, responses, judgements, rho)
+    rows = {r["response_id"]: r for r in responses}
+    means = mean_scores(judgements)
+    assert stats["pairs"] == len(pairs) and len({p["prompt_id"] for p in pairs}) == len(pairs)
+    for pair in pairs:
+        chosen, rejected = rows[pair["chosen_id"]], rows[pair["rejected_id"]]
+        assert chosen is not rejected
+        assert chosen["prompt_id"] == rejected["prompt_id"] == pair["prompt_id"]
+        assert pair["chosen_score"] > pair["rejected_score"]
+        group = {rid: s for rid, s in means.items() if rows[rid]["prompt_id"] == pair["prompt_id"]}
+        high, low = max(group.values()), min(group.values())
+        # Responses clearly inside the top (bottom) tier are no shorter (longer) than the pick.
+        for rid, s in group.items():
+            if s >= high - rho * (high - low) + 1e-9:
+                assert pair["chosen_tokens"] <= rows[rid]["num_tokens"]
+            if s <= low + rho * (high - low) - 1e-9:
+                assert pair["rejected_tokens"] >= rows[rid]["num_tokens"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(worlds())
+def test_judge_pair_properties(world):
+    prompts, responses, judgements, metas = world
+    pairs, stats = judge_pairs(prompts, responses, judgements, metas, judge_prompt)
+    usable = {j["judgement_id"]: j for j in usable_judgements(judgements)}
+    assert stats["pairs"] == len(pairs)
+    for pair in pairs:
+        assert pair["chosen_id"] != pair["rejected_id"]
+        assert usable[pair["chosen_id"]]["response_id"] == usable[pair["rejected_id"]]["response_id"]
+        assert pair["response_id"] == usable[pair["chosen_id"]]["response_id"]
+        assert pair["response_id"].startswith(pair["prompt_id"] + "/r")
+        assert pair["chosen_elo"] > pair["rejected_elo"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(worlds(), st.randoms(use_true_random=False))
+def test_shuffling_never_changes_pairs(world, rng):
+    prompts, responses, judgements, metas = world
+    expected_actor = actor_pairs(prompts, responses, judgements, 0.25)
+    expected_judge = judge_pairs(prompts, responses, judgements, metas, judge_prompt)
+    responses, judgements, metas = (shuffled(rows, rng) for rows in (responses, judgements, metas))
+    assert actor_pairs(prompts, responses, judgements, 0.25) == expected_actor
+    assert judge_pairs(prompts, responses, judgements, metas, judge_prompt) == expected_judge
