@@ -71,9 +71,11 @@ def pairs_main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="metareward-pairs", description=pairs_main.__doc__)
     parser.add_argument("iter_dir", type=Path, help="an iteration directory, runs/<name>/iter_<t>")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the pair files (default: ITER_DIR)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write the pair files (default: ITER_DIR)"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. pairs.rho=0.2")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     match = re.fullmatch(r"iter_(\d+)", args.iter_dir.resolve().name)
     if not match or not args.iter_dir.is_dir():
         _fail(f"{args.iter_dir} is not an iteration directory (iter_<t>)")
@@ -85,7 +87,8 @@ def pairs_main(argv: list[str] | None = None) -> None:
         _fail(str(error))
     out = args.out or args.iter_dir
     write_pairs(out, actor_rows, judge_rows)
-    print(f"{out}: {len(actor_rows)} actor pairs, {len(judge_rows)} judge pairs (rho {config.pairs.rho_for(int(match.group(1)))})")
+    rho = config.pairs.rho_for(int(match.group(1)))
+    print(f"{out}: {len(actor_rows)} actor pairs, {len(judge_rows)} judge pairs (rho {rho})")
 
 
 def inspect_main() -> None:

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 MODEL_KINDS = ("smollm2_135m", "hf", "tiny")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GENERATOR_BACKENDS = ("hf",)
+DATA_KINDS = ("bundled", "jsonl", "hf")
 SCORE_SOURCES = ("text", "text_or_expected")
 WINNER_SOURCES = ("text", "text_or_probs")
 
@@ -82,20 +83,28 @@ class GeneratorConfig:
 
 @dataclass
 class DataConfig:
-    """Where actor prompts come from: a JSONL file or a Hugging Face dataset."""
+    """Where actor prompts come from: the bundled set, a JSONL file or a Hugging Face dataset."""
 
+    # bundled: the Self-Instruct seed tasks shipped with metareward; jsonl: `path`; hf: `hf_name`.
+    # A `path`, when given, is read whatever the kind (except hf).
+    kind: str = "bundled"
     # JSONL rows with `messages`, or `prompt` / `instruction` (+ optional `input`).
-    # Empty: the bundled Self-Instruct seed tasks.
     path: str | None = None
-    # A Hugging Face dataset name (needs network access), used when path is empty.
+    # A Hugging Face dataset name (needs network access).
     hf_name: str | None = None
     hf_split: str = "train"
     # Prompts drawn (without replacement while they last) for each iteration.
     prompts_per_iteration: int = 64
 
     def __post_init__(self) -> None:
+        _require(self.kind in DATA_KINDS, "data.kind", self.kind, f"must be one of {DATA_KINDS}")
+        _require(
+            self.kind != "jsonl" or bool(self.path), "data.path", self.path, "is required with data=jsonl"
+        )
         if self.path:
             _require(Path(self.path).is_file(), "data.path", self.path, "no such file")
+        if self.kind == "hf":
+            _require(bool(self.hf_name), "data.hf_name", self.hf_name, "is required with data=hf_dataset")
         _require(
             self.prompts_per_iteration >= 1,
             "data.prompts_per_iteration",
@@ -132,7 +141,9 @@ class JudgeConfig:
     def __post_init__(self) -> None:
         _require(self.num_judgements >= 1, "judge.num_judgements", self.num_judgements, "must be >= 1")
         _check_sampling("judge", self.temperature, self.top_p, self.max_new_tokens)
-        _require(self.score_from in SCORE_SOURCES, "judge.score_from", self.score_from, f"one of {SCORE_SOURCES}")
+        _require(
+            self.score_from in SCORE_SOURCES, "judge.score_from", self.score_from, f"one of {SCORE_SOURCES}"
+        )
 
 
 @dataclass
@@ -140,8 +151,8 @@ class MetaJudgeConfig:
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 512
-    # text: a verdict only when the meta-judge wrote one; text_or_probs: otherwise the likelier of
-    # "A" and "B" after "Winner: Judgement".
+    # text: a verdict only when the meta-judge wrote one; text_or_probs: otherwise "A" or "B" drawn from
+    # the model's probabilities after "Winner: Judgement" at this temperature (the likelier at 0).
     winner_from: str = "text"
     # Optional path to a str.format template (fields: {question}, {response}, {rubric},
     # {judgement_a}, {judgement_b}).
@@ -150,7 +161,10 @@ class MetaJudgeConfig:
     def __post_init__(self) -> None:
         _check_sampling("meta_judge", self.temperature, self.top_p, self.max_new_tokens)
         _require(
-            self.winner_from in WINNER_SOURCES, "meta_judge.winner_from", self.winner_from, f"one of {WINNER_SOURCES}"
+            self.winner_from in WINNER_SOURCES,
+            "meta_judge.winner_from",
+            self.winner_from,
+            f"one of {WINNER_SOURCES}",
         )
 
 

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from metareward.config import DataConfig
-from metareward.records import RecordError, read_jsonl
+from metareward.records import RecordError, read_jsonl_numbered
 
 BUNDLED_PROMPTS = "prompts_self_instruct_seed_tasks.jsonl"
 
@@ -42,19 +42,26 @@ def _messages(row: dict, where: str) -> list[dict]:
         and messages[-1]["role"] == "user"
     )
     if not ok:
-        raise RecordError(f"{where}: messages must be a non-empty list of {{role, content}} ending with a user turn")
+        raise RecordError(
+            f"{where}: messages must be a non-empty list of {{role, content}} ending with a user turn"
+        )
     if not messages[-1]["content"].strip():
         raise RecordError(f"{where}: the prompt is empty")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def to_prompt_rows(rows: list[dict], source: str) -> list[dict]:
-    """Rows in any accepted shape -> ``{"prompt_id", "messages"}``; ids must be unique."""
+def to_prompt_rows(rows: list[dict], source: str, line_numbers: list[int] | None = None) -> list[dict]:
+    """Rows in any accepted shape -> ``{"prompt_id", "messages"}``; ids must be unique.
+
+    Errors name ``source:<line>`` (the file's line numbers where given, else row numbers)."""
     prompts, seen = [], set()
-    for number, row in enumerate(rows, start=1):
+    for index, row in enumerate(rows):
+        number = line_numbers[index] if line_numbers else index + 1
         where = f"{source}:{number}"
-        raw_id = next((row[key] for key in ("prompt_id", "id", "question_id") if row.get(key) is not None), None)
-        prompt_id = str(raw_id) if raw_id is not None else f"p{number - 1}"
+        raw_id = next(
+            (row[key] for key in ("prompt_id", "id", "question_id") if row.get(key) is not None), None
+        )
+        prompt_id = str(raw_id) if raw_id is not None else f"p{index}"
         if "/" in prompt_id:
             raise RecordError(f"{where}: prompt id {prompt_id!r} must not contain '/'")
         if prompt_id in seen:
@@ -67,13 +74,14 @@ def to_prompt_rows(rows: list[dict], source: str) -> list[dict]:
 
 
 def load_prompts(cfg: DataConfig) -> list[dict]:
-    if cfg.path or not cfg.hf_name:
-        path = Path(cfg.path) if cfg.path else bundled_prompts_path()
-        return to_prompt_rows(read_jsonl(path), str(path))
-    import datasets
+    if cfg.kind == "hf":
+        import datasets
 
-    dataset = datasets.load_dataset(cfg.hf_name, split=cfg.hf_split)
-    return to_prompt_rows(list(dataset), f"{cfg.hf_name}[{cfg.hf_split}]")
+        dataset = datasets.load_dataset(cfg.hf_name, split=cfg.hf_split)
+        return to_prompt_rows(list(dataset), f"{cfg.hf_name}[{cfg.hf_split}]")
+    path = Path(cfg.path) if cfg.path else bundled_prompts_path()
+    numbered = read_jsonl_numbered(path)
+    return to_prompt_rows([row for _, row in numbered], str(path), [number for number, _ in numbered])
 
 
 def prompts_for_iteration(prompts: list[dict], iteration: int, per_iteration: int, seed: int) -> list[dict]:

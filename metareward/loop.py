@@ -68,7 +68,9 @@ def rho_for(cfg: Config, iteration: int) -> float:
     return cfg.pairs.rho_for(iteration)
 
 
-def build_pairs(directory: Path, cfg: Config, iteration: int, templates: Templates) -> tuple[list, list, dict]:
+def build_pairs(
+    directory: Path, cfg: Config, iteration: int, templates: Templates
+) -> tuple[list, list, dict]:
     """Actor and judge pairs from the stage files in ``directory`` (no model needed)."""
     prompts = read_jsonl(directory / records.PROMPTS)
     responses = read_jsonl(directory / records.RESPONSES)
@@ -94,7 +96,9 @@ def stage_metrics(responses: list[dict], judgements: list[dict], verdicts: list[
     return {
         "actor": {
             "responses": len(responses),
-            "mean_response_tokens": statistics.fmean(r["num_tokens"] for r in responses) if responses else 0.0,
+            "mean_response_tokens": statistics.fmean(r["num_tokens"] for r in responses)
+            if responses
+            else 0.0,
             "cut_off_share": sum(r["finish_reason"] == "length" for r in responses) / max(len(responses), 1),
         },
         "judge": {
@@ -115,8 +119,11 @@ def stage_metrics(responses: list[dict], judgements: list[dict], verdicts: list[
 
 def _no_pairs_reason(stats: dict) -> str:
     actor = stats["actor"]
-    reasons = [f"{key.removeprefix('skipped_').replace('_', ' ')}: {value} prompt(s)"
-               for key, value in actor.items() if key.startswith("skipped_") and value]
+    reasons = [
+        f"{key.removeprefix('skipped_').replace('_', ' ')}: {value} prompt(s)"
+        for key, value in actor.items()
+        if key.startswith("skipped_") and value
+    ]
     return "; ".join(reasons) or "no prompts"
 
 
@@ -161,9 +168,16 @@ class Run:
         try:
             ctx = stages.StageContext(generator, self.templates, cfg.seed, t, cfg.generator.chunk_size)
             responses = stages.actor(ctx, prompts, cfg.actor, ChunkedFile(directory / records.RESPONSES))
-            judgements = stages.judge(ctx, prompts, responses, cfg.judge, ChunkedFile(directory / records.JUDGEMENTS))
+            judgements = stages.judge(
+                ctx, prompts, responses, cfg.judge, ChunkedFile(directory / records.JUDGEMENTS)
+            )
             verdicts = stages.meta_judge(
-                ctx, prompts, responses, judgements, cfg.meta_judge, ChunkedFile(directory / records.META_JUDGEMENTS)
+                ctx,
+                prompts,
+                responses,
+                judgements,
+                cfg.meta_judge,
+                ChunkedFile(directory / records.META_JUDGEMENTS),
             )
         finally:
             if generator is not None:
@@ -221,6 +235,8 @@ def summary(metrics: dict) -> str:
         f"first-position wins {'n/a' if first_share is None else f'{first_share:.0%}'}",
         f"pairs      actor {pair['actor']['pairs']}, judge {pair['judge']['pairs']} "
         f"(rho {pair['rho']}, judge pairs trained: {pair['trained_on_judge_pairs']})",
-        f"DPO        {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "DPO        no steps",
+        f"DPO        {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        if losses
+        else "DPO        no steps",
     ]
     return "\n".join(lines)

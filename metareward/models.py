@@ -69,6 +69,7 @@ def _cached(name: str, build) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
         build(tmp)
         if target.exists():  # a half-finished leftover from an older layout

@@ -111,17 +111,27 @@ def actor_pairs(
     """
     if not 0 <= rho < 0.5:
         raise ValueError(f"rho={rho!r}: must be in [0, 0.5)")
-    scores = {rid: [s for j in rows if (s := _score(j)) is not None]
-              for rid, rows in _by_key(judgements, "response_id").items()}
+    scores = {
+        rid: [s for j in rows if (s := _score(j)) is not None]
+        for rid, rows in _by_key(judgements, "response_id").items()
+    }
     by_prompt = _by_key(responses, "prompt_id")
 
-    stats = {"prompts": len(prompts), "pairs": 0, "skipped_no_scored_responses": 0,
-             "skipped_one_scored_response": 0, "skipped_all_equal_scores": 0}
+    stats = {
+        "prompts": len(prompts),
+        "pairs": 0,
+        "skipped_no_scored_responses": 0,
+        "skipped_one_scored_response": 0,
+        "skipped_all_equal_scores": 0,
+    }
     pairs = []
     for prompt in prompts:
         prompt_id = prompt["prompt_id"]
-        scored = [(_mean(scores[r["response_id"]]), response_k(r["response_id"]), r)
-                  for r in by_prompt.get(prompt_id, []) if scores.get(r["response_id"])]
+        scored = [
+            (_mean(scores[r["response_id"]]), response_k(r["response_id"]), r)
+            for r in by_prompt.get(prompt_id, [])
+            if scores.get(r["response_id"])
+        ]
         if not scored:
             stats["skipped_no_scored_responses"] += 1
             continue
@@ -140,18 +150,20 @@ def actor_pairs(
         bottom = [t for t in scored if t[0] <= s_min + rho * spread + tol]
         s_c, _, chosen = min(top, key=lambda t: (t[2]["num_tokens"], -t[0], t[1]))
         s_r, _, rejected = min(bottom, key=lambda t: (-t[2]["num_tokens"], t[0], t[1]))
-        pairs.append({
-            "prompt": prompt["messages"],
-            "chosen": [{"role": "assistant", "content": chosen["text"]}],
-            "rejected": [{"role": "assistant", "content": rejected["text"]}],
-            "prompt_id": prompt_id,
-            "chosen_id": chosen["response_id"],
-            "rejected_id": rejected["response_id"],
-            "chosen_score": s_c,
-            "rejected_score": s_r,
-            "chosen_tokens": int(chosen["num_tokens"]),
-            "rejected_tokens": int(rejected["num_tokens"]),
-        })
+        pairs.append(
+            {
+                "prompt": prompt["messages"],
+                "chosen": [{"role": "assistant", "content": chosen["text"]}],
+                "rejected": [{"role": "assistant", "content": rejected["text"]}],
+                "prompt_id": prompt_id,
+                "chosen_id": chosen["response_id"],
+                "rejected_id": rejected["response_id"],
+                "chosen_score": s_c,
+                "rejected_score": s_r,
+                "chosen_tokens": int(chosen["num_tokens"]),
+                "rejected_tokens": int(rejected["num_tokens"]),
+            }
+        )
     stats["pairs"] = len(pairs)
     return pairs, stats
 
@@ -257,9 +269,17 @@ def judge_pairs(
     usable = _by_key(usable_judgements(judgements), "response_id")
     meta_by_response = _by_key(meta_judgements, "response_id")
 
-    stats = {"prompts": len(prompts), "pairs": 0, "skipped_no_variance": 0, "skipped_no_verdicts": 0,
-             "skipped_elo_tie": 0, "first_position_wins": first_wins, "second_position_wins": second_wins,
-             "w1": w1, "w2": w2}
+    stats = {
+        "prompts": len(prompts),
+        "pairs": 0,
+        "skipped_no_variance": 0,
+        "skipped_no_verdicts": 0,
+        "skipped_elo_tie": 0,
+        "first_position_wins": first_wins,
+        "second_position_wins": second_wins,
+        "w1": w1,
+        "w2": w2,
+    }
     pairs = []
     for prompt in prompts:
         prompt_id = prompt["prompt_id"]
@@ -281,18 +301,20 @@ def judge_pairs(
             continue
         c = next(i for i in range(len(ids)) if elo[i] >= best - ELO_SAME)
         r = next(i for i in range(len(ids)) if elo[i] <= worst + ELO_SAME)
-        pairs.append({
-            "prompt": judge_prompt(prompt["messages"], response_by_id[response_id]["text"]),
-            "chosen": [{"role": "assistant", "content": rows[c]["text"]}],
-            "rejected": [{"role": "assistant", "content": rows[r]["text"]}],
-            "prompt_id": prompt_id,
-            "response_id": response_id,
-            "chosen_id": ids[c],
-            "rejected_id": ids[r],
-            "chosen_score": _score(rows[c]),
-            "rejected_score": _score(rows[r]),
-            "chosen_elo": float(elo[c]),
-            "rejected_elo": float(elo[r]),
-        })
+        pairs.append(
+            {
+                "prompt": judge_prompt(prompt["messages"], response_by_id[response_id]["text"]),
+                "chosen": [{"role": "assistant", "content": rows[c]["text"]}],
+                "rejected": [{"role": "assistant", "content": rows[r]["text"]}],
+                "prompt_id": prompt_id,
+                "response_id": response_id,
+                "chosen_id": ids[c],
+                "rejected_id": ids[r],
+                "chosen_score": _score(rows[c]),
+                "rejected_score": _score(rows[r]),
+                "chosen_elo": float(elo[c]),
+                "rejected_elo": float(elo[r]),
+            }
+        )
     stats["pairs"] = len(pairs)
     return pairs, stats

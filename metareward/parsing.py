@@ -16,15 +16,15 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-__all__ = ["parse_score", "parse_winner"]
+__all__ = ["SCORE_KEY", "WINNER_KEY", "parse_score", "parse_winner"]
 
 MAX_SCORE = 5.0
 
 # The key must start a word (so "subscore:" does not count), but markdown such as "__Score__:" may
 # sit directly before it, hence the look-behind excludes letters and digits only. Markdown and
 # spaces may sit between the word and the colon ("**Score**: 4"), never a line break.
-_SCORE_KEY = re.compile(r"(?<![^\W_])(?:score|points)[ \t*_]*:", re.IGNORECASE)
-_WINNER_KEY = re.compile(r"(?<![^\W_])winner[ \t*_]*:", re.IGNORECASE)
+SCORE_KEY = re.compile(r"(?<![^\W_])(?:score|points)[ \t*_]*:", re.IGNORECASE)
+WINNER_KEY = re.compile(r"(?<![^\W_])winner[ \t*_]*:", re.IGNORECASE)
 _REST_OF_LINE = re.compile(r"[^\r\n]*")
 
 # Emphasis, code and bracket characters carry no meaning in a verdict: "**4**", "[4]", "(4)",
@@ -67,7 +67,7 @@ def parse_score(text: str) -> float | None:
     """
     if not isinstance(text, str):
         return None
-    value = _last_value(_SCORE_KEY, text)
+    value = _last_value(SCORE_KEY, text)
     if value is None:
         return None
     match = _SCORE_VALUE.fullmatch(value)
@@ -92,7 +92,7 @@ def parse_winner(text: str) -> Literal["A", "B"] | None:
     """
     if not isinstance(text, str):
         return None
-    value = _last_value(_WINNER_KEY, text)
+    value = _last_value(WINNER_KEY, text)
     if value is None:
         return None
     match = _WINNER_VALUE.fullmatch(value)

@@ -87,14 +87,18 @@ class Templates:
         """Built-in templates, each replaced by a file's text where a path is given."""
         return cls(
             judge=Path(judge_path).read_text(encoding="utf-8") if judge_path else JUDGE_TEMPLATE,
-            meta_judge=Path(meta_judge_path).read_text(encoding="utf-8") if meta_judge_path else META_JUDGE_TEMPLATE,
+            meta_judge=Path(meta_judge_path).read_text(encoding="utf-8")
+            if meta_judge_path
+            else META_JUDGE_TEMPLATE,
         )
 
     def judge_messages(self, prompt: list[dict], response: str) -> list[dict]:
         content = self.judge.format(rubric=RUBRIC, question=question_text(prompt), response=response)
         return [{"role": "user", "content": content}]
 
-    def meta_judge_messages(self, prompt: list[dict], response: str, judgement_a: str, judgement_b: str) -> list[dict]:
+    def meta_judge_messages(
+        self, prompt: list[dict], response: str, judgement_a: str, judgement_b: str
+    ) -> list[dict]:
         content = self.meta_judge.format(
             rubric=RUBRIC,
             question=question_text(prompt),

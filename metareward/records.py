@@ -67,7 +67,8 @@ def read_json(path: Path):
         raise RecordError(f"{path}: not valid JSON ({error})") from None
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl_numbered(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for each non-blank line; errors name the file and line."""
     rows = []
     try:
         with open(path, encoding="utf-8") as handle:
@@ -80,10 +81,14 @@ def read_jsonl(path: Path) -> list[dict]:
                     raise RecordError(f"{path}:{number}: not valid JSON ({error.msg})") from None
                 if not isinstance(row, dict):
                     raise RecordError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
+                rows.append((number, row))
     except UnicodeDecodeError as error:
         raise RecordError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [row for _, row in read_jsonl_numbered(path)]
 
 
 class ChunkedFile:

@@ -8,7 +8,8 @@ chunk's index, so a resumed stage reproduces exactly the rows an uninterrupted o
 
 from __future__ import annotations
 
-import re
+import math
+import random
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,12 +17,9 @@ from dataclasses import dataclass
 from metareward import pairs
 from metareward.config import ActorConfig, JudgeConfig, MetaJudgeConfig
 from metareward.generation import Generator, SamplingParams
-from metareward.parsing import parse_score, parse_winner
+from metareward.parsing import SCORE_KEY, WINNER_KEY, parse_score, parse_winner
 from metareward.prompts import SCORE_CUE, SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS, Templates
 from metareward.records import ChunkedFile, read_jsonl
-
-_SCORE_KEY = re.compile(r"(score|points)\s*:", re.IGNORECASE)
-_WINNER_KEY = re.compile(r"winner\s*:", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,9 @@ class StageContext:
         return zlib.crc32(f"{self.seed}/{self.iteration}/{stage}/{chunk}".encode())
 
 
-def run_chunked(out: ChunkedFile, items: list, chunk_size: int, work: Callable[[list, int], list[dict]]) -> list[dict]:
+def run_chunked(
+    out: ChunkedFile, items: list, chunk_size: int, work: Callable[[list, int], list[dict]]
+) -> list[dict]:
     """Apply ``work(chunk, index)`` to each chunk not yet on disk, then join the chunks."""
     if out.complete:
         return read_jsonl(out.path)
@@ -85,13 +85,13 @@ def actor(ctx: StageContext, prompts: list[dict], cfg: ActorConfig, out: Chunked
 
 def score_cue_text(judgement: str) -> str:
     """The judgement up to its last "Score:", followed by the cue whose next token is the score."""
-    matches = list(_SCORE_KEY.finditer(judgement))
+    matches = list(SCORE_KEY.finditer(judgement))
     head = judgement[: matches[-1].start()] if matches else judgement.rstrip() + "\n"
     return head + SCORE_CUE
 
 
 def winner_cue_text(verdict: str) -> str:
-    matches = list(_WINNER_KEY.finditer(verdict))
+    matches = list(WINNER_KEY.finditer(verdict))
     head = verdict[: matches[-1].start()] if matches else verdict.rstrip() + "\n"
     return head + WINNER_CUE
 
@@ -148,14 +148,30 @@ def judge(
     return run_chunked(out, responses, ctx.chunk_size, work)
 
 
+def sample_verdict(probs: list[float], temperature: float, rng: random.Random) -> str | None:
+    """ "A" or "B" drawn from the model's two probabilities at the meta-judge's temperature, as its
+    written verdict would have been (greedy at temperature 0); None if the model gives neither mass."""
+    p_a, p_b = probs
+    if p_a + p_b <= 0:
+        return None
+    if temperature == 0:
+        return None if p_a == p_b else ("A" if p_a > p_b else "B")
+    log_a, log_b = (math.log(max(p, 1e-300)) / temperature for p in (p_a, p_b))
+    share_a = 1 / (1 + math.exp(min(log_b - log_a, 700)))
+    return "A" if rng.random() < share_a else "B"
+
+
 def comparisons(responses: list[dict], judgements: list[dict]) -> list[tuple[str, str, str]]:
     """(response_id, first_id, second_id): every pair of usable judgements of each prompt's
     meta-judged response, in both orders."""
     targets = pairs.judge_target_responses(responses, judgements)
     usable = pairs.usable_judgements(judgements)
+    position = {r["response_id"]: i for i, r in enumerate(responses)}
     items = []
-    for response_id in sorted(targets.values(), key=lambda rid: [r["response_id"] for r in responses].index(rid)):
-        ids = sorted((j["judgement_id"] for j in usable if j["response_id"] == response_id), key=pairs.judgement_n)
+    for response_id in sorted(targets.values(), key=position.__getitem__):
+        ids = sorted(
+            (j["judgement_id"] for j in usable if j["response_id"] == response_id), key=pairs.judgement_n
+        )
         for m, first in enumerate(ids):
             for second in ids[m + 1 :]:
                 items.append((response_id, first, second))
@@ -184,7 +200,10 @@ def meta_judge(
             response = response_of[response_id]
             requests.append(
                 ctx.templates.meta_judge_messages(
-                    messages_of[response["prompt_id"]], response["text"], judgement_text[first], judgement_text[second]
+                    messages_of[response["prompt_id"]],
+                    response["text"],
+                    judgement_text[first],
+                    judgement_text[second],
                 )
             )
         params = SamplingParams(
@@ -194,16 +213,25 @@ def meta_judge(
             max_new_tokens=cfg.max_new_tokens,
             seed=ctx.chunk_seed("meta_judge", index),
         )
-        outputs = [c[0] for c in ctx.generator.generate(requests, params, desc=f"meta-judge {index + 1}/{num_chunks}")]
+        outputs = [
+            c[0]
+            for c in ctx.generator.generate(requests, params, desc=f"meta-judge {index + 1}/{num_chunks}")
+        ]
         verdicts = [parse_winner(c.text) for c in outputs]
         sources = ["text" if v else None for v in verdicts]
         if cfg.winner_from == "text_or_probs":
             # Only verdicts the meta-judge did not write need the extra forward pass.
             missing = [i for i, v in enumerate(verdicts) if v is None]
-            cue_texts = [ctx.generator.render(requests[i]) + winner_cue_text(outputs[i].text) for i in missing]
-            for i, (p_a, p_b) in zip(missing, ctx.generator.next_token_probs(cue_texts, WINNER_TOKENS), strict=True):
-                if p_a != p_b:
-                    verdicts[i], sources[i] = ("A" if p_a > p_b else "B"), "probs"
+            cue_texts = [
+                ctx.generator.render(requests[i]) + winner_cue_text(outputs[i].text) for i in missing
+            ]
+            rng = random.Random(params.seed)
+            for i, probs in zip(
+                missing, ctx.generator.next_token_probs(cue_texts, WINNER_TOKENS), strict=True
+            ):
+                verdict = sample_verdict(probs, cfg.temperature, rng)
+                if verdict is not None:
+                    verdicts[i], sources[i] = verdict, "probs"
         return [
             {
                 "response_id": response_id,

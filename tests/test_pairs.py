@@ -32,14 +32,25 @@ def prompt(pid):
 
 def response(pid, k, tokens):
     rid = f"{pid}/r{k}"
-    return {"prompt_id": pid, "response_id": rid, "text": f"answer {rid}", "num_tokens": tokens,
-            "finish_reason": "stop"}
+    return {
+        "prompt_id": pid,
+        "response_id": rid,
+        "text": f"answer {rid}",
+        "num_tokens": tokens,
+        "finish_reason": "stop",
+    }
 
 
 def judgement(rid, n, score, finish="stop"):
     jid = f"{rid}/j{n}"
-    return {"response_id": rid, "judgement_id": jid, "text": f"judging {jid}", "score": score,
-            "score_probs": None, "finish_reason": finish}
+    return {
+        "response_id": rid,
+        "judgement_id": jid,
+        "text": f"judging {jid}",
+        "score": score,
+        "score_probs": None,
+        "finish_reason": finish,
+    }
 
 
 def judgements_for(rid, scores, start=0):
@@ -115,15 +126,29 @@ def test_threshold_tolerates_float_rounding():
 
 def test_no_actor_pair_without_two_distinct_scores():
     prompts = [prompt("same"), prompt("one"), prompt("none"), prompt("empty")]
-    responses = [response("same", 0, 5), response("same", 1, 9), response("one", 0, 5), response("one", 1, 5),
-                 response("none", 0, 5)]
-    judgements = (judgements_for("same/r0", [3.0, 4.0]) + judgements_for("same/r1", [3.5])
-                  + judgements_for("one/r0", [2.0]) + judgements_for("one/r1", [None, None])
-                  + judgements_for("none/r0", [None]))
+    responses = [
+        response("same", 0, 5),
+        response("same", 1, 9),
+        response("one", 0, 5),
+        response("one", 1, 5),
+        response("none", 0, 5),
+    ]
+    judgements = (
+        judgements_for("same/r0", [3.0, 4.0])
+        + judgements_for("same/r1", [3.5])
+        + judgements_for("one/r0", [2.0])
+        + judgements_for("one/r1", [None, None])
+        + judgements_for("none/r0", [None])
+    )
     pairs, stats = actor_pairs(prompts, responses, judgements, rho=0.0)
     assert pairs == []
-    assert stats == {"prompts": 4, "pairs": 0, "skipped_no_scored_responses": 2,
-                     "skipped_one_scored_response": 1, "skipped_all_equal_scores": 1}
+    assert stats == {
+        "prompts": 4,
+        "pairs": 0,
+        "skipped_no_scored_responses": 2,
+        "skipped_one_scored_response": 1,
+        "skipped_all_equal_scores": 1,
+    }
 
 
 def test_none_scores_are_left_out_of_the_mean():
@@ -143,21 +168,30 @@ def test_rho_out_of_range_is_refused():
 
 def test_unusable_judgements_do_not_count_for_the_target():
     cut_off = judgement("p/r1", 0, 0.0, "length")
-    judgements = (judgements_for("p/r0", [1.0, 2.0]) + [cut_off] + judgements_for("p/r1", [5.0, 5.0], start=1)
-                  + judgements_for("p/r2", [None, 5.0]))
+    judgements = (
+        judgements_for("p/r0", [1.0, 2.0])
+        + [cut_off]
+        + judgements_for("p/r1", [5.0, 5.0], start=1)
+        + judgements_for("p/r2", [None, 5.0])
+    )
     responses = [response("p", k, 5) for k in range(3)]
     assert len(usable_judgements(judgements)) == 5
     # With the cut-off 0.0, r1 would vary most; without it r1 has variance 0 and r2 one usable score.
     assert judge_target_responses(responses, judgements) == {"p": "p/r0"}
-    only_unusable = judgements_for("p/r0", [1.0, None]) + [judgement("p/r1", 0, 1.0, "length"),
-                                                            judgement("p/r1", 1, 4.0)]
+    only_unusable = judgements_for("p/r0", [1.0, None]) + [
+        judgement("p/r1", 0, 1.0, "length"),
+        judgement("p/r1", 1, 4.0),
+    ]
     assert judge_target_responses(responses, only_unusable) == {}
 
 
 def test_variance_ties_go_to_lower_k():
     responses = [response("p", 7, 5), response("p", 5, 5), response("p", 2, 5)]
-    judgements = (judgements_for("p/r5", [2.0, 4.0]) + judgements_for("p/r7", [3.0, 3.0, 3.0])
-                  + judgements_for("p/r2", [1.0, 3.0]))
+    judgements = (
+        judgements_for("p/r5", [2.0, 4.0])
+        + judgements_for("p/r7", [3.0, 3.0, 3.0])
+        + judgements_for("p/r2", [1.0, 3.0])
+    )
     for seed in range(5):
         random.Random(seed).shuffle(judgements)
         random.Random(seed).shuffle(responses)
@@ -177,12 +211,12 @@ def test_positional_weights_hand_example():
 def test_battle_matrix_hand_example():
     ids = ["x/j0", "x/j1", "x/j2"]
     rows = [
-        meta("x/j0", "x/j1", "first"),   # j0 wins from first: B[0][1] += w1
+        meta("x/j0", "x/j1", "first"),  # j0 wins from first: B[0][1] += w1
         meta("x/j1", "x/j0", "second"),  # j0 wins from second: B[0][1] += w2
-        meta("x/j2", "x/j0", "first"),   # B[2][0] += w1
-        meta("x/j0", "x/j2", None),      # no verdict
-        meta("x/j1", "x/j9", "first"),   # j9 is not among the ids
-        meta("x/j1", "x/j1", "first"),   # self-comparison
+        meta("x/j2", "x/j0", "first"),  # B[2][0] += w1
+        meta("x/j0", "x/j2", None),  # no verdict
+        meta("x/j1", "x/j9", "first"),  # j9 is not among the ids
+        meta("x/j1", "x/j1", "first"),  # self-comparison
     ]
     expected = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.25, 0.0, 0.0]])
     np.testing.assert_array_equal(battle_matrix(ids, rows, 0.25, 0.75), expected)
@@ -216,16 +250,24 @@ def test_elo_one_sided_stays_finite_and_ordered():
 def judge_world():
     prompts = [prompt("p"), prompt("q")]
     responses = [response("p", 0, 5), response("p", 2, 5), response("q", 1, 5)]
-    judgements = (judgements_for("p/r0", [2.0, 5.0]) + [judgement("p/r0", 2, 1.0, "length")]
-                  + judgements_for("p/r0", [4.0], start=3) + judgements_for("p/r2", [3.0, 3.0])
-                  + judgements_for("q/r1", [4.0, 3.0]))
+    judgements = (
+        judgements_for("p/r0", [2.0, 5.0])
+        + [judgement("p/r0", 2, 1.0, "length")]
+        + judgements_for("p/r0", [4.0], start=3)
+        + judgements_for("p/r2", [3.0, 3.0])
+        + judgements_for("q/r1", [4.0, 3.0])
+    )
     j0, j1, j2, j3 = (f"p/r0/j{n}" for n in range(4))
     metas = [
-        meta(j1, j0, "first"), meta(j0, j1, "second"),  # j1 beats j0 in both orders
-        meta(j1, j3, "first"), meta(j3, j1, "second"),  # j1 beats j3 in both orders
-        meta(j3, j0, "first"), meta(j0, j3, "first"),   # j3 vs j0: each wins from first position
-        meta(j2, j0, "first"),                          # j2 is cut off: counts for W1, not in battles
-        meta("q/r1/j0", "q/r1/j1", "first"), meta("q/r1/j1", "q/r1/j0", "first"),
+        meta(j1, j0, "first"),
+        meta(j0, j1, "second"),  # j1 beats j0 in both orders
+        meta(j1, j3, "first"),
+        meta(j3, j1, "second"),  # j1 beats j3 in both orders
+        meta(j3, j0, "first"),
+        meta(j0, j3, "first"),  # j3 vs j0: each wins from first position
+        meta(j2, j0, "first"),  # j2 is cut off: counts for W1, not in battles
+        meta("q/r1/j0", "q/r1/j1", "first"),
+        meta("q/r1/j1", "q/r1/j0", "first"),
     ]
     return prompts, responses, judgements, metas
 
@@ -234,9 +276,17 @@ def test_judge_pair_hand_example():
     pairs, stats = judge_pairs(*judge_world(), judge_prompt=judge_prompt)
     # W1 = 7, W2 = 2 -> w1 = 2/9, w2 = 7/9.
     # For p: B[j1][j0] = B[j1][j3] = w1 + w2 = 1 and B[j3][j0] = B[j0][j3] = w1, so j0 and j3 tie.
-    assert stats == {"prompts": 2, "pairs": 1, "skipped_no_variance": 0, "skipped_no_verdicts": 0,
-                     "skipped_elo_tie": 1, "first_position_wins": 7, "second_position_wins": 2,
-                     "w1": pytest.approx(2 / 9), "w2": pytest.approx(7 / 9)}
+    assert stats == {
+        "prompts": 2,
+        "pairs": 1,
+        "skipped_no_variance": 0,
+        "skipped_no_verdicts": 0,
+        "skipped_elo_tie": 1,
+        "first_position_wins": 7,
+        "second_position_wins": 2,
+        "w1": pytest.approx(2 / 9),
+        "w2": pytest.approx(7 / 9),
+    }
     row = pairs[0]
     assert (row["prompt_id"], row["response_id"]) == ("p", "p/r0")
     assert (row["chosen_id"], row["rejected_id"]) == ("p/r0/j1", "p/r0/j0")  # j0, j3 tie: lower n
@@ -252,8 +302,12 @@ def test_elo_tie_gives_no_pair():
     prompts = [prompt("p")]
     responses = [response("p", 0, 5)]
     judgements = judgements_for("p/r0", [1.0, 5.0])
-    metas = [meta("p/r0/j0", "p/r0/j1", "first"), meta("p/r0/j1", "p/r0/j0", "first"),
-             meta("z/r0/j0", "z/r0/j1", "second"), meta("z/r0/j1", "z/r0/j0", "second")]
+    metas = [
+        meta("p/r0/j0", "p/r0/j1", "first"),
+        meta("p/r0/j1", "p/r0/j0", "first"),
+        meta("z/r0/j0", "z/r0/j1", "second"),
+        meta("z/r0/j1", "z/r0/j0", "second"),
+    ]
     pairs, stats = judge_pairs(prompts, responses, judgements, metas, judge_prompt)
     assert pairs == [] and stats["skipped_elo_tie"] == 1 and stats["w1"] == 0.5
 

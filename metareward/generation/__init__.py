@@ -37,7 +37,9 @@ class Generator(Protocol):
     def render(self, messages: Messages) -> str:
         """The prompt text the model sees for ``messages`` (chat template, generation prompt added)."""
 
-    def generate(self, requests: list[Messages], params: SamplingParams, desc: str = "") -> list[list[Completion]]:
+    def generate(
+        self, requests: list[Messages], params: SamplingParams, desc: str = ""
+    ) -> list[list[Completion]]:
         """``params.n`` completions for each request, in request order; same seed, same outputs."""
 
     def next_token_probs(self, texts: list[str], candidates: list[str]) -> list[list[float]]:

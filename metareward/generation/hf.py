@@ -70,7 +70,9 @@ class HFGenerator:
         return tqdm(total=total, desc=desc or "generate", unit="seq", disable=not self.settings.progress)
 
     @torch.inference_mode()
-    def generate(self, requests: list[Messages], params: SamplingParams, desc: str = "") -> list[list[Completion]]:
+    def generate(
+        self, requests: list[Messages], params: SamplingParams, desc: str = ""
+    ) -> list[list[Completion]]:
         prompts = [self._encode(self.render(messages)) for messages in requests]
         # One row per (request, sample); longest first so the first batch shows the peak memory.
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]

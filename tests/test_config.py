@@ -1,0 +1,258 @@
+"""Behaviour tests for the config: every shipped YAML composes and validates, bad values fail early
+with a message naming the setting, and the console script fails before loading any model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+
+import metareward
+from metareward.config import Config, ConfigError, PairsConfig, register_configs, to_config
+
+CONF = Path(metareward.__file__).resolve().parent / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "__pycache__"))
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+SCRIPT = Path(sys.executable).parent / "metareward"
+
+register_configs()
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_module("metareward.conf", version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def build(overrides: list[str]) -> Config:
+    return to_config(compose_config(overrides))
+
+
+def leaves(node, prefix: str = ""):
+    """(dotted key, value) for every non-dict value of a parsed YAML mapping."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def lookup(config: Config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def required_extras(group: str, option: str, tmp_path: Path) -> list[str]:
+    """Overrides an option needs to be complete (its `???` values)."""
+    if (group, option) == ("model", "hf"):
+        return [f"model.path={tmp_path}"]
+    if (group, option) == ("data", "jsonl"):
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text('{"prompt": "hello"}\n', encoding="utf-8")
+        return [f"data.path={prompts}"]
+    if (group, option) == ("data", "hf_dataset"):
+        return ["data.hf_name=x"]
+    return []
+
+
+# ---------------------------------------------------------------- the YAML files
+
+
+def test_conf_layout_is_found():
+    # Guards the parametrisation below against silently testing nothing.
+    assert {"model", "data", "generator"} <= set(GROUPS)
+    assert "demo" in EXPERIMENTS
+    assert {"hf", "smollm2_135m", "tiny"} <= {p.stem for p in (CONF / "model").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF)))
+def test_every_yaml_starts_with_a_comment(path: Path):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines, f"{path} is empty"
+    first = lines[0]
+    if path.parent.name == "experiment" and first.strip() == "# @package _global_":
+        # The package directive is not documentation: a real comment must follow it.
+        assert len(lines) > 1 and lines[1].startswith("#") and lines[1].strip("# "), path
+    else:
+        assert first.startswith("#") and first.strip("# "), f"{path} does not start with a comment line"
+        assert not first.startswith("# @package"), f"{path}: only a package directive, no comment"
+
+
+OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF / group).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_composes_and_validates(group: str, option: str, tmp_path: Path):
+    extras = required_extras(group, option, tmp_path)
+    config = build([f"{group}={option}", *extras])
+    assert isinstance(config, Config)
+    # Every value the option's file sets reaches the typed config (unless an extra override set it).
+    overridden = {extra.split("=", 1)[0] for extra in extras}
+    values = yaml.safe_load((CONF / group / f"{option}.yaml").read_text(encoding="utf-8"))
+    for key, value in leaves(values, f"{group}."):
+        if key in overridden:
+            continue
+        assert value != "???", f"{group}={option}: {key} is mandatory but no extra override was given"
+        assert lookup(config, key) == value, key
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(name: str):
+    config = build([f"experiment={name}"])
+    values = yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text(encoding="utf-8"))
+    for key, value in leaves(values):
+        assert lookup(config, key) == value, key
+
+
+def test_demo_experiment_values():
+    config = build(["experiment=demo"])
+    assert config.run_name == "demo"
+    assert config.iterations == 2
+    assert config.model.kind == "smollm2_135m"
+    assert config.judge.score_from == "text_or_expected"
+    assert config.meta_judge.winner_from == "text_or_probs"
+    assert config.actor.num_responses == 3
+
+
+def test_overrides_apply_on_top_of_an_experiment():
+    config = build(["experiment=demo", "iterations=3", "model=tiny"])
+    assert config.iterations == 3
+    assert config.model.kind == "tiny"
+    assert config.run_name == "demo"
+
+
+def test_defaults_are_the_paper_settings():
+    config = build([])
+    assert config.model.kind == "smollm2_135m"
+    assert config.data.path is None and config.data.hf_name is None
+    assert config.actor.num_responses == 4
+    assert config.judge.num_judgements == 3
+    assert config.judge.score_from == "text"
+    assert config.pairs.rho == 0.0
+
+
+# ---------------------------------------------------------------- bad values
+
+
+BAD = [
+    (["actor.num_responses=1"], "actor.num_responses", "1"),
+    (["judge.num_judgements=0"], "judge.num_judgements", "0"),
+    (["pairs.rho=0.5"], "pairs.rho", "0.5"),
+    (["pairs.rho=[0.1,0.6]"], "pairs.rho", "0.6"),
+    (["actor.temperature=-1"], "actor.temperature", "-1"),
+    (["data.path=/nonexistent"], "data.path", "/nonexistent"),
+    (["model=hf"], "model.path", "None"),
+    (["judge.score_from=bogus"], "judge.score_from", "bogus"),
+    (["meta_judge.winner_from=bogus"], "meta_judge.winner_from", "bogus"),
+    (["actor.top_p=0"], "actor.top_p", "0"),
+    (["iterations=0"], "iterations", "0"),
+    (["model.kind=gpt5"], "model.kind", "gpt5"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "setting", "value"), BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_values_raise_config_error_naming_setting_and_value(overrides, setting, value):
+    with pytest.raises(ConfigError) as info:
+        build(overrides)
+    message = str(info.value)
+    assert setting in message
+    assert value in message
+    assert "\n" not in message
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_data_jsonl_without_path_is_refused():
+    with pytest.raises(ConfigError, match=r"data\.path"):
+        build(["data=jsonl"])
+
+
+def test_data_hf_dataset_without_name_is_refused():
+    with pytest.raises(ConfigError, match=r"data\.hf_name"):
+        build(["data=hf_dataset"])
+
+
+def test_rho_list_is_accepted_and_per_iteration():
+    config = build(["pairs.rho=[0.1,0.2]"])
+    assert [config.pairs.rho_for(t) for t in (1, 2, 3, 7)] == [0.1, 0.2, 0.2, 0.2]
+
+
+def test_rho_for():
+    assert [PairsConfig(rho=[0.0, 0.25, 0.4]).rho_for(t) for t in (1, 2, 3, 4, 10)] == [
+        0.0,
+        0.25,
+        0.4,
+        0.4,
+        0.4,
+    ]
+    assert PairsConfig(rho=0.3).rho_for(1) == 0.3
+    assert PairsConfig(rho=0.3).rho_for(5) == 0.3
+    with pytest.raises(ConfigError, match="pairs.rho"):
+        PairsConfig(rho=[])
+    with pytest.raises(ConfigError, match="pairs.rho"):
+        PairsConfig(rho=True)
+
+
+# ---------------------------------------------------------------- the console script
+
+
+def run_cli(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "METAREWARD_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def assert_no_model_loaded(cache: Path) -> None:
+    names = [p.name for p in cache.iterdir()] if cache.exists() else []
+    assert not [n for n in names if "smollm2" in n], names
+
+
+def test_cli_invalid_value_fails_with_one_line_naming_the_setting(tmp_path: Path):
+    cache = tmp_path / "cache"
+    result = run_cli(["actor.num_responses=1"], tmp_path, cache)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines, "no error message"
+    assert "actor.num_responses" in lines[-1]
+    assert "1" in lines[-1].split("actor.num_responses", 1)[1]
+    assert_no_model_loaded(cache)
+    assert not (tmp_path / "runs" / "default" / "config.yaml").exists()
+
+
+def test_cli_unknown_key_fails_naming_it(tmp_path: Path):
+    cache = tmp_path / "cache"
+    result = run_cli(["foo=1"], tmp_path, cache)
+    assert result.returncode != 0
+    assert "foo" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_no_model_loaded(cache)
+
+
+def test_cli_help(tmp_path: Path):
+    result = run_cli(["--help"], tmp_path, tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert "model: hf, smollm2_135m, tiny" in result.stdout
+    assert "experiment: demo" in result.stdout
+    assert_no_model_loaded(tmp_path / "cache")
+
+
+def test_cli_cfg_job_prints_the_resolved_config(tmp_path: Path):
+    result = run_cli(["--cfg", "job", "experiment=demo"], tmp_path, tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["run_name"] == "demo"
+    assert "run_name: demo" in result.stdout.splitlines()
+    assert printed["judge"]["score_from"] == "text_or_expected"
+    assert printed["model"]["kind"] == "smollm2_135m"
+    assert_no_model_loaded(tmp_path / "cache")

@@ -1,0 +1,258 @@
+"""End-to-end runs of the loop on the tiny model: files, training, pair rebuilds, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+from safetensors.torch import load_file
+
+from metareward import records
+from metareward.cli import load_config
+from metareward.loop import Run, RunStopped
+
+# Small enough for seconds per iteration; the probability fallbacks give scores and verdicts
+# although the random model writes neither.
+TINY_RUN = [
+    "model=tiny",
+    "data.prompts_per_iteration=4",
+    "actor.num_responses=3",
+    "actor.max_new_tokens=24",
+    "judge.num_judgements=3",
+    "judge.max_new_tokens=32",
+    "meta_judge.max_new_tokens=8",
+    "judge.score_from=text_or_expected",
+    "meta_judge.winner_from=text_or_probs",
+    "generator.chunk_size=2",
+    "generator.progress=false",
+    "train.dpo.learning_rate=1e-3",
+]
+STAGE_FILES = [
+    records.RESPONSES,
+    records.JUDGEMENTS,
+    records.META_JUDGEMENTS,
+    records.ACTOR_PAIRS,
+    records.JUDGE_PAIRS,
+]
+CLI = Path(sys.executable).parent
+
+
+def tiny_config(runs_dir: Path, *extra: str):
+    return load_config(None, [*TINY_RUN, f"runs_dir={runs_dir}", *extra])
+
+
+def rows(path: Path) -> list[dict]:
+    return records.read_jsonl(path)
+
+
+@pytest.fixture(scope="module")
+def two_iterations(tmp_path_factory, tiny_model_dir):
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = tiny_config(runs, "run_name=e2e", "iterations=2")
+    history = Run(cfg).run()
+    return runs / "e2e", history
+
+
+def test_two_iterations_write_every_contract_file(two_iterations):
+    run_dir, history = two_iterations
+    assert (run_dir / records.CONFIG).is_file()
+    assert [m["iteration"] for m in history] == [1, 2]
+    for t in (1, 2):
+        d = run_dir / f"iter_{t}"
+        for name in [records.PROMPTS, *STAGE_FILES, records.METRICS]:
+            assert (d / name).is_file(), f"{d / name} missing"
+        assert (d / "model" / "model.safetensors").is_file()
+        assert not list(d.glob("*.parts")), "chunk directories are removed once a stage is complete"
+        prompts, responses = rows(d / records.PROMPTS), rows(d / records.RESPONSES)
+        judgements, verdicts = rows(d / records.JUDGEMENTS), rows(d / records.META_JUDGEMENTS)
+        assert len(prompts) == 4
+        # IDs follow the contract and nothing is written twice.
+        for r in responses:
+            assert r["response_id"].startswith(r["prompt_id"] + "/r")
+        assert len({r["response_id"] for r in responses}) == len(responses)
+        assert len(judgements) == 3 * len(responses)
+        assert {j["judgement_id"] for j in judgements} == {
+            f"{r['response_id']}/j{n}" for r in responses for n in range(3)
+        }
+        for j in judgements:
+            assert j["score_probs"] is None or abs(sum(j["score_probs"]) - 1) < 1e-6
+            assert j["score"] is None or 0 <= j["score"] <= 5
+        for v in verdicts:
+            assert v["winner"] in ("first", "second", None)
+            assert v["first_id"] != v["second_id"]
+        # Every compared pair of judgements appears in both orders.
+        shown = {(v["first_id"], v["second_id"]) for v in verdicts}
+        assert shown == {(b, a) for a, b in shown}
+        metrics = json.loads((d / records.METRICS).read_text())
+        assert metrics["pairs"]["actor"]["pairs"] == len(rows(d / records.ACTOR_PAIRS)) >= 1
+        assert any("loss" in entry for entry in metrics["train"]["log_history"])
+
+
+def test_pair_files_load_with_datasets(two_iterations, tmp_path):
+    run_dir, _ = two_iterations
+    for name in (records.ACTOR_PAIRS, records.JUDGE_PAIRS):
+        path = run_dir / "iter_1" / name
+        if path.stat().st_size == 0:
+            continue
+        loaded = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path))
+        assert {"prompt", "chosen", "rejected", "chosen_id", "rejected_id"} <= set(loaded.column_names)
+        assert loaded[0]["chosen"][0]["role"] == "assistant"
+    assert rows(run_dir / "iter_1" / records.JUDGE_PAIRS), "the tiny run should give at least one judge pair"
+
+
+def test_iterations_train_from_the_previous_model(two_iterations, tiny_model_dir):
+    run_dir, _ = two_iterations
+    m0 = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    m1 = load_file(str(run_dir / "iter_1" / "model" / "model.safetensors"))
+    m2 = load_file(str(run_dir / "iter_2" / "model" / "model.safetensors"))
+    changed_1 = [k for k in m0 if not (m0[k] == m1[k]).all()]
+    changed_2 = [k for k in m1 if not (m1[k] == m2[k]).all()]
+    assert changed_1 and changed_2
+
+
+def test_rerun_of_a_finished_run_does_no_work(two_iterations):
+    run_dir, _ = two_iterations
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.jsonl")}
+    cfg = tiny_config(run_dir.parent, "run_name=e2e", "iterations=2")
+    Run(cfg).run()
+    assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.jsonl")}
+
+
+def test_changed_config_is_refused_with_the_keys(two_iterations):
+    run_dir, _ = two_iterations
+    cfg = tiny_config(run_dir.parent, "run_name=e2e", "iterations=2", "actor.num_responses=4")
+    with pytest.raises(RunStopped, match=r"actor\.num_responses: 3 -> 4"):
+        Run(cfg).run()
+
+
+def _crafted_iteration(iter_dir: Path) -> None:
+    """One prompt whose responses make length control matter (see test below)."""
+    iter_dir.mkdir(parents=True)
+    prompt = {"prompt_id": "q", "messages": [{"role": "user", "content": "Explain tides."}]}
+    scored = [(5.0, 100), (4.5, 10), (1.0, 50), (1.5, 200)]  # (score, num_tokens) for r0..r3
+    responses = [
+        {
+            "prompt_id": "q",
+            "response_id": f"q/r{k}",
+            "text": f"answer {k}",
+            "num_tokens": n,
+            "finish_reason": "stop",
+        }
+        for k, (_, n) in enumerate(scored)
+    ]
+    judgements = [
+        {
+            "response_id": f"q/r{k}",
+            "judgement_id": f"q/r{k}/j0",
+            "text": f"Score: {s}",
+            "score": s,
+            "score_probs": None,
+            "finish_reason": "stop",
+        }
+        for k, (s, _) in enumerate(scored)
+    ]
+    records.write_jsonl(iter_dir / records.PROMPTS, [prompt])
+    records.write_jsonl(iter_dir / records.RESPONSES, responses)
+    records.write_jsonl(iter_dir / records.JUDGEMENTS, judgements)
+    records.write_jsonl(iter_dir / records.META_JUDGEMENTS, [])
+
+
+def test_pairs_cli_rebuilds_with_another_rho(tmp_path):
+    iter_dir = tmp_path / "run" / "iter_1"
+    _crafted_iteration(iter_dir)
+    pairs_cli = str(CLI / "metareward-pairs")
+    subprocess.run([pairs_cli, str(iter_dir)], check=True, capture_output=True)
+    subprocess.run(
+        [pairs_cli, str(iter_dir), "--out", str(tmp_path / "out"), "pairs.rho=0.4"],
+        check=True,
+        capture_output=True,
+    )
+    (rho0,) = rows(iter_dir / records.ACTOR_PAIRS)
+    (rho4,) = rows(tmp_path / "out" / records.ACTOR_PAIRS)
+    # rho=0: best vs worst score.
+    # rho=0.4: top tier {r0, r1} -> shortest r1; bottom tier {r2, r3} -> longest r3.
+    assert (rho0["chosen_id"], rho0["rejected_id"]) == ("q/r0", "q/r2")
+    assert (rho4["chosen_id"], rho4["rejected_id"]) == ("q/r1", "q/r3")
+    assert rows(tmp_path / "out" / records.JUDGE_PAIRS) == []
+
+
+def test_pairs_cli_rejects_a_bad_override(tmp_path):
+    iter_dir = tmp_path / "run" / "iter_1"
+    _crafted_iteration(iter_dir)
+    result = subprocess.run(
+        [str(CLI / "metareward-pairs"), str(iter_dir), "pairs.rho=0.9"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "pairs.rho" in result.stderr and "Traceback" not in result.stderr
+
+
+def _cli_run(runs: Path, name: str, *extra: str) -> subprocess.Popen:
+    args = [
+        str(CLI / "metareward"),
+        *TINY_RUN,
+        f"runs_dir={runs}",
+        f"run_name={name}",
+        "iterations=1",
+        "generator.chunk_size=1",
+        *extra,
+    ]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_run_killed_mid_judge_resumes_with_the_same_rows(tmp_path, tiny_model_dir):
+    runs = tmp_path / "runs"
+    reference = _cli_run(runs, "whole")
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out
+
+    parts = runs / "killed" / "iter_1" / (records.JUDGEMENTS + ".parts")
+    victim = _cli_run(runs, "killed")
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        if parts.is_dir() and len(list(parts.glob("*.jsonl"))) >= 2:
+            os.kill(victim.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-judge"
+    killed_dir = runs / "killed" / "iter_1"
+    assert not (killed_dir / records.JUDGEMENTS).exists()
+    assert (killed_dir / records.RESPONSES).exists()
+
+    resumed = _cli_run(runs, "killed")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    for name in STAGE_FILES:
+        whole, again = rows(runs / "whole" / "iter_1" / name), rows(killed_dir / name)
+        assert again == whole, f"{name} differs after resume"
+    ids = [j["judgement_id"] for j in rows(killed_dir / records.JUDGEMENTS)]
+    assert len(ids) == len(set(ids))
+
+
+def test_no_pairs_stops_the_run_with_a_reason(tmp_path, tiny_model_dir):
+    # The random model never writes "Score: N", so with the paper's rule nothing is scored.
+    result = subprocess.run(
+        [
+            str(CLI / "metareward"),
+            *TINY_RUN,
+            f"runs_dir={tmp_path}",
+            "run_name=none",
+            "iterations=1",
+            "judge.score_from=text",
+            "data.prompts_per_iteration=2",
+            "judge.num_judgements=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1
+    assert "no preference pairs" in result.stderr and "no scored responses" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

@@ -1,0 +1,179 @@
+"""Behaviour tests for the judge and meta-judge prompts and the cue texts the scoring call reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from metareward.parsing import parse_score, parse_winner
+from metareward.prompts import RUBRIC, SCORE_CUE, WINNER_CUE, Templates, question_text
+from metareward.stages import score_cue_text, winner_cue_text
+
+QUESTION = [{"role": "user", "content": "What is the boiling point of water at sea level?"}]
+RESPONSE = "It boils at 100 degrees Celsius."
+
+
+def only_user_content(messages: list[dict]) -> str:
+    assert len(messages) == 1
+    assert messages[0]["role"] == "user"
+    return messages[0]["content"]
+
+
+# ---------------------------------------------------------------- judge
+
+
+def test_judge_prompt_holds_rubric_question_response_and_format():
+    content = only_user_content(Templates().judge_messages(QUESTION, RESPONSE))
+    assert "Add 1 point" in content
+    assert "fifth point" in content
+    assert RUBRIC in content
+    assert "What is the boiling point of water at sea level?" in content
+    assert f"<response>{RESPONSE}</response>" in content
+    assert "Briefly justify your total score, up to 100 words" in content
+    assert "Score: <total points>" in content
+    # The rubric comes before the question, the question before the response, the format last.
+    assert content.index("Add 1 point") < content.index("boiling point") < content.index("<response>")
+    assert content.index("</response>") < content.index("Score: <total points>")
+    assert "{" not in content.replace("{}", "")  # no unfilled fields
+
+
+def test_judge_prompt_user_line():
+    content = only_user_content(Templates().judge_messages(QUESTION, RESPONSE))
+    assert "User: What is the boiling point of water at sea level?" in content
+
+
+def test_system_message_is_not_part_of_the_question():
+    prompt = [{"role": "system", "content": "SECRET SYSTEM TEXT"}, *QUESTION]
+    content = only_user_content(Templates().judge_messages(prompt, RESPONSE))
+    assert "SECRET SYSTEM TEXT" not in content
+    assert "User: What is the boiling point" in content
+
+
+def test_multi_turn_prompt_is_rendered_as_a_transcript():
+    prompt = [
+        {"role": "user", "content": "Name a prime."},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "A larger one?"},
+    ]
+    transcript = question_text(prompt)
+    assert transcript == "User: Name a prime.\nAssistant: 7\nUser: A larger one?"
+    content = only_user_content(Templates().judge_messages(prompt, "11"))
+    assert transcript in content
+    assert "<response>11</response>" in content
+
+
+def test_braces_in_user_content_do_not_break_formatting():
+    question = [{"role": "user", "content": "Fix this: def f(): return {'a': {x}} and {response} {0}"}]
+    response = "Use {x!r} and {{double}} braces {judgement_a}"
+    templates = Templates()
+    content = only_user_content(templates.judge_messages(question, response))
+    assert "def f(): return {'a': {x}} and {response} {0}" in content
+    assert f"<response>{response}</response>" in content
+    meta = only_user_content(templates.meta_judge_messages(question, response, "A {rubric}", "B {}"))
+    assert "Judgment A: A {rubric}" in meta
+    assert "Judgment B: B {}" in meta
+    assert "{'a': {x}}" in meta
+
+
+# ---------------------------------------------------------------- meta-judge
+
+
+def test_meta_judge_prompt_holds_both_judgements_labelled_rubric_and_format():
+    first = "Relevant and correct. Score: 4"
+    second = "Too short. Score: 2"
+    content = only_user_content(Templates().meta_judge_messages(QUESTION, RESPONSE, first, second))
+    assert RUBRIC in content
+    assert "What is the boiling point of water at sea level?" in content
+    assert f"<response>{RESPONSE}</response>" in content
+    assert f"Judgment A: {first}" in content
+    assert f"Judgment B: {second}" in content
+    assert content.index(f"Judgment A: {first}") < content.index(f"Judgment B: {second}")
+    assert "Winner: [Judgement A | Judgement B]" in content
+    assert content.rstrip().endswith('"Winner: [Judgement A | Judgement B]"')
+
+
+def test_meta_judge_prompt_swapping_judgements_swaps_labels():
+    templates = Templates()
+    ab = only_user_content(templates.meta_judge_messages(QUESTION, RESPONSE, "FIRST", "SECOND"))
+    ba = only_user_content(templates.meta_judge_messages(QUESTION, RESPONSE, "SECOND", "FIRST"))
+    assert "Judgment A: FIRST" in ab and "Judgment B: SECOND" in ab
+    assert "Judgment A: SECOND" in ba and "Judgment B: FIRST" in ba
+
+
+# ---------------------------------------------------------------- custom templates
+
+
+def test_templates_load_replaces_builtin_judge_template(tmp_path: Path):
+    path = tmp_path / "judge.txt"
+    path.write_text("CUSTOM Q={question} R={response} RUBRIC_LEN={rubric}", encoding="utf-8")
+    templates = Templates.load(str(path), None)
+    content = only_user_content(templates.judge_messages(QUESTION, "ok"))
+    assert content.startswith("CUSTOM Q=What is the boiling point")
+    assert " R=ok " in content
+    assert "Briefly justify" not in content
+    # The meta-judge template was not replaced.
+    meta = only_user_content(templates.meta_judge_messages(QUESTION, "ok", "a", "b"))
+    assert "Winner: [Judgement A | Judgement B]" in meta
+
+
+def test_templates_load_replaces_builtin_meta_judge_template(tmp_path: Path):
+    path = tmp_path / "meta.txt"
+    path.write_text("META {judgement_a} VS {judgement_b} ON {response}", encoding="utf-8")
+    templates = Templates.load(None, str(path))
+    assert (
+        only_user_content(templates.meta_judge_messages(QUESTION, "resp", "x", "y")) == "META x VS y ON resp"
+    )
+    assert "Score: <total points>" in only_user_content(templates.judge_messages(QUESTION, "resp"))
+
+
+def test_templates_load_without_paths_is_builtin():
+    assert Templates.load(None, None) == Templates()
+
+
+# ---------------------------------------------------------------- cue texts
+
+
+def test_score_cue_without_score_appends_cue_on_a_new_line():
+    assert score_cue_text("The answer is good.  \n") == "The answer is good.\n" + SCORE_CUE
+    assert SCORE_CUE == "Score: "
+
+
+def test_score_cue_cuts_at_the_last_score_key():
+    judgement = "Score: 2 at first.\nOn reflection, more.\nScore: 4\nThanks"
+    assert score_cue_text(judgement) == "Score: 2 at first.\nOn reflection, more.\nScore: "
+
+
+def test_score_cue_accepts_points_and_case():
+    assert score_cue_text("Fine answer. total points: 3") == "Fine answer. total Score: "
+    assert score_cue_text("ok\nSCORE : 5") == "ok\nScore: "
+
+
+def test_winner_cue_without_winner():
+    assert winner_cue_text("Judgement A is more careful.") == "Judgement A is more careful.\n" + WINNER_CUE
+    assert WINNER_CUE == "Winner: Judgement "
+
+
+def test_winner_cue_cuts_at_the_last_winner_key():
+    verdict = "Winner: Judgement A? No.\nWinner: Judgement B."
+    assert winner_cue_text(verdict) == "Winner: Judgement A? No.\nWinner: Judgement "
+    assert winner_cue_text("Reasons.\n**winner:** B") == "Reasons.\n**Winner: Judgement "
+
+
+@pytest.mark.parametrize("judgement", ["Covers several viewpoints: history.", "The subscore: 2 for clarity."])
+def test_score_cue_ignores_words_that_merely_end_in_the_key(judgement):
+    # parse_score finds no score here, so the cue must follow the whole judgement.
+    assert parse_score(judgement) is None
+    assert score_cue_text(judgement) == judgement + "\n" + SCORE_CUE
+
+
+def test_score_cue_finds_a_markdown_score_key():
+    judgement = "Good answer.\n**Score**: 4"
+    assert parse_score(judgement) == 4.0
+    assert score_cue_text(judgement) == "Good answer.\n**" + SCORE_CUE
+
+
+def test_winner_cue_finds_a_markdown_winner_key():
+    verdict = "Reasons.\n**Winner**: Judgement B"
+    assert parse_winner(verdict) == "B"
+    assert winner_cue_text(verdict) == "Reasons.\n**" + WINNER_CUE
