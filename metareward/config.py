@@ -40,6 +40,10 @@ def _check_sampling(prefix: str, temperature: float, top_p: float, max_new_token
     _require(max_new_tokens >= 1, f"{prefix}.max_new_tokens", max_new_tokens, "must be >= 1")
 
 
+def _check_template(setting: str, path: str | None) -> None:
+    _require(not path or Path(path).is_file(), setting, path, "no such file")
+
+
 @dataclass
 class ModelConfig:
     """Which seed model M_0 is: the embedded SmolLM2, any Hugging Face model, or a tiny random one."""
@@ -144,6 +148,7 @@ class JudgeConfig:
         _require(
             self.score_from in SCORE_SOURCES, "judge.score_from", self.score_from, f"one of {SCORE_SOURCES}"
         )
+        _check_template("judge.template", self.template)
 
 
 @dataclass
@@ -166,6 +171,7 @@ class MetaJudgeConfig:
             self.winner_from,
             f"one of {WINNER_SOURCES}",
         )
+        _check_template("meta_judge.template", self.template)
 
 
 @dataclass

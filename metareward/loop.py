@@ -64,10 +64,6 @@ def check_run_config(run_dir: Path, cfg: Config) -> None:
     records.write_text(path, config_yaml(cfg))
 
 
-def rho_for(cfg: Config, iteration: int) -> float:
-    return cfg.pairs.rho_for(iteration)
-
-
 def build_pairs(
     directory: Path, cfg: Config, iteration: int, templates: Templates
 ) -> tuple[list, list, dict]:
@@ -76,7 +72,7 @@ def build_pairs(
     responses = read_jsonl(directory / records.RESPONSES)
     judgements = read_jsonl(directory / records.JUDGEMENTS)
     verdicts = read_jsonl(directory / records.META_JUDGEMENTS)
-    actor_rows, actor_stats = pairs.actor_pairs(prompts, responses, judgements, rho_for(cfg, iteration))
+    actor_rows, actor_stats = pairs.actor_pairs(prompts, responses, judgements, cfg.pairs.rho_for(iteration))
     judge_rows, judge_stats = pairs.judge_pairs(
         prompts, responses, judgements, verdicts, templates.judge_messages, l2=cfg.pairs.elo_l2
     )
@@ -88,30 +84,39 @@ def write_pairs(out_dir: Path, actor_rows: list, judge_rows: list) -> None:
     write_jsonl(out_dir / records.JUDGE_PAIRS, judge_rows)
 
 
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _share(count: int, total: int) -> float:
+    return count / total if total else 0.0
+
+
 def stage_metrics(responses: list[dict], judgements: list[dict], verdicts: list[dict]) -> dict:
     scores = [j["score"] for j in judgements if j["score"] is not None]
-    written = [j for j in judgements if j.get("score_source") == "text"]
+    written = sum(j.get("score_source") == "text" for j in judgements)
     first = sum(v["winner"] == "first" for v in verdicts)
     second = sum(v["winner"] == "second" for v in verdicts)
+    verdicts_written = sum(v.get("winner_source") == "text" for v in verdicts)
     return {
         "actor": {
             "responses": len(responses),
-            "mean_response_tokens": statistics.fmean(r["num_tokens"] for r in responses)
-            if responses
-            else 0.0,
-            "cut_off_share": sum(r["finish_reason"] == "length" for r in responses) / max(len(responses), 1),
+            "mean_response_tokens": _mean([r["num_tokens"] for r in responses]),
+            "cut_off_share": _share(sum(r["finish_reason"] == "length" for r in responses), len(responses)),
         },
         "judge": {
             "judgements": len(judgements),
             "scored": len(scores),
-            "score_written_share": len(written) / max(len(judgements), 1),
-            "parse_failure_rate": 1 - len(written) / max(len(judgements), 1),
-            "mean_score": statistics.fmean(scores) if scores else None,
+            "score_written_share": _share(written, len(judgements)),
+            "parse_failure_rate": 1 - _share(written, len(judgements)),
+            "mean_score": _mean(scores),
             "score_stdev": statistics.pstdev(scores) if scores else None,
         },
         "meta_judge": {
             "verdicts": len(verdicts),
-            "parse_failure_rate": sum(v["winner"] is None for v in verdicts) / max(len(verdicts), 1),
+            # A verdict the text does not give may still come from the A/B probabilities.
+            "parse_failure_rate": 1 - _share(verdicts_written, len(verdicts)),
+            "no_verdict_share": _share(sum(v["winner"] is None for v in verdicts), len(verdicts)),
             "first_position_win_share": first / (first + second) if first + second else None,
         },
     }
@@ -150,7 +155,7 @@ class Run:
                 self._iteration(t, directory, model_dir, chosen)
             metrics = records.read_json(directory / records.METRICS)
             history.append(metrics)
-            print(summary(metrics), flush=True)
+            print(summary(metrics), sample(directory), sep="\n", flush=True)
             model_dir = str(directory / records.MODEL)
         return history
 
@@ -198,7 +203,7 @@ class Run:
             "iteration": t,
             "prompts": len(prompts),
             **stage_metrics(responses, judgements, verdicts),
-            "pairs": {**pair_stats, "rho": rho_for(cfg, t), "trained_on_judge_pairs": train_judge},
+            "pairs": {**pair_stats, "rho": cfg.pairs.rho_for(t), "trained_on_judge_pairs": train_judge},
             "train": training,
         }
         write_json(directory / records.METRICS, metrics)
@@ -239,4 +244,27 @@ def summary(metrics: dict) -> str:
         if losses
         else "DPO        no steps",
     ]
+    return "\n".join(lines)
+
+
+def _clip(text: str, width: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def sample(directory: Path) -> str:
+    """One actor pair and one judgement of the iteration, for a person to read."""
+    actor = read_jsonl(directory / records.ACTOR_PAIRS)
+    judge = read_jsonl(directory / records.JUDGE_PAIRS)
+    lines = []
+    if actor:
+        pair = actor[0]
+        lines += [
+            f"  prompt    {_clip(pair['prompt'][-1]['content'])}",
+            f"  chosen    [{pair['chosen_score']:.2f}] {_clip(pair['chosen'][0]['content'])}",
+            f"  rejected  [{pair['rejected_score']:.2f}] {_clip(pair['rejected'][0]['content'])}",
+        ]
+    if judge:
+        pair = judge[0]
+        lines.append(f"  judgement [elo {pair['chosen_elo']:+.2f}] {_clip(pair['chosen'][0]['content'])}")
     return "\n".join(lines)

@@ -117,5 +117,8 @@ class ChunkedFile:
         for index in range(num_chunks):
             rows.extend(read_jsonl(self._chunk_path(index)))
         write_jsonl(self.path, rows)
-        shutil.rmtree(self.parts, ignore_errors=True)
+        self.discard_chunks()
         return rows
+
+    def discard_chunks(self) -> None:
+        shutil.rmtree(self.parts, ignore_errors=True)

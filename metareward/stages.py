@@ -39,6 +39,7 @@ def run_chunked(
 ) -> list[dict]:
     """Apply ``work(chunk, index)`` to each chunk not yet on disk, then join the chunks."""
     if out.complete:
+        out.discard_chunks()  # left behind if a run was killed right after joining them
         return read_jsonl(out.path)
     chunks = [items[start : start + chunk_size] for start in range(0, len(items), chunk_size)]
     for index, chunk in enumerate(chunks):

@@ -177,3 +177,18 @@ def test_winner_cue_finds_a_markdown_winner_key():
     verdict = "Reasons.\n**Winner**: Judgement B"
     assert parse_winner(verdict) == "B"
     assert winner_cue_text(verdict) == "Reasons.\n**" + WINNER_CUE
+
+
+def test_sampled_verdict_follows_the_probabilities():
+    import random
+
+    from metareward.stages import sample_verdict
+
+    assert sample_verdict([0.2, 0.1], 0.0, random.Random(0)) == "A"
+    assert sample_verdict([0.1, 0.2], 0.0, random.Random(0)) == "B"
+    assert sample_verdict([0.1, 0.1], 0.0, random.Random(0)) is None
+    assert sample_verdict([0.0, 0.0], 1.0, random.Random(0)) is None
+    draws = [sample_verdict([0.3, 0.1], 1.0, random.Random(seed)) for seed in range(2000)]
+    assert 0.70 < draws.count("A") / len(draws) < 0.80  # 0.75 expected at temperature 1
+    cooler = [sample_verdict([0.3, 0.1], 0.5, random.Random(seed)) for seed in range(2000)]
+    assert cooler.count("A") > draws.count("A")  # 0.9 expected at temperature 0.5
