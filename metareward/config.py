@@ -21,6 +21,7 @@ MODEL_KINDS = ("smollm2_135m", "hf", "tiny")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GENERATOR_BACKENDS = ("hf",)
 DATA_KINDS = ("bundled", "jsonl", "hf")
+TRACKING_MODES = ("wandb", "offline", "none")
 SCORE_SOURCES = ("text", "text_or_expected")
 WINNER_SOURCES = ("text", "text_or_probs")
 
@@ -242,6 +243,59 @@ class TrainConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where numbers go besides metrics.json: W&B online, W&B offline (in the run directory), or nowhere."""
+
+    # wandb: online (needs `wandb login`); offline: a W&B offline run under <run_dir>/wandb, syncable
+    # later with `wandb sync`; none: metrics.json only.
+    mode: str = "offline"
+    project: str = "metareward"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+    # Rows of sample actor and judge pairs logged as W&B Tables each iteration.
+    table_rows: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.mode in TRACKING_MODES, "tracking.mode", self.mode, f"must be one of {TRACKING_MODES}")
+        _require(self.table_rows >= 0, "tracking.table_rows", self.table_rows, "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Judge skill against human preferences, and the actor's win rate against M_0."""
+
+    # Run before iteration 1 (on M_0) and after each iteration (on M_t).
+    enabled: bool = True
+    # JSONL with `prompt` (string or chat turns), `chosen`, `rejected`; empty: the bundled HH-RLHF pairs.
+    human_pairs: str | None = None
+    num_pairs: int = 64
+    # Judgements per response; a response's score is their mean (judge.score_from applies).
+    num_judgements: int = 1
+    temperature: float = 0.0
+    max_new_tokens: int = 256
+    bootstrap_samples: int = 1000
+    seed: int = 0
+    # Actor win rate of M_t against M_0 on held-out prompts, judged pairwise in both orders.
+    win_rate: bool = True
+    # JSONL prompts (any shape data.path accepts, or Vicuna/MT-Bench `turns`); empty: bundled Vicuna-bench.
+    heldout_prompts: str | None = None
+    num_heldout: int = 16
+    response_max_new_tokens: int = 256
+    # The fixed evaluator: empty means M_0 (the seed model).
+    evaluator: ModelConfig | None = None
+
+    def __post_init__(self) -> None:
+        counts = ("num_pairs", "num_judgements", "max_new_tokens", "num_heldout", "response_max_new_tokens")
+        for name in counts:
+            _require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), "must be >= 1")
+        _require(self.temperature >= 0, "eval.temperature", self.temperature, "must be >= 0")
+        _require(self.bootstrap_samples >= 10, "eval.bootstrap_samples", self.bootstrap_samples, ">= 10")
+        for name in ("human_pairs", "heldout_prompts"):
+            path = getattr(self, name)
+            _require(not path or Path(path).is_file(), f"eval.{name}", path, "no such file")
+
+
+@dataclass
 class Config:
     """A whole run. ``metareward --cfg job`` prints it resolved."""
 
@@ -259,6 +313,8 @@ class Config:
     meta_judge: MetaJudgeConfig = field(default_factory=MetaJudgeConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _require(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")

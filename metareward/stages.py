@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from metareward import pairs
 from metareward.config import ActorConfig, JudgeConfig, MetaJudgeConfig
-from metareward.generation import Generator, SamplingParams
+from metareward.generation import Generator, Messages, SamplingParams
 from metareward.parsing import SCORE_KEY, WINNER_KEY, parse_score, parse_winner
 from metareward.prompts import SCORE_CUE, SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS, Templates
 from metareward.records import ChunkedFile, read_jsonl
@@ -97,6 +97,46 @@ def winner_cue_text(verdict: str) -> str:
     return head + WINNER_CUE
 
 
+def judge_requests(
+    generator: Generator, requests: list[Messages], params: SamplingParams, score_from: str, desc: str = ""
+) -> list[list[dict]]:
+    """``params.n`` judgements per judge request: text, parsed score (or, with
+    ``score_from="text_or_expected"``, the expectation under the model's 0..5 distribution),
+    where the score came from, and that distribution."""
+    outputs = generator.generate(requests, params, desc=desc)
+    cue_texts = [
+        generator.render(request) + score_cue_text(c.text)
+        for request, completions in zip(requests, outputs, strict=True)
+        for c in completions
+    ]
+    all_probs = iter(generator.next_token_probs(cue_texts, SCORE_TOKENS))
+    results = []
+    for completions in outputs:
+        judged = []
+        for completion in completions:
+            probs = next(all_probs)
+            mass = sum(probs)
+            distribution = [p / mass for p in probs] if mass > 0 else None
+            score, source = parse_score(completion.text), "text"
+            if score is None:
+                source = None
+                if score_from == "text_or_expected" and distribution is not None:
+                    score, source = sum(i * p for i, p in enumerate(distribution)), "expected"
+            judged.append(
+                {
+                    "text": completion.text,
+                    "score": score,
+                    "score_source": source,
+                    "score_probs": distribution,
+                    "score_probs_mass": mass,
+                    "num_tokens": completion.num_tokens,
+                    "finish_reason": completion.finish_reason,
+                }
+            )
+        results.append(judged)
+    return results
+
+
 def judge(
     ctx: StageContext, prompts: list[dict], responses: list[dict], cfg: JudgeConfig, out: ChunkedFile
 ) -> list[dict]:
@@ -113,38 +153,14 @@ def judge(
             max_new_tokens=cfg.max_new_tokens,
             seed=ctx.chunk_seed("judge", index),
         )
-        outputs = ctx.generator.generate(requests, params, desc=f"judge {index + 1}/{num_chunks}")
-        cue_texts = [
-            ctx.generator.render(request) + score_cue_text(c.text)
-            for request, completions in zip(requests, outputs, strict=True)
-            for c in completions
+        judged = judge_requests(
+            ctx.generator, requests, params, cfg.score_from, f"judge {index + 1}/{num_chunks}"
+        )
+        return [
+            {"response_id": response["response_id"], "judgement_id": f"{response['response_id']}/j{n}", **row}
+            for response, rows in zip(chunk, judged, strict=True)
+            for n, row in enumerate(rows)
         ]
-        all_probs = iter(ctx.generator.next_token_probs(cue_texts, SCORE_TOKENS))
-        rows = []
-        for response, completions in zip(chunk, outputs, strict=True):
-            for n, completion in enumerate(completions):
-                probs = next(all_probs)
-                mass = sum(probs)
-                distribution = [p / mass for p in probs] if mass > 0 else None
-                score, source = parse_score(completion.text), "text"
-                if score is None:
-                    source = None
-                    if cfg.score_from == "text_or_expected" and distribution is not None:
-                        score, source = sum(i * p for i, p in enumerate(distribution)), "expected"
-                rows.append(
-                    {
-                        "response_id": response["response_id"],
-                        "judgement_id": f"{response['response_id']}/j{n}",
-                        "text": completion.text,
-                        "score": score,
-                        "score_source": source,
-                        "score_probs": distribution,
-                        "score_probs_mass": mass,
-                        "num_tokens": completion.num_tokens,
-                        "finish_reason": completion.finish_reason,
-                    }
-                )
-        return rows
 
     return run_chunked(out, responses, ctx.chunk_size, work)
 
@@ -178,6 +194,37 @@ def comparisons(responses: list[dict], judgements: list[dict]) -> list[tuple[str
                 items.append((response_id, first, second))
                 items.append((response_id, second, first))
     return items
+
+
+def verdict_requests(
+    generator: Generator, requests: list[Messages], params: SamplingParams, winner_from: str, desc: str = ""
+) -> list[dict]:
+    """One pairwise verdict per request: text, winner "A" | "B" | None and where it came from.
+
+    With ``winner_from="text_or_probs"`` a verdict the text does not give is drawn from the model's
+    probabilities of A and B after the winner cue, at ``params.temperature``."""
+    outputs = [c[0] for c in generator.generate(requests, params, desc=desc)]
+    winners = [parse_winner(c.text) for c in outputs]
+    sources = ["text" if w else None for w in winners]
+    if winner_from == "text_or_probs":
+        # Only verdicts the text does not give need the extra forward pass.
+        missing = [i for i, w in enumerate(winners) if w is None]
+        cue_texts = [generator.render(requests[i]) + winner_cue_text(outputs[i].text) for i in missing]
+        rng = random.Random(params.seed)
+        for i, probs in zip(missing, generator.next_token_probs(cue_texts, WINNER_TOKENS), strict=True):
+            winner = sample_verdict(probs, params.temperature, rng)
+            if winner is not None:
+                winners[i], sources[i] = winner, "probs"
+    return [
+        {
+            "text": c.text,
+            "winner": winner,
+            "winner_source": source,
+            "num_tokens": c.num_tokens,
+            "finish_reason": c.finish_reason,
+        }
+        for c, winner, source in zip(outputs, winners, sources, strict=True)
+    ]
 
 
 def meta_judge(
@@ -214,39 +261,18 @@ def meta_judge(
             max_new_tokens=cfg.max_new_tokens,
             seed=ctx.chunk_seed("meta_judge", index),
         )
-        outputs = [
-            c[0]
-            for c in ctx.generator.generate(requests, params, desc=f"meta-judge {index + 1}/{num_chunks}")
-        ]
-        verdicts = [parse_winner(c.text) for c in outputs]
-        sources = ["text" if v else None for v in verdicts]
-        if cfg.winner_from == "text_or_probs":
-            # Only verdicts the meta-judge did not write need the extra forward pass.
-            missing = [i for i, v in enumerate(verdicts) if v is None]
-            cue_texts = [
-                ctx.generator.render(requests[i]) + winner_cue_text(outputs[i].text) for i in missing
-            ]
-            rng = random.Random(params.seed)
-            for i, probs in zip(
-                missing, ctx.generator.next_token_probs(cue_texts, WINNER_TOKENS), strict=True
-            ):
-                verdict = sample_verdict(probs, cfg.temperature, rng)
-                if verdict is not None:
-                    verdicts[i], sources[i] = verdict, "probs"
+        verdicts = verdict_requests(
+            ctx.generator, requests, params, cfg.winner_from, desc=f"meta-judge {index + 1}/{num_chunks}"
+        )
         return [
             {
                 "response_id": response_id,
                 "first_id": first,
                 "second_id": second,
-                "text": completion.text,
-                "winner": {"A": "first", "B": "second"}.get(verdict),
-                "winner_source": source,
-                "num_tokens": completion.num_tokens,
-                "finish_reason": completion.finish_reason,
+                **verdict,
+                "winner": {"A": "first", "B": "second"}.get(verdict["winner"]),
             }
-            for (response_id, first, second), completion, verdict, source in zip(
-                chunk, outputs, verdicts, sources, strict=True
-            )
+            for (response_id, first, second), verdict in zip(chunk, verdicts, strict=True)
         ]
 
     return run_chunked(out, items, ctx.chunk_size, work)
