@@ -2,7 +2,8 @@
 
 - ``metareward [overrides]``: run or resume a self-training run (a Hydra app).
 - ``metareward-pairs ITER_DIR [--out DIR] [overrides]``: rebuild the pair files of one iteration.
-- ``metareward-inspect`` / ``metareward-eval-judge``: see README.
+- ``metareward-inspect``, ``metareward-report``: metareward/report.py; ``metareward-eval-judge``:
+  metareward/evaluation.py.
 """
 
 from __future__ import annotations
@@ -89,11 +90,3 @@ def pairs_main(argv: list[str] | None = None) -> None:
     write_pairs(out, actor_rows, judge_rows)
     rho = config.pairs.rho_for(int(match.group(1)))
     print(f"{out}: {len(actor_rows)} actor pairs, {len(judge_rows)} judge pairs (rho {rho})")
-
-
-def inspect_main() -> None:
-    _fail("metareward-inspect is not yet available", code=1)
-
-
-def eval_judge_main() -> None:
-    _fail("metareward-eval-judge is not yet available", code=1)

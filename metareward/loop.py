@@ -7,21 +7,24 @@ skipped on resume; an iteration is finished once its ``metrics.json`` exists.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from metareward import pairs, records, stages
+from metareward import evaluation, pairs, records, stages
 from metareward.config import Config
 from metareward.data import load_prompts, prompts_for_iteration
 from metareward.generation import Generator, make_generator
+from metareward.metrics import iteration_metrics
 from metareward.models import resolve_model
 from metareward.prompts import Templates
 from metareward.records import ChunkedFile, iter_dir, read_jsonl, write_json, write_jsonl
+from metareward.tracking import make_tracker
 
 # Settings that may change between a run and its resumption without changing any finished work.
+EVAL_0 = "eval_0.json"
+EVAL = "eval.json"
 RESUMABLE_CHANGES = {"iterations", "allow_config_change", "generator.progress", "generator.device"}
 
 
@@ -84,44 +87,6 @@ def write_pairs(out_dir: Path, actor_rows: list, judge_rows: list) -> None:
     write_jsonl(out_dir / records.JUDGE_PAIRS, judge_rows)
 
 
-def _mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
-
-
-def _share(count: int, total: int) -> float:
-    return count / total if total else 0.0
-
-
-def stage_metrics(responses: list[dict], judgements: list[dict], verdicts: list[dict]) -> dict:
-    scores = [j["score"] for j in judgements if j["score"] is not None]
-    written = sum(j.get("score_source") == "text" for j in judgements)
-    first = sum(v["winner"] == "first" for v in verdicts)
-    second = sum(v["winner"] == "second" for v in verdicts)
-    verdicts_written = sum(v.get("winner_source") == "text" for v in verdicts)
-    return {
-        "actor": {
-            "responses": len(responses),
-            "mean_response_tokens": _mean([r["num_tokens"] for r in responses]),
-            "cut_off_share": _share(sum(r["finish_reason"] == "length" for r in responses), len(responses)),
-        },
-        "judge": {
-            "judgements": len(judgements),
-            "scored": len(scores),
-            "score_written_share": _share(written, len(judgements)),
-            "parse_failure_rate": 1 - _share(written, len(judgements)),
-            "mean_score": _mean(scores),
-            "score_stdev": statistics.pstdev(scores) if scores else None,
-        },
-        "meta_judge": {
-            "verdicts": len(verdicts),
-            # A verdict the text does not give may still come from the A/B probabilities.
-            "parse_failure_rate": 1 - _share(verdicts_written, len(verdicts)),
-            "no_verdict_share": _share(sum(v["winner"] is None for v in verdicts), len(verdicts)),
-            "first_position_win_share": first / (first + second) if first + second else None,
-        },
-    }
-
-
 def _no_pairs_reason(stats: dict) -> str:
     actor = stats["actor"]
     reasons = [
@@ -146,18 +111,81 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         check_run_config(self.dir, cfg)
         all_prompts = load_prompts(cfg.data)
-        model_dir = resolve_model(cfg.model)
+        self.seed_dir = model_dir = resolve_model(cfg.model)
         history = []
-        for t in range(1, cfg.iterations + 1):
-            directory = iter_dir(self.dir, t)
-            if not (directory / records.METRICS).is_file():
-                chosen = prompts_for_iteration(all_prompts, t, cfg.data.prompts_per_iteration, cfg.seed)
-                self._iteration(t, directory, model_dir, chosen)
-            metrics = records.read_json(directory / records.METRICS)
-            history.append(metrics)
-            print(summary(metrics), sample(directory), sep="\n", flush=True)
-            model_dir = str(directory / records.MODEL)
+        with make_tracker(cfg.tracking, self.dir, cfg.run_name, asdict(cfg)) as tracker:
+            if cfg.eval.enabled and not (self.dir / EVAL_0).is_file():
+                # M_0's judge skill is the baseline every later iteration is compared with.
+                write_json(self.dir / EVAL_0, self._evaluate(model_dir, iteration=0))
+                tracker.log({"eval": records.read_json(self.dir / EVAL_0)["judge"]}, step=0)
+            for t in range(1, cfg.iterations + 1):
+                directory = iter_dir(self.dir, t)
+                if not (directory / records.METRICS).is_file():
+                    chosen = prompts_for_iteration(all_prompts, t, cfg.data.prompts_per_iteration, cfg.seed)
+                    self._iteration(t, directory, model_dir, chosen)
+                    self._track(tracker, t, directory)
+                metrics = records.read_json(directory / records.METRICS)
+                history.append(metrics)
+                print(summary(metrics), sample(directory), sep="\n", flush=True)
+                model_dir = str(directory / records.MODEL)
         return history
+
+    def _track(self, tracker, t: int, directory: Path) -> None:
+        tracker.log(records.read_json(directory / records.METRICS), step=t)
+        limit = self.cfg.tracking.table_rows
+        for role, name in (("actor", records.ACTOR_PAIRS), ("judge", records.JUDGE_PAIRS)):
+            rows = read_jsonl(directory / name)[:limit]
+            columns = ["prompt", "chosen", "rejected", "chosen_score", "rejected_score"]
+            table = [
+                [
+                    r["prompt"][-1]["content"],
+                    r["chosen"][0]["content"],
+                    r["rejected"][0]["content"],
+                    r["chosen_score"],
+                    r["rejected_score"],
+                ]
+                for r in rows
+            ]
+            tracker.log_table(f"{role}_pairs", columns, table, step=t)
+
+    def _evaluate(self, model_dir: str, iteration: int) -> dict:
+        """Judge-human agreement of ``model_dir`` and, after iteration 1.., its actor's win rate
+        against M_0 on held-out prompts, judged by the fixed evaluator."""
+        cfg = self.cfg
+        human_pairs = evaluation.load_human_pairs(cfg.eval.human_pairs, cfg.eval.num_pairs, cfg.eval.seed)
+        heldout = evaluation.load_heldout_prompts(cfg.eval.heldout_prompts, cfg.eval.num_heldout)
+        generator = make_generator(model_dir, cfg.model, cfg.generator)
+        try:
+            judge = evaluation.judge_human_agreement(
+                generator, self.templates, human_pairs, cfg.eval, cfg.judge.score_from, seed=cfg.eval.seed
+            )
+            responses = []
+            if cfg.eval.win_rate:
+                responses = evaluation.generate_responses(
+                    generator, heldout, cfg.eval.response_max_new_tokens, seed=cfg.eval.seed
+                )
+        finally:
+            generator.close()
+        result = {"judge": {k: v for k, v in judge.items() if k != "per_pair"}, "per_pair": judge["per_pair"]}
+        result["heldout_responses"] = responses
+        if iteration > 0 and cfg.eval.win_rate:
+            baseline = records.read_json(self.dir / EVAL_0)["heldout_responses"]
+            evaluator_spec = cfg.eval.evaluator
+            evaluator_dir = resolve_model(evaluator_spec) if evaluator_spec else self.seed_dir
+            evaluator = make_generator(evaluator_dir, evaluator_spec or cfg.model, cfg.generator)
+            try:
+                result["actor"] = evaluation.win_rate(
+                    evaluator,
+                    self.templates,
+                    heldout,
+                    responses,
+                    baseline,
+                    cfg.eval,
+                    seed=cfg.eval.seed + iteration,
+                )
+            finally:
+                evaluator.close()
+        return result
 
     def _iteration(self, t: int, directory: Path, model_dir: str, chosen_prompts: list[dict]) -> None:
         cfg = self.cfg
@@ -199,12 +227,20 @@ class Run:
                 f"see {directory} for the responses and judgements"
             )
         training = self._train(model_dir, rows, directory, t)
+        if cfg.eval.enabled and not (directory / EVAL).is_file():
+            write_json(directory / EVAL, self._evaluate(str(directory / records.MODEL), iteration=t))
+        evaluated = records.read_json(directory / EVAL) if cfg.eval.enabled else {}
         metrics = {
             "iteration": t,
             "prompts": len(prompts),
-            **stage_metrics(responses, judgements, verdicts),
+            **iteration_metrics(
+                prompts, responses, judgements, verdicts, actor_rows, judge_rows, pair_stats, training
+            ),
+            # TRL's own log, step by step, beside the summary numbers above.
+            "train_log": training["log_history"],
             "pairs": {**pair_stats, "rho": cfg.pairs.rho_for(t), "trained_on_judge_pairs": train_judge},
-            "train": training,
+            "eval": evaluated.get("judge", {}),
+            "eval_actor": evaluated.get("actor", {}),
         }
         write_json(directory / records.METRICS, metrics)
 
@@ -224,26 +260,41 @@ class Run:
         return records.read_json(out / TRAINING_LOG)
 
 
+def _number(value, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def summary(metrics: dict) -> str:
     """A one-screen account of one iteration."""
-    judge, meta, pair = metrics["judge"], metrics["meta_judge"], metrics["pairs"]
-    losses = [e["loss"] for e in metrics["train"].get("log_history", []) if "loss" in e]
-    mean_score = "n/a" if judge["mean_score"] is None else f"{judge['mean_score']:.2f}"
-    first_share = meta["first_position_win_share"]
+    actor, judge, meta = metrics["actor"], metrics["judge"], metrics["meta_judge"]
+    pair, train = metrics["pairs"], metrics["train"]
+    agreement, actor_eval = metrics.get("eval") or {}, metrics.get("eval_actor") or {}
+    tokens, score = _number(actor["mean_response_tokens"], ".0f"), _number(actor.get("mean_response_score"))
+    judge_failures, meta_failures = (
+        _number(judge["parse_failure_rate"], ".0%"),
+        _number(meta["parse_failure_rate"], ".0%"),
+    )
+    first_wins = _number(meta["first_position_win_share"], ".0%")
+    losses = f"{_number(train.get('first_loss'), '.4f')} -> {_number(train.get('loss'), '.4f')}"
     lines = [
         f"== iteration {metrics['iteration']} ==",
-        f"actor      {metrics['prompts']} prompts -> {metrics['actor']['responses']} responses, "
-        f"mean {metrics['actor']['mean_response_tokens']:.0f} tokens",
-        f"judge      {judge['judgements']} judgements, {judge['scored']} scored "
-        f"({judge['score_written_share']:.0%} written), mean score {mean_score}",
-        f"meta-judge {meta['verdicts']} verdicts, parse failures {meta['parse_failure_rate']:.0%}, "
-        f"first-position wins {'n/a' if first_share is None else f'{first_share:.0%}'}",
+        f"actor      {metrics['prompts']} prompts -> {actor['responses']} responses, "
+        f"mean {tokens} tokens, mean score {score}",
+        f"judge      {judge['judgements']} judgements, {judge['scored']} scored, "
+        f"parse failures {judge_failures}, mean score {_number(judge['mean_score'])}",
+        f"meta-judge {meta['verdicts']} verdicts, parse failures {meta_failures}, "
+        f"first-position wins {first_wins}",
         f"pairs      actor {pair['actor']['pairs']}, judge {pair['judge']['pairs']} "
         f"(rho {pair['rho']}, judge pairs trained: {pair['trained_on_judge_pairs']})",
-        f"DPO        {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
-        if losses
-        else "DPO        no steps",
+        f"DPO        {train.get('steps', 0)} steps, loss {losses}, "
+        f"reward margin {_number(train.get('rewards_margins'), '.4f')}",
     ]
+    if agreement:
+        lines.append(
+            f"eval       judge-human agreement {agreement['judge_human_agreement']:.2f} "
+            f"[{agreement['ci_low']:.2f}, {agreement['ci_high']:.2f}]"
+            + (f", actor win rate vs M_0 {actor_eval['win_rate']:.2f}" if actor_eval else "")
+        )
     return "\n".join(lines)
 
 
@@ -267,4 +318,8 @@ def sample(directory: Path) -> str:
     if judge:
         pair = judge[0]
         lines.append(f"  judgement [elo {pair['chosen_elo']:+.2f}] {_clip(pair['chosen'][0]['content'])}")
+    else:
+        judgement = next(iter(read_jsonl(directory / records.JUDGEMENTS)), None)
+        if judgement is not None:
+            lines.append(f"  judgement [{_number(judgement['score'])}] {_clip(judgement['text'])}")
     return "\n".join(lines)

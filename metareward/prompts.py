@@ -107,3 +107,34 @@ class Templates:
             judgement_b=judgement_b,
         )
         return [{"role": "user", "content": content}]
+
+    def pairwise_messages(self, prompt: list[dict], response_a: str, response_b: str) -> list[dict]:
+        """A request asking which of two responses to ``prompt`` is better (the win-rate evaluator)."""
+        content = PAIRWISE_TEMPLATE.format(
+            question=question_text(prompt), response_a=response_a, response_b=response_b
+        )
+        return [{"role": "user", "content": content}]
+
+
+# The evaluator's pairwise prompt for win rates (evaluation.win_rate). It asks for "Winner: A" /
+# "Winner: B", which parse_winner reads. A verdict the text does not give is read, as for the
+# meta-judge, from the probabilities of "A"/"B" after stages.WINNER_CUE ("Winner: Judgement "); that
+# cue's wording does not match this prompt exactly, but the next token still chooses between the two
+# labelled responses, so it remains a meaningful A/B preference (and stages.py stays shared).
+PAIRWISE_TEMPLATE = """\
+Review the user's question and two responses to it, Response A and Response B. Determine which response \
+is better: more helpful, accurate and relevant to what the user asked, and well-written. Do not prefer a \
+response for being longer; extra length counts only when it adds something useful. The order in which \
+the responses are shown does not matter.
+
+User: {question}
+
+Response A:
+<response_a>{response_a}</response_a>
+
+Response B:
+<response_b>{response_b}</response_b>
+
+After examining the user's question and both responses:
+- Briefly explain which response is better and why, up to 100 words.
+- Conclude with the winner using exactly the format: "Winner: A" or "Winner: B\""""

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from metareward import records
 from metareward.cli import load_config
 from metareward.loop import Run, RunStopped
+from tests.wandb_files import offline_files, read_run
 
 # Small enough for seconds per iteration; the probability fallbacks give scores and verdicts
 # although the random model writes neither.
@@ -33,6 +34,18 @@ TINY_RUN = [
     "generator.chunk_size=2",
     "generator.progress=false",
     "train.dpo.learning_rate=1e-3",
+    "tracking=none",
+    "eval.enabled=false",
+]
+# What the two-iteration run adds on top: W&B offline tracking and a small evaluation each iteration.
+TRACKED_EVAL = [
+    "tracking=offline",
+    "eval.enabled=true",
+    "eval.num_pairs=4",
+    "eval.max_new_tokens=8",
+    "eval.num_heldout=2",
+    "eval.response_max_new_tokens=12",
+    "eval.bootstrap_samples=50",
 ]
 STAGE_FILES = [
     records.RESPONSES,
@@ -55,7 +68,7 @@ def rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_iterations(tmp_path_factory, tiny_model_dir):
     runs = tmp_path_factory.mktemp("runs")
-    cfg = tiny_config(runs, "run_name=e2e", "iterations=2")
+    cfg = tiny_config(runs, "run_name=e2e", "iterations=2", *TRACKED_EVAL)
     history = Run(cfg).run()
     return runs / "e2e", history
 
@@ -92,7 +105,38 @@ def test_two_iterations_write_every_contract_file(two_iterations):
         assert shown == {(b, a) for a, b in shown}
         metrics = json.loads((d / records.METRICS).read_text())
         assert metrics["pairs"]["actor"]["pairs"] == len(rows(d / records.ACTOR_PAIRS)) >= 1
-        assert any("loss" in entry for entry in metrics["train"]["log_history"])
+        assert any("loss" in entry for entry in metrics["train_log"])
+        assert metrics["train"]["steps"] >= 1
+
+
+def test_offline_wandb_run_holds_judge_skill_and_iteration_metrics(two_iterations):
+    run_dir, history = two_iterations
+    wandb_file = offline_files(run_dir)[0]  # later resumptions add folders of their own
+    logged = read_run(wandb_file)
+    assert logged["run"].run_id == (run_dir / "wandb_run_id").read_text().strip()
+    summary = logged["summary"]
+    final = history[-1]
+    assert summary["eval/judge_human_agreement"] == pytest.approx(final["eval"]["judge_human_agreement"])
+    for key in [
+        "actor/mean_response_score",
+        "actor/num_pairs",
+        "actor/chosen_mean_tokens",
+        "judge/parse_failure_rate",
+        "judge/mean_score",
+        "judge/mean_within_response_variance",
+        "judge/mean_score_entropy",
+        "meta_judge/verdicts",
+        "train/loss",
+        "train/rewards_margins",
+        "eval_actor/win_rate",
+    ]:
+        assert key in summary, key
+    assert summary["judge/mean_score"] == pytest.approx(final["judge"]["mean_score"])
+    # M_0's evaluation is step 0, iterations are steps 1 and 2.
+    assert {0, 1, 2} <= set(logged["history"])
+    assert "eval/judge_human_agreement" in logged["history"][0]
+    m0 = json.loads((run_dir / "eval_0.json").read_text())
+    assert 0 <= m0["judge"]["judge_human_agreement"] <= 1 and len(m0["per_pair"]) == 4
 
 
 def test_pair_files_load_with_datasets(two_iterations, tmp_path):
@@ -120,14 +164,14 @@ def test_iterations_train_from_the_previous_model(two_iterations, tiny_model_dir
 def test_rerun_of_a_finished_run_does_no_work(two_iterations):
     run_dir, _ = two_iterations
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.jsonl")}
-    cfg = tiny_config(run_dir.parent, "run_name=e2e", "iterations=2")
+    cfg = tiny_config(run_dir.parent, "run_name=e2e", "iterations=2", *TRACKED_EVAL)
     Run(cfg).run()
     assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.jsonl")}
 
 
 def test_changed_config_is_refused_with_the_keys(two_iterations):
     run_dir, _ = two_iterations
-    cfg = tiny_config(run_dir.parent, "run_name=e2e", "iterations=2", "actor.num_responses=4")
+    cfg = tiny_config(run_dir.parent, "run_name=e2e", "iterations=2", *TRACKED_EVAL, "actor.num_responses=4")
     with pytest.raises(RunStopped, match=r"actor\.num_responses: 3 -> 4"):
         Run(cfg).run()
 

@@ -1,0 +1,295 @@
+"""Evaluation: how well the model judges (against human preferences) and how well it answers.
+
+- Judge skill: ``load_human_pairs`` then ``judge_human_agreement``, which scores both responses of
+  each human preference pair with the judge prompt and reports how often the judge agrees with
+  the human choice, with a bootstrap confidence interval. ``metareward-eval-judge [overrides]``
+  runs it from the command line and prints the result as JSON.
+- Actor skill: ``load_heldout_prompts``, ``generate_responses`` (for M_t and M_0), then
+  ``win_rate``, where a fixed evaluator compares the two models' answers in both orders.
+
+Everything here takes a :class:`~metareward.generation.Generator`, so tests can pass stand-ins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from metareward import stages
+from metareward.config import ConfigError, EvalConfig
+from metareward.data import to_prompt_rows
+from metareward.generation import Generator, SamplingParams
+from metareward.prompts import Templates
+from metareward.records import RecordError, read_jsonl_numbered, write_json, write_jsonl
+
+BUNDLED_HUMAN_PAIRS = "hh_rlhf_helpful_dev.jsonl"
+BUNDLED_HELDOUT = "vicuna_bench_questions.jsonl"
+
+
+def _bundled(name: str) -> Path:
+    return Path(str(resources.files("metareward") / "data" / name))
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# ------------------------------------------------------------------ judge vs humans
+
+
+def _pair_messages(prompt, where: str) -> list[dict]:
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    ok = (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in prompt)
+        and prompt[-1]["role"] == "user"
+        and prompt[-1]["content"].strip()
+    )
+    if not ok:
+        raise RecordError(
+            f"{where}: `prompt` must be a non-empty string or a list of {{role, content}} ending with a "
+            "non-empty user turn"
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def load_human_pairs(path: str | None, num_pairs: int, seed: int) -> list[dict]:
+    """Human preference pairs ``{"pair_id", "prompt": [messages], "chosen", "rejected"}``.
+
+    ``path`` is a JSONL file with ``prompt`` (a string or chat turns), ``chosen`` and ``rejected``
+    (strings), optionally ``pair_id`` or ``id``; None reads the bundled HH-RLHF helpful pairs.
+    Returns a seeded sample of ``num_pairs`` rows in file order (all rows if there are fewer).
+    Every row is checked, so a bad row fails the same way whatever the sample; errors name file:line.
+    """
+    source = Path(path) if path else _bundled(BUNDLED_HUMAN_PAIRS)
+    pairs, seen = [], set()
+    for index, (number, row) in enumerate(read_jsonl_numbered(source)):
+        where = f"{source}:{number}"
+        for key in ("chosen", "rejected"):
+            if not isinstance(row.get(key), str):
+                raise RecordError(f"{where}: a human pair needs `{key}` as a string")
+        raw_id = row.get("pair_id", row.get("id"))
+        pair_id = str(raw_id) if raw_id is not None else f"p{index}"
+        if pair_id in seen:
+            raise RecordError(f"{where}: duplicate pair id {pair_id!r}")
+        seen.add(pair_id)
+        messages = _pair_messages(row.get("prompt"), where)
+        pairs.append({"pair_id": pair_id, "prompt": messages, **{k: row[k] for k in ("chosen", "rejected")}})
+    if not pairs:
+        raise RecordError(f"{source}: no human pairs")
+    if num_pairs >= len(pairs):
+        return pairs
+    # Sorted indices keep file order, so a larger sample reads like the file, not a shuffle.
+    keep = sorted(random.Random(seed).sample(range(len(pairs)), num_pairs))
+    return [pairs[i] for i in keep]
+
+
+def agreement_stats(outcomes: list[float], bootstrap_samples: int, seed: int) -> dict:
+    """Mean of per-item outcomes (1, 0.5 or 0, or any value in [0, 1]), its 95% percentile
+    bootstrap interval over items, and the share of 0.5 outcomes (ties).
+
+    Returns ``{"mean", "ci_low", "ci_high", "tie_rate", "n"}``; same seed, same interval."""
+    if not outcomes:
+        raise ValueError("agreement_stats needs at least one outcome")
+    values = np.asarray(outcomes, dtype=float)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(values), size=(bootstrap_samples, len(values)))
+    means = values[draws].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {
+        "mean": float(values.mean()),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "tie_rate": float(np.mean(values == 0.5)),
+        "n": len(values),
+    }
+
+
+def judge_human_agreement(
+    generator: Generator, templates: Templates, pairs: list[dict], cfg: EvalConfig, score_from: str, seed: int
+) -> dict:
+    """Agreement of the model-as-judge with human choices on ``pairs`` (from ``load_human_pairs``).
+
+    Both responses of a pair are judged separately with the judge prompt (``cfg.num_judgements``
+    samples each, mean of the parsed scores). A pair counts 1 if the chosen response scores higher,
+    0 if lower, 0.5 on a tie or when either response got no score. The result holds the summary
+    numbers plus ``per_pair`` rows, which the caller saves and removes before logging."""
+    requests = [
+        templates.judge_messages(pair["prompt"], response)
+        for pair in pairs
+        for response in (pair["chosen"], pair["rejected"])
+    ]
+    n, temperature, max_new = cfg.num_judgements, cfg.temperature, cfg.max_new_tokens
+    params = SamplingParams(n=n, temperature=temperature, top_p=1.0, max_new_tokens=max_new, seed=seed)
+    judged = stages.judge_requests(generator, requests, params, score_from, desc="eval judge")
+    scores = [_mean([j["score"] for j in rows if j["score"] is not None]) for rows in judged]
+
+    per_pair, outcomes, longer_preferred = [], [], []
+    for index, pair in enumerate(pairs):
+        chosen, rejected = scores[2 * index], scores[2 * index + 1]
+        if chosen is None or rejected is None or chosen == rejected:
+            outcome = 0.5
+        else:
+            outcome = 1.0 if chosen > rejected else 0.0
+        outcomes.append(outcome)
+        row = {"pair_id": pair["pair_id"], "chosen_score": chosen, "rejected_score": rejected}
+        per_pair.append({**row, "outcome": outcome})
+        # Length bias: of the pairs the judge decided, how often did it pick the longer response?
+        # Equal lengths say nothing about it and are left out.
+        len_chosen, len_rejected = len(pair["chosen"]), len(pair["rejected"])
+        if outcome != 0.5 and len_chosen != len_rejected:
+            longer_preferred.append((outcome == 1.0) == (len_chosen > len_rejected))
+
+    stats = agreement_stats(outcomes, cfg.bootstrap_samples, cfg.seed)
+    chosen_scores = [r["chosen_score"] for r in per_pair if r["chosen_score"] is not None]
+    rejected_scores = [r["rejected_score"] for r in per_pair if r["rejected_score"] is not None]
+    scored = [r for r in per_pair if r["chosen_score"] is not None and r["rejected_score"] is not None]
+    return {
+        "judge_human_agreement": stats["mean"],
+        "ci_low": stats["ci_low"],
+        "ci_high": stats["ci_high"],
+        "tie_rate": stats["tie_rate"],
+        "unscored_rate": (len(pairs) - len(scored)) / len(pairs),
+        "num_pairs": len(pairs),
+        "mean_score_chosen": _mean(chosen_scores),
+        "mean_score_rejected": _mean(rejected_scores),
+        "length_preference": _mean([float(x) for x in longer_preferred]),
+        "per_pair": per_pair,
+    }
+
+
+# ------------------------------------------------------------------ actor win rate
+
+
+def load_heldout_prompts(path: str | None, num: int) -> list[dict]:
+    """The first ``num`` held-out prompts ``{"prompt_id", "messages"}`` of a JSONL file.
+
+    None reads the bundled Vicuna-bench questions. Rows with ``turns`` (Vicuna / MT-Bench) become
+    their first turn as one user message, id from ``question_id``; any other row may take any
+    shape ``data.path`` accepts. The first rows, not a sample, so M_0 and every M_t see the same."""
+    source = Path(path) if path else _bundled(BUNDLED_HELDOUT)
+    numbered = read_jsonl_numbered(source)
+    rows = []
+    for number, row in numbered:
+        if "turns" in row:
+            turns = row["turns"]
+            if not (isinstance(turns, list) and turns and isinstance(turns[0], str)):
+                raise RecordError(f"{source}:{number}: `turns` must be a non-empty list of strings")
+            # Only the first turn: later MT-Bench turns refer to an answer the model has not given.
+            ids = {k: row[k] for k in ("prompt_id", "id", "question_id") if k in row}
+            row = {**ids, "prompt": turns[0]}
+        rows.append(row)
+    prompts = to_prompt_rows(rows, str(source), [number for number, _ in numbered])
+    return prompts[:num]
+
+
+def generate_responses(
+    generator: Generator, prompts: list[dict], max_new_tokens: int, seed: int
+) -> list[dict]:
+    """One greedy response per prompt, ``{"prompt_id", "text", "num_tokens"}``: greedy so a model's
+    answers are its most likely ones and do not vary between evaluations."""
+    params = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    outputs = generator.generate([p["messages"] for p in prompts], params, desc="eval responses")
+    firsts = [(prompt["prompt_id"], c[0]) for prompt, c in zip(prompts, outputs, strict=True)]
+    return [{"prompt_id": pid, "text": c.text, "num_tokens": c.num_tokens} for pid, c in firsts]
+
+
+def win_rate(
+    evaluator: Generator,
+    templates: Templates,
+    prompts: list[dict],
+    candidate: list[dict],
+    baseline: list[dict],
+    cfg: EvalConfig,
+    seed: int,
+) -> dict:
+    """How often ``evaluator`` prefers ``candidate``'s response to ``baseline``'s (rows from
+    ``generate_responses``, matched by prompt id).
+
+    Each prompt is judged in both orders, which cancels the evaluator's position bias; a prompt's
+    score is the mean over the orders of 1 (candidate won), 0 (lost) or 0.5 (no verdict)."""
+    cand = {r["prompt_id"]: r for r in candidate}
+    base = {r["prompt_id"]: r for r in baseline}
+    requests = []
+    for prompt in prompts:
+        a, b = cand[prompt["prompt_id"]]["text"], base[prompt["prompt_id"]]["text"]
+        requests.append(templates.pairwise_messages(prompt["messages"], a, b))  # candidate first
+        requests.append(templates.pairwise_messages(prompt["messages"], b, a))  # baseline first
+    params = SamplingParams(
+        n=1, temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens, seed=seed
+    )
+    verdicts = stages.verdict_requests(evaluator, requests, params, "text_or_probs", desc="eval win rate")
+    winners = [v["winner"] for v in verdicts]
+
+    # The candidate is "A" in the first order and "B" in the second; no verdict counts 0.5.
+    won = [0.5 if w is None else float(w == "AB"[i % 2]) for i, w in enumerate(winners)]
+    scores = [(won[2 * i] + won[2 * i + 1]) / 2 for i in range(len(prompts))]
+    decided = [w for w in winners if w is not None]
+    stats = agreement_stats(scores, cfg.bootstrap_samples, cfg.seed)
+    return {
+        "win_rate": stats["mean"],
+        "ci_low": stats["ci_low"],
+        "ci_high": stats["ci_high"],
+        "candidate_mean_tokens": _mean([cand[p["prompt_id"]]["num_tokens"] for p in prompts]),
+        "baseline_mean_tokens": _mean([base[p["prompt_id"]]["num_tokens"] for p in prompts]),
+        "first_position_win_share": _mean([float(w == "A") for w in decided]),
+        "num_prompts": len(prompts),
+    }
+
+
+# ------------------------------------------------------------------ command line
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"metareward-eval-judge: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def eval_judge_main(argv: list[str] | None = None) -> None:
+    """``metareward-eval-judge [--out PATH] [overrides]``: agreement of the configured model-as-judge
+    with human preference pairs (``eval.*``, ``judge.score_from``, ``judge.template`` apply).
+
+    Prints the result as JSON and writes it to PATH (default ./eval_judge.json), with the per-pair
+    outcomes in ``<stem>_pairs.jsonl`` beside it."""
+    from hydra.errors import HydraException
+
+    from metareward.cli import load_config
+    from metareward.generation import make_generator
+    from metareward.models import resolve_model
+
+    parser = argparse.ArgumentParser(prog="metareward-eval-judge", description=eval_judge_main.__doc__)
+    parser.add_argument("--out", type=Path, default=Path("eval_judge.json"), help="result JSON file")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny eval.num_pairs=32")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        config = load_config(None, args.overrides)
+    except (ConfigError, HydraException) as error:
+        # Hydra hides the useful part ("abc is not an int") in the cause of "Error merging override".
+        cause = f" ({str(error.__cause__).splitlines()[0]})" if error.__cause__ else ""
+        _fail(str(error).splitlines()[0] + cause, code=2)
+    try:
+        # Pairs first: a bad file should fail before minutes of model loading.
+        pairs = load_human_pairs(config.eval.human_pairs, config.eval.num_pairs, config.eval.seed)
+        templates = Templates.load(config.judge.template, config.meta_judge.template)
+        model_dir = resolve_model(config.model)
+    except (RecordError, OSError) as error:
+        _fail(str(error), code=1)
+    generator = make_generator(model_dir, config.model, config.generator)
+    try:
+        result = judge_human_agreement(
+            generator, templates, pairs, config.eval, config.judge.score_from, config.eval.seed
+        )
+    finally:
+        generator.close()
+    per_pair = result.pop("per_pair")
+    write_json(args.out, result)
+    write_jsonl(args.out.with_name(f"{args.out.stem}_pairs.jsonl"), per_pair)
+    print(json.dumps(result, indent=2))

@@ -1,0 +1,349 @@
+"""Look at a run: a per-iteration table and sample pairs in the terminal, or an HTML report with plots.
+
+    metareward-inspect RUN_DIR [--json]                 # one row per iteration (+ unfinished iterations)
+    metareward-inspect RUN_DIR --iter 2 --role judge -n 5   # sample pairs of iter_2 (--json: as JSON)
+    metareward-report RUN_DIR [--out FILE]              # RUN_DIR/report.html + PNGs in RUN_DIR/report/
+
+A key missing from metrics.json shows as "-" and leaves its point out of the plots; a plot with no data
+is skipped with a note in the HTML. Iteration 0 is the seed model M_0, from RUN_DIR/eval_0.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import os
+import re
+import shutil
+import textwrap
+from pathlib import Path
+
+from metareward import records
+
+EVAL_0 = "eval_0.json"
+CLIP = 600
+# fmt: off
+# (summary-row key, column header, format, dotted paths into metrics.json: the first found wins)
+COLUMNS = [
+    ("iteration", "iter", "{}", ()),
+    ("prompts", "prompts", "{}", ("actor.prompts", "prompts")),
+    ("responses", "resp", "{}", ("actor.responses",)),
+    ("mean_score", "score", "{:.2f}", ("actor.mean_response_score", "judge.mean_score")),
+    ("judge_parse_failure_rate", "parse-fail", "{:.0%}", ("judge.parse_failure_rate",)),
+    ("first_position_win_share", "1st-wins", "{:.0%}", ("meta_judge.first_position_win_share",)),
+    ("actor_pairs", "a-pairs", "{}", ("actor.num_pairs", "pairs.actor.pairs")),
+    ("judge_pairs", "j-pairs", "{}", ("pairs.judge.pairs",)),
+    ("chosen_mean_tokens", "ch-tok", "{:.1f}", ("actor.chosen_mean_tokens",)),
+    ("rejected_mean_tokens", "rej-tok", "{:.1f}", ("actor.rejected_mean_tokens",)),
+    ("dpo_loss", "DPO-loss", "{:.4f}", ()),  # from TRAIN_KEYS
+    ("judge_human_agreement", "agree", "{:.3f}", ("eval.judge_human_agreement",)),
+]
+# more row keys, for the plots and --json
+PATHS = {
+    "judge_human_agreement_ci_low": ("eval.ci_low",), "judge_human_agreement_ci_high": ("eval.ci_high",),
+    "actor_win_rate": ("eval_actor.win_rate",),
+    "actor_win_rate_ci_low": ("eval_actor.ci_low",), "actor_win_rate_ci_high": ("eval_actor.ci_high",),
+    "mean_response_tokens": ("actor.mean_response_tokens",),
+    "order_agreement": ("meta_judge.order_agreement",),
+}
+# DPO numbers: train.<key minus "dpo_">, else this key of the last TRL log-history entry with a loss
+TRAIN_KEYS = {"dpo_loss": "loss", "rewards_margins": "rewards/margins",
+              "rewards_accuracies": "rewards/accuracies"}
+# fmt: on
+LEGEND = (
+    "iter 0 = the seed model M_0; score = mean response score (0-5); parse-fail = judge scores not parsed "
+    "from text; 1st-wins = meta-judge verdicts won by the first position; ch-tok / rej-tok = mean tokens "
+    "of chosen / rejected responses; DPO-loss = last logged loss; agree = judge-human agreement"
+)
+
+
+def _get(data, path: str):
+    for key in path.split("."):
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def _num(value) -> float | int | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None
+
+
+def _row(iteration: int, metrics: dict) -> dict:
+    row: dict = {"iteration": iteration}
+    for key, paths in [*((key, paths) for key, _, _, paths in COLUMNS[1:]), *PATHS.items()]:
+        row[key] = next((v for path in paths if (v := _num(_get(metrics, path))) is not None), None)
+    train = metrics.get("train") if isinstance(metrics.get("train"), dict) else {}
+    history = train.get("log_history") or metrics.get("train_log") or []
+    last = next((e for e in reversed(history) if isinstance(e, dict) and "loss" in e), {})
+    for key, logged in TRAIN_KEYS.items():
+        value = _num(train.get(key.removeprefix("dpo_")))
+        row[key] = value if value is not None else _num(last.get(logged))
+    histogram = _get(metrics, "actor.score_histogram")
+    ok = isinstance(histogram, list) and histogram and all(_num(c) is not None for c in histogram)
+    row["score_histogram"] = histogram if ok else None
+    return row
+
+
+def _iterations(run_dir: Path) -> list[tuple[int, Path]]:
+    found = [(int(m[1]), p) for p in run_dir.glob("iter_*") if (m := re.fullmatch(r"iter_(\d+)", p.name))]
+    return sorted((t, p) for t, p in found if p.is_dir())
+
+
+def load_summary(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(summary rows, unfinished iterations) of a run directory."""
+    rows, unfinished = [], []
+    data = records.read_json(run_dir / EVAL_0) if (run_dir / EVAL_0).is_file() else None
+    if isinstance(data, dict):  # the loop writes {"judge": {...}, ...}; a bare eval dict works too
+        rows.append(_row(0, {"eval": data["judge"] if isinstance(data.get("judge"), dict) else data}))
+    for t, directory in _iterations(run_dir):
+        if (directory / records.METRICS).is_file():
+            metrics = records.read_json(directory / records.METRICS)
+            rows.append(_row(t, metrics if isinstance(metrics, dict) else {}))
+        else:
+            files = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))  # + *.parts
+            unfinished.append({"iteration": t, "files": files})
+    return rows, unfinished
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [[header for _, header, _, _ in COLUMNS]]
+    lines += [[_cell(row.get(key), fmt) for key, _, fmt, _ in COLUMNS] for row in rows]
+    widths = [max(len(cell) for cell in column) for column in zip(*lines, strict=True)]
+    return "\n".join(" ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
+
+
+def _text(messages) -> str:
+    last = messages[-1] if isinstance(messages, list) and messages else {"content": messages or ""}
+    return str(last.get("content", "") if isinstance(last, dict) else last)
+
+
+def sample_pairs(directory: Path, role: str, n: int | None) -> list[dict]:
+    """The first ``n`` (None: all) ``role`` pairs of an iteration directory, with scores and lengths."""
+    actor = role == "actor"
+    pairs = records.read_jsonl(directory / (records.ACTOR_PAIRS if actor else records.JUDGE_PAIRS))[:n]
+    responses = directory / records.RESPONSES
+    rows = records.read_jsonl(responses) if actor and responses.is_file() else []
+    tokens = {r.get("response_id"): r.get("num_tokens") for r in rows}
+    out = []
+    for pair in pairs:
+        prompt_id = pair.get("prompt_id") or str(pair.get("response_id")).rpartition("/")[0]
+        row = {"role": role, "prompt_id": prompt_id}
+        if actor:  # the judge prompt holds the response; judge pairs show its id instead
+            users = [m for m in pair.get("prompt") or [] if isinstance(m, dict) and m.get("role") == "user"]
+            row["prompt"] = _text(users or pair.get("prompt"))
+        else:
+            row["response_id"] = pair.get("response_id")
+        for side in ("chosen", "rejected"):
+            row[side] = text = _text(pair.get(side))
+            row[f"{side}_id"] = pair.get(f"{side}_id")
+            row[f"{side}_score"] = _num(pair.get(f"{side}_score"))
+            if not actor:
+                row[f"{side}_elo"] = _num(pair.get(f"{side}_elo"))
+            count = _num(tokens.get(row[f"{side}_id"], pair.get(f"{side}_tokens"))) if actor else None
+            row[f"{side}_length"] = count if count is not None else len(text)
+            row[f"{side}_length_unit"] = "tokens" if count is not None else "chars"
+        out.append(row)
+    return out
+
+
+def clip(text: str, limit: int = CLIP) -> str:
+    return text if len(text) <= limit else f"{text[:limit].rstrip()} … [{len(text) - limit} more chars]"
+
+
+def _facts(pair: dict, side: str) -> str:
+    facts = [f"score {_cell(pair[f'{side}_score'], '{:.2f}')}"]
+    if f"{side}_elo" in pair:
+        facts.append(f"elo {_cell(pair[f'{side}_elo'], '{:+.2f}')}")
+    return ", ".join([*facts, f"{pair[f'{side}_length']:g} {pair[f'{side}_length_unit']}"])
+
+
+def format_pairs(pairs: list[dict], iteration: int, width: int) -> str:
+    def wrap(text: str) -> list[str]:
+        return [textwrap.indent(textwrap.fill(x, width - 4), "    ") for x in clip(text).splitlines()]
+
+    lines = []
+    for i, pair in enumerate(pairs, start=1):
+        where = f"prompt {pair['prompt_id']}"
+        where += f", response {pair['response_id']}" if "response_id" in pair else ""
+        lines.append(f"── iter {iteration} {pair['role']} pair {i}/{len(pairs)}: {where} ".ljust(width, "─"))
+        if "prompt" in pair:
+            lines += ["  prompt:", *wrap(pair["prompt"])]
+        for side in ("chosen", "rejected"):
+            lines += [f"  {side} [{pair[f'{side}_id']}] ({_facts(pair, side)}):", *wrap(pair[side])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    args = parser.parse_args(argv)
+    if not (run := Path(args.run_dir)).is_dir() or not ((run / records.CONFIG).is_file() or _iterations(run)):
+        parser.error(f"{run} is not a run directory (no {records.CONFIG} and no iter_* directories)")
+    return args, run.resolve()  # resolved: "." has a name too
+
+
+def inspect_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="metareward-inspect", description="Summary table and sample pairs.")
+    parser.add_argument("--iter", type=int, dest="iteration", metavar="K", help="sample pairs of iter_K")
+    parser.add_argument("--role", choices=["actor", "judge"], default="actor", help="default: actor")
+    parser.add_argument("-n", type=int, default=3, help="number of sample pairs (default 3)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    args, run = _parse(parser, argv)
+    try:
+        if args.iteration is None:
+            rows, unfinished = load_summary(run)
+            if args.json:
+                print(json.dumps({"run": run.name, "iterations": rows, "unfinished": unfinished}, indent=2))
+                return
+            table = format_table(rows) if rows else "(no finished iteration)"
+            print(f"run {run.name} ({run})", table, textwrap.fill(LEGEND, 100), sep="\n")
+            for u in unfinished:
+                print(f"iter_{u['iteration']}: unfinished (no metrics.json): {', '.join(u['files']) or '-'}")
+            return
+        directory = records.iter_dir(run, args.iteration)
+        if not directory.is_dir():
+            known = ", ".join(str(t) for t, _ in _iterations(run)) or "none"
+            parser.error(f"iteration {args.iteration} does not exist in {run} (iterations: {known})")
+        name = records.ACTOR_PAIRS if args.role == "actor" else records.JUDGE_PAIRS
+        if not (directory / name).is_file():
+            parser.error(f"{directory / name} does not exist (that stage has not finished)")
+        pairs = sample_pairs(directory, args.role, max(args.n, 1))
+    except records.RecordError as error:
+        parser.error(str(error))
+    if args.json:
+        print(json.dumps({"run": run.name, "iteration": args.iteration, "pairs": pairs}, indent=2))
+    else:
+        width = max(40, min(shutil.get_terminal_size((100, 24)).columns, 120))
+        print(format_pairs(pairs, args.iteration, width) if pairs else f"no {args.role} pairs in {name}")
+
+
+def _draw_lines(ax, rows: list[dict], ylabel: str, reference: float | None, lines: list) -> None:
+    for label, key in lines:
+        if points := [r for r in rows if r.get(key) is not None]:
+            xs, ys = [r["iteration"] for r in points], [r[key] for r in points]
+            ci = [[r.get(f"{key}_ci_{bound}") for r in points] for bound in ("low", "high")]
+            yerr = [[0.0 if c is None else abs(c - y) for c, y in zip(cs, ys, strict=True)] for cs in ci]
+            ax.errorbar(xs, ys, yerr, marker="o", capsize=4, label=label)
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=f"{reference:.3g}")
+    ax.set(xlabel="iteration", ylabel=ylabel, xticks=sorted({r["iteration"] for r in rows}))
+
+
+def _draw_histogram(ax, rows: list[dict]) -> None:
+    width, bins = 0.8 / len(rows), len(rows[0]["score_histogram"])
+    for i, row in enumerate(rows):
+        counts, shift = row["score_histogram"], (i - (len(rows) - 1) / 2) * width
+        shares = [c / sum(counts) for c in counts]
+        ax.bar([b + shift for b in range(len(counts))], shares, width, label=f"iter {row['iteration']}")
+    ax.set_xticks(range(bins), [f"[{b},{b + 1}{']' if b == bins - 1 else ')'}" for b in range(bins)])
+    ax.set(xlabel="response score (mean of its judge scores)", ylabel="share of responses")
+
+
+def _plot(path: Path, rows: list[dict], title: str, panels: list | None) -> bool:
+    """One PNG, written atomically; False when ``rows`` hold none of its data (error bars: K_ci_low/high)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    hists = [r for r in rows if r.get("score_histogram") and sum(r["score_histogram"]) > 0]
+    keys = [key for _, _, lines in panels or [] for _, key in lines]
+    if not (any(r.get(key) is not None for r in rows for key in keys) if panels else hists):
+        return False
+    fig = Figure(figsize=(6.4 * len(panels or [None]), 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels or [None]), squeeze=False)[0]
+    for ax, panel in zip(axes, panels or [None], strict=True):
+        _draw_lines(ax, rows, *panel) if panel else _draw_histogram(ax, hists)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+# (file, title, panels [(ylabel, reference y | None, [(label, row key)])] | None: histograms, caption)
+PLOTS = [
+    ("agreement.png", "Judge-human agreement (95% CI)",
+     [("agreement", 0.5, [("judge vs human", "judge_human_agreement")])],
+     "Should rise over iterations (0 = seed model M_0); a fall means the judge drifts from human taste."),
+    ("score_histogram.png", "Response scores by iteration", None,
+     "Mass piling into the top bin without better agreement = score inflation (a lenient judge)."),
+    ("lengths.png", "Response length", [("tokens", None, [("mean response", "mean_response_tokens"),
+     ("chosen", "chosen_mean_tokens"), ("rejected", "rejected_mean_tokens")])],
+     "Chosen much longer than rejected, or lengths climbing, = the judge rewards length (raise pairs.rho)."),
+    ("position_bias.png", "Meta-judge positional bias", [("share", 0.5, [
+     ("first-position win share", "first_position_win_share"), ("order agreement", "order_agreement")])],
+     "First-position wins far from 0.5 = the meta-judge picks a position, not the better judgement."),
+    ("dpo.png", "DPO training", [("last loss", math.log(2), [("loss", "dpo_loss")]),
+     ("reward margin", 0.0, [("chosen - rejected reward", "rewards_margins")])],
+     "Loss should end below ln 2 = 0.693 with a positive margin; stuck at 0.693 = nothing was learned."),
+    ("actor_win_rate.png", "Actor win rate vs M_0 (95% CI)",
+     [("win rate", 0.5, [("M_t vs M_0", "actor_win_rate")])],
+     "Above 0.5 = the trained actor beats the seed model on held-out prompts."),
+]  # fmt: skip
+
+CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}
+th,td{border:1px solid #ccc;padding:.2em .6em;text-align:right}img{max-width:100%}.note{color:#555}
+.pair{border:1px solid #ddd;padding:0 1em}.text{white-space:pre-wrap;background:#f4f4f4;padding:.5em}"""
+
+
+def render_html(run: str, rows: list[dict], unfinished: list[dict], figures: list, pairs: list, at) -> str:
+    e = html.escape
+    cells = [[e(_cell(r.get(key), fmt)) for key, _, fmt, _ in COLUMNS] for r in rows]
+    parts = [
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>metareward report: {e(run)}</title>",
+        f"<style>{CSS}</style></head>\n<body><h1>metareward report: {e(run)}</h1><h2>Summary</h2><table>",
+        "<tr>" + "".join(f"<th>{e(header)}</th>" for _, header, _, _ in COLUMNS) + "</tr>",
+        *("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells),
+        f"</table><p class='note'>{e(LEGEND)}</p>",
+        *(f"<p class='note'>iter_{u['iteration']} unfinished, has {e(', '.join(u['files']))}</p>"
+          for u in unfinished),
+        "<h2>Plots</h2>",
+    ]  # fmt: skip
+    for src, title, caption in figures:
+        img = f'<img src="{e(src)}" alt="{e(title)}">' if src else ""
+        note = e(caption) if src else f"{e(title)}: skipped (no data for it in metrics.json)."
+        parts.append(f"<figure>{img}<figcaption>{note}</figcaption></figure>")
+    parts.append(f"<h2>Sample actor pairs (iteration {at})</h2>" if pairs else "")
+    for pair in pairs:
+        parts.append(f"<div class='pair'><p><b>prompt</b> {e(str(pair['prompt_id']))}</p>")
+        parts.append(f"<div class='text'>{e(clip(pair['prompt']))}</div>")
+        for side in ("chosen", "rejected"):
+            parts.append(f"<p><b>{side}</b> {e(str(pair[f'{side}_id']))} ({e(_facts(pair, side))})</p>")
+            parts.append(f"<div class='text'>{e(clip(pair[side]))}</div>")
+        parts.append("</div>")
+    return "\n".join(parts) + "\n</body></html>\n"
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="metareward-report", description="HTML report with plots of a run.")
+    parser.add_argument("--out", metavar="FILE", help="HTML file to write (default RUN_DIR/report.html)")
+    args, run = _parse(parser, argv)
+    out = Path(args.out) if args.out else run / "report.html"
+    try:
+        rows, unfinished = load_summary(run)
+        done = [(t, d) for t, d in _iterations(run) if (d / records.ACTOR_PAIRS).is_file()]
+        at, pairs = (done[-1][0], sample_pairs(done[-1][1], "actor", 2)) if done else (None, [])
+    except records.RecordError as error:
+        parser.error(str(error))
+    plot_dir = run / "report"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for name, title, panels, caption in PLOTS:
+        path = plot_dir / name
+        if not (made := _plot(path, rows, title, panels)):
+            path.unlink(missing_ok=True)  # no stale plot from an earlier report
+        src = Path(os.path.relpath(path, out.resolve().parent)).as_posix() if made else None
+        figures.append((src, title, caption))
+    records.write_text(out, render_html(run.name, rows, unfinished, figures, pairs, at))
+    print(f"wrote {out} and {sum(src is not None for src, _, _ in figures)} plots in {plot_dir}")

@@ -1,0 +1,162 @@
+"""Where numbers go besides ``metrics.json``: a W&B run (online or offline) or nowhere.
+
+:func:`make_tracker` always returns an object with the same methods (``log``, ``log_table``,
+``finish``; also a context manager), so no caller branches on whether tracking is on.
+
+One metareward run is one W&B run: its id is made once and kept in ``<run_dir>/wandb_run_id``;
+a resumed metareward run reads it and continues that W&B run (``resume="allow"``). Offline data
+lands in ``<run_dir>/wandb/offline-run-<time>-<id>/`` (one folder per process, all with the same
+run id); ``wandb sync <run_dir>/wandb`` uploads them, the files of one run in order of start time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import string
+from pathlib import Path
+from typing import Any, Protocol
+
+from metareward.config import TrackingConfig
+from metareward.metrics import flatten
+from metareward.records import write_text
+
+RUN_ID_FILE = "wandb_run_id"
+WANDB_MODES = {"offline": "offline", "wandb": "online"}
+# Config keys that name a credential are never sent, whatever the caller passes ("max_new_tokens" is fine).
+SECRET_KEY = re.compile(r"(^|[_.-])(api_?key|token|secret|password|passwd|credentials?)([_.-]|$)", re.I)
+
+
+class Tracker(Protocol):
+    def log(self, metrics: dict, step: int) -> None: ...
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def __enter__(self) -> Tracker: ...
+
+    def __exit__(self, *exc_info) -> None: ...
+
+
+class NullTracker:
+    """Tracking off (``tracking.mode=none``): every method does nothing."""
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.finish()
+
+
+def stable_run_id(run_dir: Path) -> str:
+    """The W&B run id of ``run_dir``: read from ``wandb_run_id``, or made and stored (atomically) once."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if path.is_file() and (run_id := path.read_text(encoding="utf-8").strip()):
+        return run_id
+    alphabet = string.ascii_lowercase + string.digits
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    write_text(path, run_id + "\n")
+    return run_id
+
+
+def wandb_mode(mode: str) -> str:
+    """W&B's mode for ``tracking.mode``; ``WANDB_MODE=offline|disabled`` may turn it down, never up."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env == "disabled":
+        return "disabled"
+    return "offline" if env in ("offline", "dryrun") else WANDB_MODES[mode]
+
+
+def _without_secrets(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {
+            key: _without_secrets(value) for key, value in tree.items() if not SECRET_KEY.search(str(key))
+        }
+    return tree
+
+
+def _histograms(metrics: dict, prefix: str = "") -> dict[str, list]:
+    """Lists of bin counts under keys naming a histogram, by flattened key."""
+    found = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            found.update(_histograms(value, f"{prefix}{key}/"))
+        elif isinstance(value, list) and "histogram" in str(key):
+            found[f"{prefix}{key}"] = value
+    return found
+
+
+class WandbTracker:
+    """A W&B run: ``log`` flattens nested metrics to ``"judge/mean_score"`` keys at ``step``."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, config: dict):
+        import wandb
+
+        self._wandb = wandb
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = stable_run_id(run_dir)
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=run_name,
+            id=self.run_id,
+            resume="allow",
+            dir=str(run_dir),
+            mode=wandb_mode(cfg.mode),
+            config=_without_secrets(config),
+            tags=list(cfg.tags) or None,
+            # A resumed run may have been started with another config (allow_config_change).
+            allow_val_change=True,
+            # Our run object is used directly, so another active run in the process is left alone.
+            reinit="create_new",
+        )
+        self._finished = False
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Log every number in ``metrics`` (nested dicts allowed) at ``step`` (0 = before iteration 1).
+
+        A list under a key containing "histogram" is bin counts over unit bins from 0 (the judge's
+        score bins) and is logged as a ``wandb.Histogram``. Numbers also go into the run summary.
+        """
+        flat = flatten(metrics)
+        payload: dict[str, Any] = dict(flat)
+        for key, counts in _histograms(metrics).items():
+            edges = list(range(len(counts) + 1))
+            payload[key] = self._wandb.Histogram(np_histogram=(list(counts), edges))
+        self.run.log(payload, step=step)
+        self.run.summary.update(flat)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        self.run.log(
+            {name: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step
+        )
+
+    def finish(self, exit_code: int | None = None) -> None:
+        if not self._finished:
+            self._finished = True
+            self.run.finish(exit_code=exit_code)
+
+    def __enter__(self) -> WandbTracker:
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        self.finish(exit_code=1 if exc_type is not None else None)
+
+
+def make_tracker(cfg: TrackingConfig, run_dir: Path, run_name: str, config: dict) -> Tracker:
+    """The tracker ``cfg.mode`` asks for: W&B online (``wandb``), W&B offline, or none."""
+    if cfg.mode == "none":
+        return NullTracker()
+    return WandbTracker(cfg, run_dir, run_name, config)

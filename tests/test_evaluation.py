@@ -1,0 +1,307 @@
+"""Tests for metareward.evaluation: judge-vs-human agreement, win rate and the eval CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from metareward.config import EvalConfig, GeneratorConfig, ModelConfig
+from metareward.evaluation import (
+    agreement_stats,
+    generate_responses,
+    judge_human_agreement,
+    load_heldout_prompts,
+    load_human_pairs,
+    win_rate,
+)
+from metareward.generation import Completion, make_generator
+from metareward.parsing import parse_winner
+from metareward.prompts import Templates
+from metareward.records import RecordError
+
+
+class _StandInGenerator:
+    """Shared plumbing of the stand-ins below: a Generator whose text comes from ``reply``."""
+
+    def render(self, messages):
+        return "\n".join(m["content"] for m in messages)
+
+    def generate(self, requests, params, desc=""):
+        return [
+            [Completion(self.reply(r[-1]["content"]), num_tokens=3, finish_reason="stop")] * params.n
+            for r in requests
+        ]
+
+    def next_token_probs(self, texts, candidates):
+        return [[0.0] * len(candidates) for _ in texts]  # no probability fallback: text only
+
+    def close(self):
+        pass
+
+
+class LengthPreferringJudgeStandIn(_StandInGenerator):
+    """Stand-in judge: "Score: 5" for a response over 40 characters, else "Score: 1"."""
+
+    def reply(self, content):
+        response = re.search(r"<response>(.*)</response>", content, re.DOTALL).group(1)
+        return "Long enough. Score: 5" if len(response) > 40 else "Too short. Score: 1"
+
+
+class MarkerPickingEvaluatorStandIn(_StandInGenerator):
+    """Stand-in pairwise evaluator: the response containing MARKER wins."""
+
+    def reply(self, content):
+        response_a = re.search(r"<response_a>(.*)</response_a>", content, re.DOTALL).group(1)
+        return "Winner: A" if "MARKER" in response_a else "Winner: B"
+
+
+SHORT, LONG = "Short answer.", "A much longer answer that goes on and on about the topic."
+QUESTION = [{"role": "user", "content": "Question?"}]
+
+
+def _pair(pair_id, chosen, rejected):
+    return {"pair_id": pair_id, "prompt": QUESTION, "chosen": chosen, "rejected": rejected}
+
+
+def _eval_cfg(**changes):
+    return EvalConfig(**{"bootstrap_samples": 200, "num_judgements": 2, **changes})
+
+
+# ------------------------------------------------------------------ agreement_stats
+
+
+def test_agreement_stats_on_hand_examples():
+    stats = agreement_stats([1, 1, 0, 0.5], bootstrap_samples=500, seed=3)
+    assert stats["mean"] == pytest.approx(0.625)
+    assert stats["tie_rate"] == pytest.approx(0.25)
+    assert 0 <= stats["ci_low"] <= 0.625 <= stats["ci_high"] <= 1
+    assert stats["ci_low"] < stats["ci_high"]
+    assert agreement_stats([1, 1, 0, 0.5], 500, seed=3) == stats
+
+
+def test_agreement_stats_all_agree_gives_a_point_interval():
+    stats = agreement_stats([1.0] * 7, bootstrap_samples=100, seed=0)
+    assert (stats["mean"], stats["ci_low"], stats["ci_high"], stats["tie_rate"]) == (1.0, 1.0, 1.0, 0.0)
+
+
+def test_agreement_stats_needs_outcomes():
+    with pytest.raises(ValueError):
+        agreement_stats([], 100, 0)
+
+
+# ------------------------------------------------------------------ judge_human_agreement
+
+
+def test_length_preferring_judge_disagrees_with_humans_who_prefer_short():
+    pairs = [
+        _pair("a", SHORT, LONG),
+        _pair("b", SHORT, LONG),
+        _pair("c", SHORT, LONG),
+        _pair("d", LONG, SHORT),
+    ]
+    result = judge_human_agreement(
+        LengthPreferringJudgeStandIn(), Templates(), pairs, _eval_cfg(), "text", seed=0
+    )
+    assert result["judge_human_agreement"] == 0.25
+    assert result["length_preference"] == 1.0
+    assert result["tie_rate"] == 0.0
+    assert result["unscored_rate"] == 0.0
+    assert result["num_pairs"] == 4
+    assert result["mean_score_chosen"] == pytest.approx((1 + 1 + 1 + 5) / 4)
+    assert result["mean_score_rejected"] == pytest.approx((5 + 5 + 5 + 1) / 4)
+    assert 0 <= result["ci_low"] <= 0.25 <= result["ci_high"] <= 1
+    assert [r["outcome"] for r in result["per_pair"]] == [0.0, 0.0, 0.0, 1.0]
+    assert result["per_pair"][3] == {
+        "pair_id": "d",
+        "chosen_score": 5.0,
+        "rejected_score": 1.0,
+        "outcome": 1.0,
+    }
+
+
+def test_equal_scores_count_as_a_tie():
+    pairs = [
+        _pair("a", SHORT, LONG),
+        _pair("b", SHORT, LONG),
+        _pair("c", SHORT, LONG),
+        _pair("d", LONG, SHORT),
+    ]
+    pairs.append(_pair("tie", "Same length one.", "Same length two."))
+    result = judge_human_agreement(
+        LengthPreferringJudgeStandIn(), Templates(), pairs, _eval_cfg(), "text", seed=0
+    )
+    assert result["judge_human_agreement"] == pytest.approx((0 + 0 + 0 + 1 + 0.5) / 5)
+    assert result["tie_rate"] == pytest.approx(0.2)
+    assert result["per_pair"][4]["outcome"] == 0.5
+    assert result["length_preference"] == 1.0  # ties are not decided pairs
+
+
+def test_unscored_response_counts_as_a_tie():
+    class SilentJudgeStandIn(_StandInGenerator):
+        def reply(self, content):
+            return "I cannot decide."
+
+    result = judge_human_agreement(
+        SilentJudgeStandIn(), Templates(), [_pair("a", SHORT, LONG)], _eval_cfg(), "text", 0
+    )
+    assert result["judge_human_agreement"] == 0.5
+    assert result["unscored_rate"] == 1.0
+    assert result["mean_score_chosen"] is None
+    assert result["length_preference"] is None
+
+
+# ------------------------------------------------------------------ loading
+
+
+def test_load_human_pairs_bundled_sample_is_seeded_and_well_shaped():
+    pairs = load_human_pairs(None, 5, seed=1)
+    assert len(pairs) == 5
+    assert pairs == load_human_pairs(None, 5, seed=1)
+    assert [p["pair_id"] for p in pairs] != [p["pair_id"] for p in load_human_pairs(None, 5, seed=2)]
+    for pair in pairs:
+        assert set(pair) == {"pair_id", "prompt", "chosen", "rejected"}
+        assert pair["prompt"][-1]["role"] == "user"
+        assert all(set(m) == {"role", "content"} for m in pair["prompt"])
+        assert isinstance(pair["chosen"], str) and isinstance(pair["rejected"], str)
+    assert len({p["pair_id"] for p in pairs}) == 5
+
+
+def test_load_human_pairs_string_prompt_and_small_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}) + "\n")
+    assert load_human_pairs(str(path), 10, 0) == [
+        {
+            "pair_id": "p0",
+            "prompt": [{"role": "user", "content": "Hi?"}],
+            "chosen": "Hello.",
+            "rejected": "Go away.",
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad_row",
+    [
+        {"prompt": "Hi?", "chosen": "Hello."},
+        {"prompt": [{"role": "assistant", "content": "Hi"}], "chosen": "a", "rejected": "b"},
+        {"prompt": 3, "chosen": "a", "rejected": "b"},
+    ],
+)
+def test_load_human_pairs_malformed_row_names_file_and_line(tmp_path, bad_row):
+    path = tmp_path / "pairs.jsonl"
+    good = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad_row) + "\n")
+    with pytest.raises(RecordError, match=re.escape(f"{path}:3")):
+        load_human_pairs(str(path), 1, 0)
+
+
+def test_load_heldout_prompts_bundled_and_turns_files(tmp_path):
+    prompts = load_heldout_prompts(None, 3)
+    assert [p["prompt_id"] for p in prompts] == ["1", "2", "3"]
+    assert prompts[0]["messages"] == [
+        {"role": "user", "content": "How can I improve my time management skills?"}
+    ]
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"question_id": 81, "turns": ["First?", "Second?"]}, {"prompt": "Plain?"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_heldout_prompts(str(path), 5)
+    assert loaded == [
+        {"prompt_id": "81", "messages": [{"role": "user", "content": "First?"}]},
+        {"prompt_id": "p1", "messages": [{"role": "user", "content": "Plain?"}]},
+    ]
+
+
+# ------------------------------------------------------------------ win rate
+
+
+def test_pairwise_prompt_shows_both_responses_and_asks_for_a_parseable_verdict():
+    content = Templates().pairwise_messages(QUESTION, "first one", "second one")[0]["content"]
+    assert "User: Question?" in content
+    assert content.index("<response_a>first one</response_a>") < content.index("<response_b>second one")
+    assert parse_winner("Winner: A") == "A" and "Winner: A" in content and "Winner: B" in content
+
+
+@pytest.mark.parametrize("marked, expected", [("candidate", 1.0), ("baseline", 0.0)])
+def test_win_rate_follows_the_evaluator_in_both_orders(marked, expected):
+    prompts = [{"prompt_id": str(i), "messages": QUESTION} for i in range(3)]
+    plain = [{"prompt_id": str(i), "text": "plain text", "num_tokens": 2} for i in range(3)]
+    marker = [{"prompt_id": str(i), "text": "has MARKER", "num_tokens": 4} for i in range(3)]
+    candidate, baseline = (marker, plain) if marked == "candidate" else (plain, marker)
+    result = win_rate(
+        MarkerPickingEvaluatorStandIn(), Templates(), prompts, candidate, baseline, _eval_cfg(), 0
+    )
+    assert result["win_rate"] == expected
+    assert result["ci_low"] == result["ci_high"] == expected
+    assert result["first_position_win_share"] == 0.5
+    assert result["num_prompts"] == 3
+    assert result["candidate_mean_tokens"] == (4 if marked == "candidate" else 2)
+
+
+# ------------------------------------------------------------------ the tiny real model
+
+
+def test_tiny_model_judges_bundled_pairs(tiny_model_dir):
+    generator = make_generator(tiny_model_dir, ModelConfig(kind="tiny"), GeneratorConfig(progress=False))
+    try:
+        pairs = load_human_pairs(None, 3, seed=0)
+        cfg = EvalConfig(num_pairs=3, max_new_tokens=8, bootstrap_samples=50)
+        result = judge_human_agreement(generator, Templates(), pairs, cfg, "text_or_expected", seed=0)
+        heldout = load_heldout_prompts(None, 2)
+        responses = generate_responses(generator, heldout, max_new_tokens=4, seed=0)
+        # The tiny model writes no "Winner:" line in 4 tokens, so verdicts come from its probabilities
+        # of A/B after the winner cue; against itself that still gives decided verdicts in [0, 1].
+        other = [{**r, "text": r["text"] + " (other)"} for r in responses]
+        wins = win_rate(generator, Templates(), heldout, responses, other, cfg, seed=0)
+    finally:
+        generator.close()
+    agreement = result["judge_human_agreement"]
+    assert 0 <= result["ci_low"] <= agreement <= result["ci_high"] <= 1
+    # With expected scores every response gets a (real-valued) score.
+    assert result["unscored_rate"] == 0.0
+    assert len(result["per_pair"]) == 3
+    assert [r["prompt_id"] for r in responses] == ["1", "2"]
+    assert all(1 <= r["num_tokens"] <= 4 for r in responses)
+    assert 0 <= wins["ci_low"] <= wins["win_rate"] <= wins["ci_high"] <= 1
+    assert wins["first_position_win_share"] is not None and wins["num_prompts"] == 2
+
+
+# ------------------------------------------------------------------ command line
+
+
+def _eval_judge(*args, cwd):
+    code = "from metareward.evaluation import eval_judge_main; eval_judge_main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_eval_judge_command_writes_json(tiny_model_dir, tmp_path):
+    out = tmp_path / "e.json"
+    overrides = ["model=tiny", "eval.num_pairs=2", "eval.max_new_tokens=4", "eval.bootstrap_samples=20"]
+    done = _eval_judge(
+        *overrides,
+        "judge.score_from=text_or_expected",
+        "generator.progress=false",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert 0 <= result["judge_human_agreement"] <= 1
+    assert "per_pair" not in result
+    assert json.loads(out.read_text()) == result
+    pair_rows = (tmp_path / "e_pairs.jsonl").read_text().splitlines()
+    assert len(pair_rows) == 2 and "outcome" in json.loads(pair_rows[0])
+
+
+def test_eval_judge_command_rejects_a_bad_setting(tmp_path):
+    done = _eval_judge("model=tiny", "eval.num_pairs=0", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "eval.num_pairs" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "eval_judge.json").exists()

@@ -1,0 +1,81 @@
+"""Read back what W&B wrote offline, for tests.
+
+wandb 0.31 writes no ``files/wandb-summary.json`` (nor config.yaml) offline; everything is in the
+run's ``.wandb`` transaction log: a 7-byte header (":W&B", magic 0xBEE1, version) and then LevelDB-log
+records (32 KiB blocks; each chunk has a 7-byte header: crc32c, length, type FULL/FIRST/MIDDLE/LAST)
+whose payloads are ``wandb_internal_pb2.Record`` protobufs.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from pathlib import Path
+
+BLOCK = 32 * 1024
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path) -> list:
+    """Every protobuf Record in a ``.wandb`` file."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    ident, magic, _version = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic) == (b":W&B", 0xBEE1)
+    records, pos, payload = [], 7, b""
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < 7:  # a block tail too short for a chunk header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:  # zero padding up to the end of the block
+            pos += left
+            continue
+        payload += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (FULL, LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+            payload = b""
+    return records
+
+
+def finished_records(path: Path, timeout: float = 30.0) -> list:
+    """The records of a finished run's file, once W&B has written its exit record.
+
+    ``run.finish()`` returns before wandb-core has flushed the file: it only publishes
+    "inform_finish", and the stream closes (flushing the log) a moment later.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.05)
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def read_run(wandb_file: Path) -> dict:
+    """run record, final summary {key: value} and history {step: {key: value}} of one .wandb file."""
+    run, summary, history = None, {}, {}
+    for record in finished_records(wandb_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "summary":
+            summary.update({_key(i): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "history":
+            row = history.setdefault(record.history.step.num, {})
+            row.update({_key(i): json.loads(i.value_json) for i in record.history.item})
+    return {"run": run, "summary": summary, "history": history}
+
+
+def offline_files(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
