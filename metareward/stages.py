@@ -33,6 +33,18 @@ class StageContext:
     def chunk_seed(self, stage: str, chunk: int) -> int:
         return zlib.crc32(f"{self.seed}/{self.iteration}/{stage}/{chunk}".encode())
 
+    def sampling(
+        self, role: ActorConfig | JudgeConfig | MetaJudgeConfig, n: int, stage: str, chunk: int
+    ) -> SamplingParams:
+        """The role's sampling settings, seeded for one chunk of one stage."""
+        return SamplingParams(
+            n=n,
+            temperature=role.temperature,
+            top_p=role.top_p,
+            max_new_tokens=role.max_new_tokens,
+            seed=self.chunk_seed(stage, chunk),
+        )
+
 
 def run_chunked(
     out: ChunkedFile, items: list, chunk_size: int, work: Callable[[list, int], list[dict]]
@@ -53,13 +65,7 @@ def actor(ctx: StageContext, prompts: list[dict], cfg: ActorConfig, out: Chunked
     num_chunks = -(-len(prompts) // ctx.chunk_size)
 
     def work(chunk: list[dict], index: int) -> list[dict]:
-        params = SamplingParams(
-            n=cfg.num_responses,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=ctx.chunk_seed("actor", index),
-        )
+        params = ctx.sampling(cfg, cfg.num_responses, "actor", index)
         outputs = ctx.generator.generate(
             [p["messages"] for p in chunk], params, desc=f"actor {index + 1}/{num_chunks}"
         )
@@ -146,13 +152,7 @@ def judge(
 
     def work(chunk: list[dict], index: int) -> list[dict]:
         requests = [ctx.templates.judge_messages(messages_of[r["prompt_id"]], r["text"]) for r in chunk]
-        params = SamplingParams(
-            n=cfg.num_judgements,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=ctx.chunk_seed("judge", index),
-        )
+        params = ctx.sampling(cfg, cfg.num_judgements, "judge", index)
         judged = judge_requests(
             ctx.generator, requests, params, cfg.score_from, f"judge {index + 1}/{num_chunks}"
         )
@@ -254,13 +254,7 @@ def meta_judge(
                     judgement_text[second],
                 )
             )
-        params = SamplingParams(
-            n=1,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=ctx.chunk_seed("meta_judge", index),
-        )
+        params = ctx.sampling(cfg, 1, "meta_judge", index)
         verdicts = verdict_requests(
             ctx.generator, requests, params, cfg.winner_from, desc=f"meta-judge {index + 1}/{num_chunks}"
         )
