@@ -18,8 +18,9 @@ from metareward.records import RecordError, read_jsonl_numbered
 BUNDLED_PROMPTS = "prompts_self_instruct_seed_tasks.jsonl"
 
 
-def bundled_prompts_path() -> Path:
-    return Path(str(resources.files("metareward") / "data" / BUNDLED_PROMPTS))
+def bundled_path(name: str) -> Path:
+    """A data file shipped inside the package (see metareward/data/README.md)."""
+    return Path(str(resources.files("metareward") / "data" / name))
 
 
 def _messages(row: dict, where: str) -> list[dict]:
@@ -79,7 +80,7 @@ def load_prompts(cfg: DataConfig) -> list[dict]:
 
         dataset = datasets.load_dataset(cfg.hf_name, split=cfg.hf_split)
         return to_prompt_rows(list(dataset), f"{cfg.hf_name}[{cfg.hf_split}]")
-    path = Path(cfg.path) if cfg.path else bundled_prompts_path()
+    path = Path(cfg.path) if cfg.path else bundled_path(BUNDLED_PROMPTS)
     numbered = read_jsonl_numbered(path)
     return to_prompt_rows([row for _, row in numbered], str(path), [number for number, _ in numbered])
 

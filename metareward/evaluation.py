@@ -16,28 +16,20 @@ import argparse
 import json
 import random
 import sys
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from metareward import stages
 from metareward.config import ConfigError, EvalConfig
-from metareward.data import to_prompt_rows
+from metareward.data import bundled_path, to_prompt_rows
 from metareward.generation import Generator, SamplingParams
+from metareward.metrics import mean_or_none
 from metareward.prompts import Templates
 from metareward.records import RecordError, read_jsonl_numbered, write_json, write_jsonl
 
 BUNDLED_HUMAN_PAIRS = "hh_rlhf_helpful_dev.jsonl"
 BUNDLED_HELDOUT = "vicuna_bench_questions.jsonl"
-
-
-def _bundled(name: str) -> Path:
-    return Path(str(resources.files("metareward") / "data" / name))
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 # ------------------------------------------------------------------ judge vs humans
@@ -69,7 +61,7 @@ def load_human_pairs(path: str | None, num_pairs: int, seed: int) -> list[dict]:
     Returns a seeded sample of ``num_pairs`` rows in file order (all rows if there are fewer).
     Every row is checked, so a bad row fails the same way whatever the sample; errors name file:line.
     """
-    source = Path(path) if path else _bundled(BUNDLED_HUMAN_PAIRS)
+    source = Path(path) if path else bundled_path(BUNDLED_HUMAN_PAIRS)
     pairs, seen = [], set()
     for index, (number, row) in enumerate(read_jsonl_numbered(source)):
         where = f"{source}:{number}"
@@ -130,7 +122,7 @@ def judge_human_agreement(
     n, temperature, max_new = cfg.num_judgements, cfg.temperature, cfg.max_new_tokens
     params = SamplingParams(n=n, temperature=temperature, top_p=1.0, max_new_tokens=max_new, seed=seed)
     judged = stages.judge_requests(generator, requests, params, score_from, desc="eval judge")
-    scores = [_mean([j["score"] for j in rows if j["score"] is not None]) for rows in judged]
+    scores = [mean_or_none([j["score"] for j in rows if j["score"] is not None]) for rows in judged]
 
     per_pair, outcomes, longer_preferred = [], [], []
     for index, pair in enumerate(pairs):
@@ -159,9 +151,9 @@ def judge_human_agreement(
         "tie_rate": stats["tie_rate"],
         "unscored_rate": (len(pairs) - len(scored)) / len(pairs),
         "num_pairs": len(pairs),
-        "mean_score_chosen": _mean(chosen_scores),
-        "mean_score_rejected": _mean(rejected_scores),
-        "length_preference": _mean([float(x) for x in longer_preferred]),
+        "mean_score_chosen": mean_or_none(chosen_scores),
+        "mean_score_rejected": mean_or_none(rejected_scores),
+        "length_preference": mean_or_none([float(x) for x in longer_preferred]),
         "per_pair": per_pair,
     }
 
@@ -175,7 +167,7 @@ def load_heldout_prompts(path: str | None, num: int) -> list[dict]:
     None reads the bundled Vicuna-bench questions. Rows with ``turns`` (Vicuna / MT-Bench) become
     their first turn as one user message, id from ``question_id``; any other row may take any
     shape ``data.path`` accepts. The first rows, not a sample, so M_0 and every M_t see the same."""
-    source = Path(path) if path else _bundled(BUNDLED_HELDOUT)
+    source = Path(path) if path else bundled_path(BUNDLED_HELDOUT)
     numbered = read_jsonl_numbered(source)
     rows = []
     for number, row in numbered:
@@ -238,9 +230,9 @@ def win_rate(
         "win_rate": stats["mean"],
         "ci_low": stats["ci_low"],
         "ci_high": stats["ci_high"],
-        "candidate_mean_tokens": _mean([cand[p["prompt_id"]]["num_tokens"] for p in prompts]),
-        "baseline_mean_tokens": _mean([base[p["prompt_id"]]["num_tokens"] for p in prompts]),
-        "first_position_win_share": _mean([float(w == "A") for w in decided]),
+        "candidate_mean_tokens": mean_or_none([cand[p["prompt_id"]]["num_tokens"] for p in prompts]),
+        "baseline_mean_tokens": mean_or_none([base[p["prompt_id"]]["num_tokens"] for p in prompts]),
+        "first_position_win_share": mean_or_none([float(w == "A") for w in decided]),
         "num_prompts": len(prompts),
     }
 

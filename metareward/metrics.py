@@ -56,13 +56,14 @@ def _num(value) -> float | None:
     return float(value)
 
 
-def _mean(values) -> float | None:
+def mean_or_none(values) -> float | None:
+    """The mean, or None for no values."""
     values = list(values)
     return math.fsum(values) / len(values) if values else None
 
 
 def _share(flags) -> float | None:
-    return _mean([1.0 if flag else 0.0 for flag in flags])
+    return mean_or_none([1.0 if flag else 0.0 for flag in flags])
 
 
 def _scores_by_response(judgements: list[dict]) -> dict[str, list[float]]:
@@ -95,17 +96,19 @@ def actor_metrics(
     prompts: list[dict], responses: list[dict], judgements: list[dict], actor_pairs: list[dict], stats: dict
 ) -> dict:
     tokens = {r["response_id"]: r["num_tokens"] for r in responses}
-    response_scores = [_mean(s) for s in _scores_by_response(judgements).values()]
+    response_scores = [mean_or_none(s) for s in _scores_by_response(judgements).values()]
     return {
         "prompts": len(prompts),
         "responses": len(responses),
-        "mean_response_tokens": _mean(r["num_tokens"] for r in responses),
+        "mean_response_tokens": mean_or_none(r["num_tokens"] for r in responses),
         "cut_off_share": _share(r.get("finish_reason") == "length" for r in responses),
-        "mean_response_score": _mean(response_scores),
+        "mean_response_score": mean_or_none(response_scores),
         "score_histogram": score_histogram(response_scores),
         "num_pairs": len(actor_pairs),
-        "chosen_mean_tokens": _mean(tokens[p["chosen_id"]] for p in actor_pairs if p["chosen_id"] in tokens),
-        "rejected_mean_tokens": _mean(
+        "chosen_mean_tokens": mean_or_none(
+            tokens[p["chosen_id"]] for p in actor_pairs if p["chosen_id"] in tokens
+        ),
+        "rejected_mean_tokens": mean_or_none(
             tokens[p["rejected_id"]] for p in actor_pairs if p["rejected_id"] in tokens
         ),
         "prompts_skipped": {
@@ -127,11 +130,13 @@ def judge_metrics(responses: list[dict], judgements: list[dict], judge_pairs: li
         "judgements": len(judgements),
         "scored": len(scores),
         "parse_failure_rate": _share(j.get("score_source") != "text" for j in judgements),
-        "mean_score": _mean(scores),
+        "mean_score": mean_or_none(scores),
         "score_stdev": statistics.pstdev(scores) if scores else None,
-        "mean_within_response_variance": _mean(variances),
+        "mean_within_response_variance": mean_or_none(variances),
         "score_length_correlation": _pearson([p[0] for p in points], [p[1] for p in points]),
-        "mean_score_entropy": _mean(_entropy(j["score_probs"]) for j in judgements if j.get("score_probs")),
+        "mean_score_entropy": mean_or_none(
+            _entropy(j["score_probs"]) for j in judgements if j.get("score_probs")
+        ),
         "cut_off_share": _share(j.get("finish_reason") == "length" for j in judgements),
         "num_pairs": len(judge_pairs),
     }

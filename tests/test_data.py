@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from metareward.config import DataConfig
-from metareward.data import bundled_prompts_path, load_prompts, prompts_for_iteration, to_prompt_rows
+from metareward.data import BUNDLED_PROMPTS, bundled_path, load_prompts, prompts_for_iteration, to_prompt_rows
 from metareward.records import RecordError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -202,7 +202,7 @@ def test_load_prompts_from_a_jsonl_file(tmp_path: Path):
 
 
 def test_bundled_prompts_load():
-    assert bundled_prompts_path().is_file()
+    assert bundled_path(BUNDLED_PROMPTS).is_file()
     rows = load_prompts(DataConfig())
     assert len(rows) == 175
     assert len({r["prompt_id"] for r in rows}) == 175
@@ -213,7 +213,9 @@ def test_bundled_prompts_load():
 
 
 def test_bundled_prompt_includes_its_instance_input():
-    raw = [json.loads(line) for line in bundled_prompts_path().read_text(encoding="utf-8").splitlines()]
+    raw = [
+        json.loads(line) for line in bundled_path(BUNDLED_PROMPTS).read_text(encoding="utf-8").splitlines()
+    ]
     with_input = next(r for r in raw if r["instances"][0]["input"])
     rows = {r["prompt_id"]: r for r in load_prompts(DataConfig())}
     content = rows[with_input["id"]]["messages"][0]["content"]
