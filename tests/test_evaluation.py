@@ -96,13 +96,18 @@ def test_agreement_stats_needs_outcomes():
 # ------------------------------------------------------------------ judge_human_agreement
 
 
-def test_length_preferring_judge_disagrees_with_humans_who_prefer_short():
-    pairs = [
+def short_preferred_pairs() -> list[dict]:
+    """Humans prefer the shorter response in pairs a-c and the longer one in d."""
+    return [
         _pair("a", SHORT, LONG),
         _pair("b", SHORT, LONG),
         _pair("c", SHORT, LONG),
         _pair("d", LONG, SHORT),
     ]
+
+
+def test_length_preferring_judge_disagrees_with_humans_who_prefer_short():
+    pairs = short_preferred_pairs()
     result = judge_human_agreement(
         LengthPreferringJudgeStandIn(), Templates(), pairs, _eval_cfg(), "text", seed=0
     )
@@ -124,12 +129,7 @@ def test_length_preferring_judge_disagrees_with_humans_who_prefer_short():
 
 
 def test_equal_scores_count_as_a_tie():
-    pairs = [
-        _pair("a", SHORT, LONG),
-        _pair("b", SHORT, LONG),
-        _pair("c", SHORT, LONG),
-        _pair("d", LONG, SHORT),
-    ]
+    pairs = short_preferred_pairs()
     pairs.append(_pair("tie", "Same length one.", "Same length two."))
     result = judge_human_agreement(
         LengthPreferringJudgeStandIn(), Templates(), pairs, _eval_cfg(), "text", seed=0
