@@ -19,7 +19,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 MODEL_KINDS = ("smollm2_135m", "hf", "tiny")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-GENERATOR_BACKENDS = ("hf",)
+GENERATOR_BACKENDS = ("hf", "vllm", "openai")
+LAUNCHERS = ("inline", "accelerate")
+ON_NO_PAIRS = ("stop", "carry")
+LONG_PROMPTS = ("skip", "truncate")
 DATA_KINDS = ("bundled", "jsonl", "hf")
 TRACKING_MODES = ("wandb", "offline", "none")
 SCORE_SOURCES = ("text", "text_or_expected")
@@ -62,6 +65,84 @@ class ModelConfig:
 
 
 @dataclass
+class VLLMSettings:
+    """vLLM engine settings (``generator=vllm``, needs ``pip install metareward[vllm]`` and a GPU)."""
+
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    # Empty: the model's own context length.
+    max_model_len: int | None = None
+    # The judge rubric and the meta-judge prompt are long shared prefixes; their KV cache is reused.
+    enable_prefix_caching: bool = True
+    # Log-probabilities returned per scored position; a score or verdict token outside them counts as 0.
+    max_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        _require(
+            self.tensor_parallel_size >= 1,
+            "generator.vllm.tensor_parallel_size",
+            self.tensor_parallel_size,
+            "must be >= 1",
+        )
+        _require(
+            0 < self.gpu_memory_utilization <= 1,
+            "generator.vllm.gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            "must be in (0, 1]",
+        )
+        _require(
+            self.max_model_len is None or self.max_model_len >= 16,
+            "generator.vllm.max_model_len",
+            self.max_model_len,
+            "must be >= 16",
+        )
+        _require(self.max_logprobs >= 1, "generator.vllm.max_logprobs", self.max_logprobs, "must be >= 1")
+
+
+@dataclass
+class OpenAISettings:
+    """An OpenAI-compatible chat endpoint, or a pool of them (``generator=openai``)."""
+
+    # One or more base URLs ending in /v1; requests are spread over them (e.g. a pool of vLLM servers).
+    base_urls: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
+    # The served model name; empty: model.path.
+    model: str | None = None
+    # The name of the environment variable holding the API key; the key itself is never stored.
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 8
+    max_retries: int = 6
+    # First retry delay; it doubles with each retry (with jitter), or follows Retry-After.
+    backoff_s: float = 1.0
+    timeout_s: float = 120.0
+    # Answers are cached on disk (under the run directory) so a resumed run repeats no paid call.
+    cache: bool = True
+    # US dollars per million tokens; empty: cost is not reported.
+    prompt_price_per_mtok: float | None = None
+    completion_price_per_mtok: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.base_urls), "generator.openai.base_urls", self.base_urls, "needs at least one URL")
+        for url in self.base_urls:
+            _require(
+                url.startswith(("http://", "https://")),
+                "generator.openai.base_urls",
+                url,
+                "must start with http:// or https://",
+            )
+        _require(bool(self.api_key_env), "generator.openai.api_key_env", self.api_key_env, "must be a name")
+        for name in ("max_concurrency",):
+            _require(
+                getattr(self, name) >= 1, f"generator.openai.{name}", getattr(self, name), "must be >= 1"
+            )
+        _require(self.max_retries >= 0, "generator.openai.max_retries", self.max_retries, "must be >= 0")
+        _require(self.backoff_s >= 0, "generator.openai.backoff_s", self.backoff_s, "must be >= 0")
+        _require(self.timeout_s > 0, "generator.openai.timeout_s", self.timeout_s, "must be > 0")
+        for name in ("prompt_price_per_mtok", "completion_price_per_mtok"):
+            value = getattr(self, name)
+            _require(value is None or value >= 0, f"generator.openai.{name}", value, "must be >= 0")
+
+
+@dataclass
 class GeneratorConfig:
     """The generation backend shared by the actor, judge and meta-judge."""
 
@@ -74,6 +155,8 @@ class GeneratorConfig:
     chunk_size: int = 32
     device: str = "auto"
     progress: bool = True
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    openai: OpenAISettings = field(default_factory=OpenAISettings)
 
     def __post_init__(self) -> None:
         _require(
@@ -100,6 +183,10 @@ class DataConfig:
     hf_split: str = "train"
     # Prompts drawn (without replacement while they last) for each iteration.
     prompts_per_iteration: int = 64
+    # Prompt tokens allowed (chat template included); empty: the model's context minus the actor's
+    # max_new_tokens. Longer prompts are skipped and counted, or truncated (keeping their start).
+    max_prompt_tokens: int | None = None
+    long_prompts: str = "skip"
 
     def __post_init__(self) -> None:
         _require(self.kind in DATA_KINDS, "data.kind", self.kind, f"must be one of {DATA_KINDS}")
@@ -115,6 +202,18 @@ class DataConfig:
             "data.prompts_per_iteration",
             self.prompts_per_iteration,
             "must be >= 1",
+        )
+        _require(
+            self.max_prompt_tokens is None or self.max_prompt_tokens >= 8,
+            "data.max_prompt_tokens",
+            self.max_prompt_tokens,
+            "must be >= 8",
+        )
+        _require(
+            self.long_prompts in LONG_PROMPTS,
+            "data.long_prompts",
+            self.long_prompts,
+            f"one of {LONG_PROMPTS}",
         )
 
 
@@ -236,10 +335,41 @@ class TrainConfig:
     # Iterations whose DPO data also holds the judge pairs (the paper: 1 and 2).
     judge_iterations: list[int] = field(default_factory=lambda: [1, 2])
     dpo: DPOSettings = field(default_factory=DPOSettings)
+    # inline: train in this process; accelerate: `accelerate launch --config_file <accelerate_config>`
+    # (multi-GPU, DeepSpeed ZeRO-3 with the shipped conf/accelerate/deepspeed_zero3.yaml).
+    launcher: str = "inline"
+    # Empty: conf/accelerate/deepspeed_zero3.yaml from the installed package.
+    accelerate_config: str | None = None
+    # When an iteration yields no preference pairs: stop the run (saying why), or carry M_{t-1}
+    # forward unchanged as M_t and go on.
+    on_no_pairs: str = "stop"
 
     def __post_init__(self) -> None:
         for value in self.judge_iterations:
             _require(value >= 1, "train.judge_iterations", self.judge_iterations, "iterations count from 1")
+        _require(self.launcher in LAUNCHERS, "train.launcher", self.launcher, f"must be one of {LAUNCHERS}")
+        _check_template("train.accelerate_config", self.accelerate_config)
+        _require(
+            self.on_no_pairs in ON_NO_PAIRS, "train.on_no_pairs", self.on_no_pairs, f"one of {ON_NO_PAIRS}"
+        )
+
+
+@dataclass
+class RoleModelConfig:
+    """A fixed model for one role instead of the model being trained, e.g. a stronger meta-judge
+    behind an API: ``roles.meta_judge.own_model=true roles.meta_judge.generator.backend=openai``."""
+
+    # false (the paper): the role is played by M_{t-1} through the run's `generator`.
+    own_model: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+
+
+@dataclass
+class RolesConfig:
+    actor: RoleModelConfig = field(default_factory=RoleModelConfig)
+    judge: RoleModelConfig = field(default_factory=RoleModelConfig)
+    meta_judge: RoleModelConfig = field(default_factory=RoleModelConfig)
 
 
 @dataclass
@@ -305,6 +435,8 @@ class Config:
     seed: int = 0
     # Resuming with a config that differs from the run's config.yaml is refused unless this is true.
     allow_config_change: bool = False
+    # Load no model; print per iteration and stage the generation calls and a bound on generated tokens.
+    dry_run: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -315,6 +447,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
 
     def __post_init__(self) -> None:
         _require(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")

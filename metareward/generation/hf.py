@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from metareward.config import GeneratorConfig, ModelConfig
-from metareward.generation import Completion, Messages, SamplingParams
+from metareward.generation import Completion, Messages, SamplingParams, Usage
 
 
 def pick_device(setting: str) -> torch.device:
@@ -31,6 +31,7 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 class HFGenerator:
     def __init__(self, model_dir: str, model: ModelConfig, settings: GeneratorConfig):
         self.settings = settings
+        self.usage = Usage()
         self.device = pick_device(settings.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=model.trust_remote_code)
         self.tokenizer.padding_side = "left"
@@ -87,6 +88,9 @@ class HFGenerator:
             eos_token_id=self.stop_ids,
         )
         torch.manual_seed(params.seed)
+        self.usage.generate_calls += 1
+        self.usage.samples += len(rows)
+        self.usage.prompt_tokens += sum(len(prompts[i]) for i, _ in rows)
         results: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
         with self._progress(len(rows), desc) as bar:
             for start in range(0, len(rows), self.settings.batch_size):
@@ -95,6 +99,7 @@ class HFGenerator:
                 out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
                 for (i, j), generated in zip(batch, out[:, ids.shape[1] :].tolist(), strict=True):
                     results[i][j] = self._completion(generated)
+                    self.usage.generated_tokens += results[i][j].num_tokens
                 bar.update(len(batch))
         return results
 
@@ -124,6 +129,7 @@ class HFGenerator:
     @torch.inference_mode()
     def next_token_probs(self, texts: list[str], candidates: list[str]) -> list[list[float]]:
         queries = [[self._query(text, c) for c in candidates] for text in texts]
+        self.usage.scored_texts += len(texts)
         contexts = sorted({tuple(ctx) for per_text in queries for ctx, _ in per_text}, key=len, reverse=True)
         probs_of: dict[tuple[int, ...], torch.Tensor] = {}
         size = self.settings.score_batch_size
