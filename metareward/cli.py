@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -29,18 +30,65 @@ def _fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+class CheckBeforeRun(Callback):
+    """Runs before Hydra creates the run directory (conf/config.yaml names it in hydra.callbacks):
+    a refused config, or a dry run, leaves nothing on disk."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        # Hydra turns a callback's exceptions into warnings and runs the job anyway: exit here instead.
+        from metareward.loop import RunStopped, check_writable
+
+        try:
+            checked = to_config(config)
+            if checked.dry_run:
+                print_plan(checked)
+                raise SystemExit(0)
+            check_writable(Path(checked.runs_dir) / checked.run_name)
+        except ConfigError as error:
+            _fail(str(error))
+        except RunStopped as error:
+            _fail(str(error), code=1)
+        except Exception as error:
+            _fail(f"{type(error).__name__}: {error}", code=1)
+
+
+def print_plan(config: Config) -> None:
+    """The dry run: generation calls and a bound on generated tokens, per iteration and stage."""
+    from metareward.data import load_prompts
+    from metareward.plan import format_plan, plan
+
+    try:
+        available = len(load_prompts(config.data))
+    except Exception as error:  # e.g. a hub dataset without network: plan with the configured count
+        print(f"(prompts not loaded: {error}; planning {config.data.prompts_per_iteration} per iteration)")
+        available = None
+    print(f"dry run of {config.run_name}: {config.iterations} iterations, no model loaded")
+    asked = config.data.prompts_per_iteration
+    if available is not None and available < asked:
+        print(
+            f"note: data.prompts_per_iteration={asked} but the prompt set holds {available}; each "
+            f"iteration uses all {available} (point data.path at a larger set to plan {asked})"
+        )
+    print(format_plan(plan(config, available)))
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
+    from metareward.generation.openai import OpenAIError
     from metareward.loop import Run, RunStopped
+    from metareward.tracking import TrackingError
 
     try:
         config = to_config(cfg)
     except ConfigError as error:
         _fail(str(error))
+    if config.dry_run:  # answered by CheckBeforeRun unless hydra.callbacks was overridden
+        print_plan(config)
+        return
     try:
         run = Run(config)
         run.run()
-    except (RunStopped, RecordError, FileNotFoundError) as error:
+    except (RunStopped, RecordError, FileNotFoundError, TrackingError, OpenAIError) as error:
         _fail(str(error), code=1)
     print(f"run directory: {run.dir}")
 

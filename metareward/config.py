@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 MODEL_KINDS = ("smollm2_135m", "hf", "tiny")
@@ -464,8 +464,11 @@ def to_config(cfg: DictConfig) -> Config:
 
     Raises :class:`ConfigError` naming the setting; no model is loaded here.
     """
+    if "hydra" in cfg:  # a callback's view: Hydra's own node holds values only set once the job runs
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.pop("hydra")
     container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("hydra", None)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), container)
         return OmegaConf.to_object(merged)

@@ -1,4 +1,4 @@
-"""Actor prompts: read a prompt set and draw each iteration's share of it.
+"""Actor prompts: read a prompt set, draw each iteration's share of it, fit prompts to a token budget.
 
 Accepted rows (JSONL, or a Hugging Face dataset): ``messages`` (chat messages ending with a
 user turn); or ``prompt`` (a string, or chat messages); or ``instruction`` with an optional
@@ -55,7 +55,7 @@ def to_prompt_rows(rows: list[dict], source: str, line_numbers: list[int] | None
     """Rows in any accepted shape -> ``{"prompt_id", "messages"}``; ids must be unique.
 
     Errors name ``source:<line>`` (the file's line numbers where given, else row numbers)."""
-    prompts, seen = [], set()
+    prompts, seen = [], {}
     for index, row in enumerate(rows):
         number = line_numbers[index] if line_numbers else index + 1
         where = f"{source}:{number}"
@@ -66,11 +66,13 @@ def to_prompt_rows(rows: list[dict], source: str, line_numbers: list[int] | None
         if "/" in prompt_id:
             raise RecordError(f"{where}: prompt id {prompt_id!r} must not contain '/'")
         if prompt_id in seen:
-            raise RecordError(f"{where}: duplicate prompt id {prompt_id!r}")
-        seen.add(prompt_id)
+            raise RecordError(
+                f"{where}: duplicate prompt id {prompt_id!r}, already at {source}:{seen[prompt_id]}"
+            )
+        seen[prompt_id] = number
         prompts.append({"prompt_id": prompt_id, "messages": _messages(row, where)})
     if not prompts:
-        raise RecordError(f"{source}: no prompts")
+        raise RecordError(f"{source}: no prompts (nothing but blank lines, or empty)")
     return prompts
 
 
@@ -93,3 +95,59 @@ def prompts_for_iteration(prompts: list[dict], iteration: int, per_iteration: in
     start = (iteration - 1) * per_iteration
     count = min(per_iteration, len(prompts))
     return [prompts[order[(start + i) % len(order)]] for i in range(count)]
+
+
+def _prompt_tokens(tokenizer, messages: list[dict]) -> int:
+    """Tokens the model reads for ``messages``: chat template and generation prompt included."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _truncated(tokenizer, messages: list[dict], max_tokens: int) -> list[dict] | None:
+    """``messages`` with the last user turn cut (keeping its start) to fit ``max_tokens``; None if
+    even a few of its tokens do not fit beside the rest of the conversation."""
+    original = messages[-1]["content"]
+    ids = tokenizer(original, add_special_tokens=False)["input_ids"]
+
+    def cut(keep: int) -> list[dict]:
+        content = tokenizer.decode(ids[:keep], skip_special_tokens=True)
+        if not original.startswith(content):  # a cut inside a character's bytes decodes to U+FFFD
+            content = content.rstrip("\ufffd")
+        return [*messages[:-1], {**messages[-1], "content": content}]
+
+    # Binary search for the most content tokens that fit; the cut text is re-tokenised in context,
+    # so only the rendered length decides.
+    low, high = 0, len(ids)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _prompt_tokens(tokenizer, cut(middle)) <= max_tokens:
+            low = middle
+        else:
+            high = middle - 1
+    fitted = cut(low)
+    return fitted if fitted[-1]["content"].strip() else None
+
+
+def fit_prompts(prompts: list[dict], tokenizer, max_tokens: int, mode: str) -> tuple[list[dict], dict]:
+    """Prompts whose rendered chat (template and generation prompt included) fits ``max_tokens``.
+
+    A longer prompt is left out (``mode="skip"``) or has its last user message cut to fit, keeping its
+    start (``mode="truncate"``; left out after all when nothing of that message would fit). Returns
+    the rows kept, in order (truncated ones included), and the counts
+    ``{"kept", "skipped_too_long", "truncated"}``.
+    """
+    if mode not in ("skip", "truncate"):
+        raise ValueError(f"mode={mode!r}: must be 'skip' or 'truncate'")
+    kept, counts = [], {"kept": 0, "skipped_too_long": 0, "truncated": 0}
+    for prompt in prompts:
+        if _prompt_tokens(tokenizer, prompt["messages"]) <= max_tokens:
+            kept.append(prompt)
+            continue
+        fitted = _truncated(tokenizer, prompt["messages"], max_tokens) if mode == "truncate" else None
+        if fitted is None:
+            counts["skipped_too_long"] += 1
+            continue
+        kept.append({**prompt, "messages": fitted})
+        counts["truncated"] += 1
+    counts["kept"] = len(kept)
+    return kept, counts

@@ -7,6 +7,8 @@ skipped on resume; an iteration is finished once its ``metrics.json`` exists.
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,8 +16,8 @@ from omegaconf import OmegaConf
 
 from metareward import evaluation, pairs, records, stages
 from metareward.config import Config
-from metareward.data import load_prompts, prompts_for_iteration
-from metareward.generation import Generator, make_generator
+from metareward.data import fit_prompts, load_prompts, prompts_for_iteration
+from metareward.generation import Generator, Usage, make_generator
 from metareward.metrics import iteration_metrics
 from metareward.models import resolve_model
 from metareward.prompts import Templates
@@ -25,6 +27,10 @@ from metareward.tracking import make_tracker
 # Settings that may change between a run and its resumption without changing any finished work.
 EVAL_0 = "eval_0.json"
 EVAL = "eval.json"
+CACHE = "cache"
+# How many of an iteration's prompts were kept, skipped as too long, or truncated (data.long_prompts).
+PROMPT_FIT = "prompt_fit.json"
+ROLE_FILES = {"actor": records.RESPONSES, "judge": records.JUDGEMENTS, "meta_judge": records.META_JUDGEMENTS}
 RESUMABLE_CHANGES = {"iterations", "allow_config_change", "generator.progress", "generator.device"}
 
 
@@ -87,6 +93,38 @@ def write_pairs(out_dir: Path, actor_rows: list, judge_rows: list) -> None:
     write_jsonl(out_dir / records.JUDGE_PAIRS, judge_rows)
 
 
+# Each stage file's rows point at rows of the file before it: (file, key, file it points into, key there).
+STAGE_LINKS = [
+    (records.RESPONSES, "prompt_id", records.PROMPTS, "prompt_id"),
+    (records.JUDGEMENTS, "response_id", records.RESPONSES, "response_id"),
+    (records.META_JUDGEMENTS, "first_id", records.JUDGEMENTS, "judgement_id"),
+    (records.META_JUDGEMENTS, "second_id", records.JUDGEMENTS, "judgement_id"),
+]
+ROW_IDS = {records.RESPONSES: "response_id", records.JUDGEMENTS: "judgement_id"}
+
+
+def check_stage_files(directory: Path) -> None:
+    """Refuse stage files that no longer fit together (e.g. edited by hand): every row must point at
+    an existing row of the stage before it, and ids must be unique. The error names file and line."""
+    for name, key, parent, parent_key in STAGE_LINKS:
+        known = {row.get(parent_key) for row in read_jsonl(directory / parent)}
+        for line, row in records.read_jsonl_numbered(directory / name):
+            if row.get(key) not in known:
+                raise RunStopped(
+                    f"{directory / name}:{line}: {key} {row.get(key)!r} is not in {parent}; the stage "
+                    f"files of {directory.name} no longer match (delete {name} and later files to redo them)"
+                )
+    for name, key in ROW_IDS.items():
+        first_line: dict = {}
+        for line, row in records.read_jsonl_numbered(directory / name):
+            value = row.get(key)
+            if value in first_line:
+                raise RunStopped(
+                    f"{directory / name}:{line}: {key} {value!r} already on line {first_line[value]}"
+                )
+            first_line[value] = line
+
+
 def _no_pairs_reason(stats: dict) -> str:
     actor = stats["actor"]
     reasons = [
@@ -95,6 +133,17 @@ def _no_pairs_reason(stats: dict) -> str:
         if key.startswith("skipped_") and value
     ]
     return "; ".join(reasons) or "no prompts"
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before any model loads if the run directory cannot be created or written."""
+    probe = run_dir / ".write-test"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise RunStopped(f"cannot write to the run directory {run_dir}: {error.strerror or error}") from None
 
 
 class Run:
@@ -108,7 +157,7 @@ class Run:
     def run(self) -> list[dict]:
         """Run (or resume) iterations 1..T; returns each iteration's metrics."""
         cfg = self.cfg
-        self.dir.mkdir(parents=True, exist_ok=True)
+        check_writable(self.dir)
         check_run_config(self.dir, cfg)
         all_prompts = load_prompts(cfg.data)
         self.seed_dir = model_dir = resolve_model(cfg.model)
@@ -154,7 +203,7 @@ class Run:
         cfg = self.cfg
         human_pairs = evaluation.load_human_pairs(cfg.eval.human_pairs, cfg.eval.num_pairs, cfg.eval.seed)
         heldout = evaluation.load_heldout_prompts(cfg.eval.heldout_prompts, cfg.eval.num_heldout)
-        generator = make_generator(model_dir, cfg.model, cfg.generator)
+        generator = make_generator(model_dir, cfg.model, cfg.generator, cache_dir=self.dir / CACHE)
         try:
             judge = evaluation.judge_human_agreement(
                 generator, self.templates, human_pairs, cfg.eval, cfg.judge.score_from, seed=cfg.eval.seed
@@ -172,7 +221,9 @@ class Run:
             baseline = records.read_json(self.dir / EVAL_0)["heldout_responses"]
             evaluator_spec = cfg.eval.evaluator
             evaluator_dir = resolve_model(evaluator_spec) if evaluator_spec else self.seed_dir
-            evaluator = make_generator(evaluator_dir, evaluator_spec or cfg.model, cfg.generator)
+            evaluator = make_generator(
+                evaluator_dir, evaluator_spec or cfg.model, cfg.generator, cache_dir=self.dir / CACHE
+            )
             try:
                 result["actor"] = evaluation.win_rate(
                     evaluator,
@@ -191,48 +242,91 @@ class Run:
         cfg = self.cfg
         directory.mkdir(parents=True, exist_ok=True)
         if not (directory / records.PROMPTS).is_file():
-            write_jsonl(directory / records.PROMPTS, chosen_prompts)
+            fitted, counts = self._fit_prompts(chosen_prompts, model_dir)
+            write_json(directory / PROMPT_FIT, counts)
+            write_jsonl(directory / records.PROMPTS, fitted)
         prompts = read_jsonl(directory / records.PROMPTS)
-
-        generator: Generator | None = None
-        stage_files = [records.RESPONSES, records.JUDGEMENTS, records.META_JUDGEMENTS]
-        if not all((directory / name).is_file() for name in stage_files):
-            generator = make_generator(model_dir, cfg.model, cfg.generator)
-        try:
-            ctx = stages.StageContext(generator, self.templates, cfg.seed, t, cfg.generator.chunk_size)
-            responses = stages.actor(ctx, prompts, cfg.actor, ChunkedFile(directory / records.RESPONSES))
-            judgements = stages.judge(
-                ctx, prompts, responses, cfg.judge, ChunkedFile(directory / records.JUDGEMENTS)
+        if not prompts:
+            raise RunStopped(
+                f"iteration {t} has no prompts that fit the model's context "
+                f"({records.read_json(directory / PROMPT_FIT)}); "
+                "see data.max_prompt_tokens and data.long_prompts"
             )
-            verdicts = stages.meta_judge(
-                ctx,
-                prompts,
-                responses,
-                judgements,
-                cfg.meta_judge,
-                ChunkedFile(directory / records.META_JUDGEMENTS),
+
+        generators, shared = self._role_generators(directory, model_dir)
+        usage: dict[str, dict] = {}
+        try:
+
+            def context(role: str) -> stages.StageContext:
+                return stages.StageContext(
+                    generators[role], self.templates, cfg.seed, t, cfg.generator.chunk_size
+                )
+
+            def spend(role: str, stage):
+                generator = generators[role]
+                before = generator.usage.copy() if generator else Usage()
+                result = stage()
+                usage[role] = (generator.usage if generator else Usage()).since(before)
+                return result
+
+            responses = spend(
+                "actor",
+                lambda: stages.actor(
+                    context("actor"), prompts, cfg.actor, ChunkedFile(directory / records.RESPONSES)
+                ),
+            )
+            judgements = spend(
+                "judge",
+                lambda: stages.judge(
+                    context("judge"),
+                    prompts,
+                    responses,
+                    cfg.judge,
+                    ChunkedFile(directory / records.JUDGEMENTS),
+                ),
+            )
+            verdicts = spend(
+                "meta_judge",
+                lambda: stages.meta_judge(
+                    context("meta_judge"),
+                    prompts,
+                    responses,
+                    judgements,
+                    cfg.meta_judge,
+                    ChunkedFile(directory / records.META_JUDGEMENTS),
+                ),
             )
         finally:
-            if generator is not None:
+            # The engines give their (GPU) memory back before training starts.
+            for generator in shared:
                 generator.close()
 
+        check_stage_files(directory)
         actor_rows, judge_rows, pair_stats = build_pairs(directory, cfg, t, self.templates)
         if not ((directory / records.ACTOR_PAIRS).is_file() and (directory / records.JUDGE_PAIRS).is_file()):
             write_pairs(directory, actor_rows, judge_rows)
         train_judge = t in cfg.train.judge_iterations
         rows = actor_rows + (judge_rows if train_judge else [])
-        if not rows:
-            raise RunStopped(
+        if rows:
+            training = self._train(model_dir, rows, directory, t)
+        else:
+            reason = (
                 f"iteration {t} produced no preference pairs ({_no_pairs_reason(pair_stats)}); "
                 f"see {directory} for the responses and judgements"
             )
-        training = self._train(model_dir, rows, directory, t)
+            if cfg.train.on_no_pairs == "stop":
+                raise RunStopped(reason + "; train.on_no_pairs=carry would go on with the model unchanged")
+            print(f"metareward: {reason}; M_{t} = M_{t - 1} (train.on_no_pairs=carry)", flush=True)
+            training = carry_forward(model_dir, directory / records.MODEL, reason)
         if cfg.eval.enabled and not (directory / EVAL).is_file():
             write_json(directory / EVAL, self._evaluate(str(directory / records.MODEL), iteration=t))
         evaluated = records.read_json(directory / EVAL) if cfg.eval.enabled else {}
         metrics = {
             "iteration": t,
             "prompts": len(prompts),
+            "prompt_fit": records.read_json(directory / PROMPT_FIT)
+            if (directory / PROMPT_FIT).is_file()
+            else {},
             **iteration_metrics(
                 prompts, responses, judgements, verdicts, actor_rows, judge_rows, pair_stats, training
             ),
@@ -241,6 +335,8 @@ class Run:
             "pairs": {**pair_stats, "rho": cfg.pairs.rho_for(t), "trained_on_judge_pairs": train_judge},
             "eval": evaluated.get("judge", {}),
             "eval_actor": evaluated.get("actor", {}),
+            # Generation spent by each stage in the invocation that ran it (0 for a stage found on disk).
+            "usage": {role: usage.get(role, asdict(Usage())) for role in ROLE_FILES},
         }
         write_json(directory / records.METRICS, metrics)
 
@@ -248,16 +344,90 @@ class Run:
         from metareward.training import TRAINING_LOG, train_dpo
 
         out = directory / records.MODEL
+        train = self.cfg.train
         if not (out / "config.json").is_file():
-            train_dpo(
-                model_dir,
-                rows,
-                self.cfg.train.dpo,
-                out,
-                seed=self.cfg.seed + t,
-                trust_remote_code=self.cfg.model.trust_remote_code,
-            )
+            common = {"seed": self.cfg.seed + t, "trust_remote_code": self.cfg.model.trust_remote_code}
+            if train.launcher == "accelerate":
+                from metareward.training import launch_dpo
+
+                job_dir = directory / "train_job"
+                launch_dpo(
+                    model_dir,
+                    rows,
+                    train.dpo,
+                    out,
+                    job_dir=job_dir,
+                    accelerate_config=train.accelerate_config,
+                    **common,
+                )
+            else:
+                train_dpo(model_dir, rows, train.dpo, out, **common)
         return records.read_json(out / TRAINING_LOG)
+
+    def _fit_prompts(self, prompts: list[dict], model_dir: str) -> tuple[list[dict], dict]:
+        """Leave out (or truncate) prompts too long for the model, counting them."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        trust = self.cfg.model.trust_remote_code
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+        limit = self.cfg.data.max_prompt_tokens
+        if limit is None:
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
+            # Text models keep it at the top; some multimodal configs only in their text part.
+            context = getattr(config.get_text_config(), "max_position_embeddings", None)
+            if context is None:  # the model states no context length: nothing to check against
+                return prompts, {"kept": len(prompts), "skipped_too_long": 0, "truncated": 0}
+            limit = max(context - self.cfg.actor.max_new_tokens, 1)
+        return fit_prompts(prompts, tokenizer, limit, self.cfg.data.long_prompts)
+
+    def _role_generators(self, directory: Path, model_dir: str) -> tuple[dict, list[Generator]]:
+        """A generator for each role whose stage still has work; roles played by the same model through
+        the same backend share one (the paper's default: one engine for all three roles)."""
+        made: dict[str, Generator] = {}
+        by_role: dict[str, Generator | None] = {}
+        for role, name in ROLE_FILES.items():
+            if (directory / name).is_file():
+                by_role[role] = None
+                continue
+            spec = getattr(self.cfg.roles, role)
+            if spec.own_model:
+                key = json.dumps([asdict(spec.model), asdict(spec.generator)], sort_keys=True)
+            else:
+                key = "trained"
+            if key not in made:
+                if spec.own_model:
+                    made[key] = make_generator(
+                        self._own_model_dir(spec), spec.model, spec.generator, cache_dir=self.dir / CACHE
+                    )
+                else:
+                    made[key] = make_generator(
+                        model_dir, self.cfg.model, self.cfg.generator, self.dir / CACHE
+                    )
+            by_role[role] = made[key]
+        return by_role, list(made.values())
+
+    @staticmethod
+    def _own_model_dir(spec) -> str:
+        # A model behind an API is a name, not a directory; its tokenizer is used when one is at hand.
+        if spec.generator.backend == "openai" and spec.model.kind == "hf":
+            return spec.model.path or ""
+        return resolve_model(spec.model)
+
+
+def carry_forward(model_dir: str, out: Path, reason: str) -> dict:
+    """M_t = M_{t-1}: copy the model directory whole (temp dir, then rename), with a training log
+    that says why nothing was trained."""
+    from metareward.training import TRAINING_LOG
+
+    log = {"log_history": [], "train_pairs": 0, "global_steps": 0, "carried_forward": True, "reason": reason}
+    if not (out / "config.json").is_file():
+        tmp = out.parent / (out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns(TRAINING_LOG))
+        (tmp / TRAINING_LOG).write_text(json.dumps(log, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.replace(out)
+    return records.read_json(out / TRAINING_LOG)
 
 
 def _number(value, spec: str = ".2f") -> str:

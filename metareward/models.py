@@ -54,12 +54,26 @@ def resolve_model(spec: ModelConfig) -> str:
         return str(_cached(TINY_DIR, build_tiny_model))
     path = Path(spec.path).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path={spec.path!r}: no config.json in that directory")
+        check_model_dir(path, f"model.path={spec.path!r}")
         return str(path)
     if spec.path.startswith((".", "/", "~")) or spec.path.count("/") != 1:
         raise FileNotFoundError(f"model.path={spec.path!r}: no such directory (and not a hub id)")
     return spec.path
+
+
+def check_model_dir(path: Path, setting: str) -> None:
+    """Refuse, naming ``setting``, a directory that is no from_pretrained model with safetensors weights.
+
+    Weights load only from safetensors: a pickled checkpoint (``pytorch_model.bin``) can run code."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{setting}: not a directory")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{setting}: no config.json in that directory")
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"{setting}: no *.safetensors weights in that directory; metareward loads weights only from "
+            "safetensors (convert a pickled checkpoint with save_pretrained(..., safe_serialization=True))"
+        )
 
 
 def _cached(name: str, build) -> Path:

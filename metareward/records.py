@@ -8,12 +8,15 @@ file when the stage ends, so a killed stage loses at most the chunk it was worki
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from metareward import faults
 
 PROMPTS = "prompts.jsonl"
 RESPONSES = "responses.jsonl"
@@ -36,12 +39,16 @@ def iter_dir(run_dir: Path, iteration: int) -> Path:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Temp files of this target left by a run killed while writing it.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        faults.point(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -70,20 +77,29 @@ def read_json(path: Path):
 def read_jsonl_numbered(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) for each non-blank line; errors name the file and line."""
     rows = []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise RecordError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-                if not isinstance(row, dict):
-                    raise RecordError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-                rows.append((number, row))
-    except UnicodeDecodeError as error:
-        raise RecordError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    offset = 0  # of the current line in the file, for the byte position of a decoding error
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                # A byte-order mark opens some files written on Windows; it is no part of the JSON.
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise RecordError(
+                    f"{path}:{number}: not UTF-8 text ({error.reason} at byte {offset + error.start} "
+                    "of the file)"
+                ) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise RecordError(
+                    f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
+                ) from None
+            if not isinstance(row, dict):
+                raise RecordError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((number, row))
     return rows
 
 
@@ -117,6 +133,7 @@ class ChunkedFile:
         for index in range(num_chunks):
             rows.extend(read_jsonl(self._chunk_path(index)))
         write_jsonl(self.path, rows)
+        faults.point(f"joined:{self.path.name}")
         self.discard_chunks()
         return rows
 

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from metareward import pairs
+from metareward import faults, pairs
 from metareward.config import ActorConfig, JudgeConfig, MetaJudgeConfig
 from metareward.generation import Generator, Messages, SamplingParams
 from metareward.parsing import SCORE_KEY, WINNER_KEY, parse_score, parse_winner
@@ -57,6 +57,7 @@ def run_chunked(
     for index, chunk in enumerate(chunks):
         if not out.has_chunk(index):
             out.write_chunk(index, work(chunk, index))
+            faults.point(f"chunk:{out.path.name}")
     return out.finish(len(chunks))
 
 
@@ -110,19 +111,23 @@ def judge_requests(
     ``score_from="text_or_expected"``, the expectation under the model's 0..5 distribution),
     where the score came from, and that distribution."""
     outputs = generator.generate(requests, params, desc=desc)
-    cue_texts = [
-        generator.render(request) + score_cue_text(c.text)
-        for request, completions in zip(requests, outputs, strict=True)
-        for c in completions
-    ]
-    all_probs = iter(generator.next_token_probs(cue_texts, SCORE_TOKENS))
+    all_probs = iter([])
+    if score_from == "text_or_expected":
+        # The distribution costs one more forward pass per judgement (a paid call behind an API),
+        # so it is read only when a score may come from it.
+        cue_texts = [
+            generator.render(request) + score_cue_text(c.text)
+            for request, completions in zip(requests, outputs, strict=True)
+            for c in completions
+        ]
+        all_probs = iter(generator.next_token_probs(cue_texts, SCORE_TOKENS))
     results = []
     for completions in outputs:
         judged = []
         for completion in completions:
-            probs = next(all_probs)
-            mass = sum(probs)
-            distribution = [p / mass for p in probs] if mass > 0 else None
+            probs = next(all_probs, None)
+            mass = sum(probs) if probs is not None else None
+            distribution = [p / mass for p in probs] if mass else None
             score, source = parse_score(completion.text), "text"
             if score is None:
                 source = None

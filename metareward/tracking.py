@@ -97,6 +97,10 @@ def _histograms(metrics: dict, prefix: str = "") -> dict[str, list]:
     return found
 
 
+class TrackingError(RuntimeError):
+    """W&B could not start the run; the message says what to do."""
+
+
 class WandbTracker:
     """A W&B run: ``log`` flattens nested metrics to ``"judge/mean_score"`` keys at ``step``."""
 
@@ -107,7 +111,17 @@ class WandbTracker:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = stable_run_id(run_dir)
-        self.run = wandb.init(
+        try:
+            self.run = self._init(cfg, run_dir, run_name, config)
+        except wandb.errors.UsageError as error:  # e.g. tracking=wandb without `wandb login`
+            raise TrackingError(
+                f"W&B refused to start ({error}); log in with `wandb login`, or use tracking=offline"
+            ) from None
+        self._finished = False
+
+    def _init(self, cfg: TrackingConfig, run_dir: Path, run_name: str, config: dict):
+        wandb = self._wandb
+        return wandb.init(
             project=cfg.project,
             entity=cfg.entity,
             name=run_name,
@@ -122,7 +136,6 @@ class WandbTracker:
             # Our run object is used directly, so another active run in the process is left alone.
             reinit="create_new",
         )
-        self._finished = False
 
     def log(self, metrics: dict, step: int) -> None:
         """Log every number in ``metrics`` (nested dicts allowed) at ``step`` (0 = before iteration 1).

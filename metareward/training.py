@@ -9,21 +9,31 @@ lists, plus provenance keys that are dropped here). The reference policy is M_{t
 directory being trained from. ``out_dir`` receives a plain, full (LoRA-merged) safetensors model
 with its tokenizer and chat template, written atomically; the returned dict (TRL's log history,
 pair count, optimiser steps) is JSON-serialisable.
+
+Across GPUs (``train.launcher=accelerate``) the loop calls :func:`launch_dpo` instead, which writes
+the pairs and settings into a job directory and runs this module under ``accelerate launch``::
+
+    accelerate launch --config_file conf/accelerate/deepspeed_zero3.yaml -m metareward.training JOB_DIR
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
+from metareward import faults
 from metareward.config import DPOSettings
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -75,6 +85,13 @@ def _lora_config(settings: DPOSettings):
     )
 
 
+class _KillPoint(TrainerCallback):
+    """The ``train_step`` kill point after each optimiser step, for fault-injection tests (faults.py)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        faults.point("train_step")
+
+
 def _save_atomically(model, tokenizer, out_dir: Path, log: dict) -> None:
     """Write into a sibling temp dir, then rename it into place: a killed run leaves no half model."""
     tmp = out_dir.parent / (out_dir.name + ".tmp")
@@ -82,11 +99,29 @@ def _save_atomically(model, tokenizer, out_dir: Path, log: dict) -> None:
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
+    faults.point("save_model")
     tokenizer.save_pretrained(tmp)
     (tmp / TRAINING_LOG).write_text(json.dumps(log, indent=2))
     if out_dir.exists():  # os.replace cannot replace a non-empty directory
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+
+
+def _save_gathered(trainer, tokenizer, settings: DPOSettings, out_dir: Path, log: dict) -> None:
+    """Save from several processes (DeepSpeed ZeRO-3 shards the weights): TRL's save_model gathers
+    the full weights on the main process, which then writes the plain model atomically."""
+    raw = out_dir.parent / (out_dir.name + ".gathered")
+    trainer.save_model(str(raw))
+    if trainer.accelerator.is_main_process:
+        if settings.use_lora:
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(raw, dtype=torch.float32).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(raw, dtype=torch.float32, use_safetensors=True)
+        _save_atomically(model, tokenizer, out_dir, log)
+        shutil.rmtree(raw)
+    trainer.accelerator.wait_for_everyone()
 
 
 def train_dpo(
@@ -112,8 +147,10 @@ def train_dpo(
         tokenizer.pad_token = tokenizer.eos_token
     # fp32 master weights even on GPU: bf16 weights would round away updates at DPO learning rates
     # (~5e-7); DPOConfig.bf16 autocasts the compute instead.
+    # Weights only from safetensors: a pickled checkpoint can run code when it is loaded. The frozen
+    # reference TRL loads from the same directory then finds the same safetensors file.
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+        model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
     )
     peft_config = _lora_config(settings) if settings.use_lora else None
 
@@ -129,19 +166,100 @@ def train_dpo(
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
+            callbacks=[_KillPoint()],
         )
         trainer.train()
 
+    log = {
+        "log_history": list(trainer.state.log_history),
+        "train_pairs": len(rows),
+        "global_steps": int(trainer.state.global_step),
+    }
+    if trainer.accelerator.num_processes > 1 or trainer.is_deepspeed_enabled:
+        _save_gathered(trainer, tokenizer, settings, Path(out_dir), log)
+        return log
     trained = trainer.accelerator.unwrap_model(trainer.model)
     if settings.use_lora:
         # Later iterations, the judge and generation all load a plain model directory.
         trained = trained.merge_and_unload()
     if getattr(trained.config, "quantization_config", None) is not None:
         del trained.config.quantization_config
-    log = {
-        "log_history": list(trainer.state.log_history),
-        "train_pairs": len(rows),
-        "global_steps": int(trainer.state.global_step),
-    }
     _save_atomically(trained, tokenizer, Path(out_dir), log)
+    del trainer, model, trained
+    release_memory()
     return log
+
+
+def release_memory() -> None:
+    """Free what training held (the trainer keeps reference cycles), so that the next iteration's
+    generation engine, which reserves its share of GPU memory when it starts, finds it free."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+JOB = "job.json"
+JOB_PAIRS = "pairs.jsonl"
+
+
+def default_accelerate_config() -> Path:
+    """The DeepSpeed ZeRO-3 accelerate config shipped with metareward."""
+    return Path(__file__).parent / "conf" / "accelerate" / "deepspeed_zero3.yaml"
+
+
+def launch_dpo(
+    model_dir: str,
+    rows: list[dict],
+    settings: DPOSettings,
+    out_dir: Path,
+    *,
+    seed: int,
+    job_dir: Path,
+    accelerate_config: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """:func:`train_dpo` in ``accelerate launch`` processes (one per GPU, as the config file says)."""
+    from metareward.records import write_json, write_jsonl
+
+    if not rows:
+        raise ValueError("launch_dpo needs at least one preference pair; rows is empty")
+    job = {
+        "model_dir": model_dir,
+        "settings": asdict(settings),
+        "out_dir": str(out_dir),
+        "seed": seed,
+        "trust_remote_code": trust_remote_code,
+    }
+    write_jsonl(job_dir / JOB_PAIRS, [{key: row[key] for key in PAIR_KEYS} for row in rows])
+    write_json(job_dir / JOB, job)
+    config = accelerate_config or str(default_accelerate_config())
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
+    command += ["-m", "metareward.training", str(job_dir)]
+    log_path = job_dir / "launch.log"
+    with open(log_path, "w") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+        raise RuntimeError(
+            f"accelerate launch exited with {done.returncode} (log: {log_path}):\n" + "\n".join(tail)
+        )
+    return json.loads((Path(out_dir) / TRAINING_LOG).read_text())
+
+
+def _job_main(job_dir: str) -> None:
+    """Entry point of each ``accelerate launch`` process: the job written by :func:`launch_dpo`."""
+    from metareward.records import read_jsonl
+
+    job = json.loads((Path(job_dir) / JOB).read_text())
+    train_dpo(
+        job["model_dir"],
+        read_jsonl(Path(job_dir) / JOB_PAIRS),
+        DPOSettings(**job["settings"]),
+        Path(job["out_dir"]),
+        seed=job["seed"],
+        trust_remote_code=job["trust_remote_code"],
+    )
+
+
+if __name__ == "__main__":
+    _job_main(sys.argv[1])

@@ -16,7 +16,9 @@ import metareward
 from metareward.config import Config, ConfigError, PairsConfig, register_configs, to_config
 
 CONF = Path(metareward.__file__).resolve().parent / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "__pycache__"))
+# conf/accelerate holds `accelerate launch` config files (train.accelerate_config), not Hydra options.
+NOT_GROUPS = ("experiment", "accelerate", "__pycache__")
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in NOT_GROUPS)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SCRIPT = Path(sys.executable).parent / "metareward"
 
@@ -106,6 +108,7 @@ def test_every_group_option_composes_and_validates(group: str, option: str, tmp_
 def test_every_experiment_composes_and_validates(name: str):
     config = build([f"experiment={name}"])
     values = yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text(encoding="utf-8"))
+    values.pop("defaults", None)  # group choices (e.g. `override /generator: vllm`), not settings
     for key, value in leaves(values):
         assert lookup(config, key) == value, key
 
@@ -256,3 +259,15 @@ def test_cli_cfg_job_prints_the_resolved_config(tmp_path: Path):
     assert printed["judge"]["score_from"] == "text_or_expected"
     assert printed["model"]["kind"] == "smollm2_135m"
     assert_no_model_loaded(tmp_path / "cache")
+
+
+def test_shipped_accelerate_configs_are_valid_launch_configs():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from metareward.training import default_accelerate_config
+
+    zero3 = load_config_from_file(str(default_accelerate_config()))
+    assert zero3.distributed_type == "DEEPSPEED" and zero3.deepspeed_config["zero_stage"] == 3
+    assert zero3.deepspeed_config["zero3_save_16bit_model"] is True
+    single = load_config_from_file(str(CONF / "accelerate" / "single_process.yaml"))
+    assert single.num_processes == 1

@@ -106,3 +106,43 @@ def test_stale_tmp_and_existing_out_dir_are_replaced(tiny_model, tmp_path):
     assert not stale.exists()
     assert not (out_dir / "old.txt").exists()
     AutoModelForCausalLM.from_pretrained(str(out_dir))
+
+
+def test_accelerate_launch_trains_in_a_separate_process(tiny_model, tmp_path):
+    """train.launcher=accelerate: a real `accelerate launch` (one CPU process) runs the DPO step."""
+    from metareward.training import launch_dpo
+
+    config = Path(__file__).parents[1] / "metareward" / "conf" / "accelerate" / "single_process.yaml"
+    out_dir = tmp_path / "m1"
+    result = launch_dpo(
+        tiny_model,
+        _pairs(),
+        _settings(),
+        out_dir,
+        seed=0,
+        job_dir=tmp_path / "job",
+        accelerate_config=str(config),
+    )
+    _assert_trained_plain_model(tiny_model, out_dir)
+    assert result["global_steps"] == 2
+    assert result["train_pairs"] == 4
+    # The job the launched process read: the pairs and settings, written whole.
+    assert len((tmp_path / "job" / "pairs.jsonl").read_text().splitlines()) == 4
+    assert (tmp_path / "job" / "launch.log").is_file()
+
+
+def test_accelerate_launch_failure_names_the_log(tiny_model, tmp_path):
+    from metareward.training import launch_dpo
+
+    config = Path(__file__).parents[1] / "metareward" / "conf" / "accelerate" / "single_process.yaml"
+    with pytest.raises(RuntimeError, match="launch.log"):
+        launch_dpo(
+            str(tmp_path / "no_such_model"),
+            _pairs(),
+            _settings(),
+            tmp_path / "m1",
+            seed=0,
+            job_dir=tmp_path / "job",
+            accelerate_config=str(config),
+        )
+    assert not (tmp_path / "m1").exists()

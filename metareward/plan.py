@@ -1,0 +1,107 @@
+"""What a run will cost before it starts: ``metareward ... dry_run=true``.
+
+Loads no model. For each iteration and stage it counts generation calls (sampled completions)
+and bounds the tokens they generate (every sample running to ``max_new_tokens``), so a run can
+be priced against a GPU-hour or per-token rate. Counts are upper bounds: the actor drops
+duplicate responses, and the meta-judge only compares judgements that parsed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from metareward.config import Config
+
+COLUMNS = ("iteration", "stage", "requests", "samples", "scored_texts", "max_generated_tokens")
+
+
+def _row(iteration: int | str, stage: str, requests: int, n: int, max_new: int, scored: int = 0) -> dict:
+    samples = requests * n
+    return {
+        "iteration": iteration,
+        "stage": stage,
+        "requests": requests,
+        "samples": samples,
+        "scored_texts": scored,
+        "max_generated_tokens": samples * max_new,
+    }
+
+
+def _evaluation(cfg: Config, iteration: int) -> list[dict]:
+    ev = cfg.eval
+    judged = 2 * ev.num_pairs
+    scored = judged * ev.num_judgements if cfg.judge.score_from == "text_or_expected" else 0
+    rows = [_row(iteration, "eval judge", judged, ev.num_judgements, ev.max_new_tokens, scored)]
+    if ev.win_rate:
+        rows.append(_row(iteration, "eval responses", ev.num_heldout, 1, ev.response_max_new_tokens))
+        if iteration > 0:
+            rows.append(_row(iteration, "eval win rate", 2 * ev.num_heldout, 1, ev.max_new_tokens))
+    return rows
+
+
+def training_processes(cfg: Config) -> int:
+    """Data-parallel DPO processes: the accelerate config's num_processes, or 1 in-process."""
+    if cfg.train.launcher != "accelerate":
+        return 1
+    from omegaconf import OmegaConf
+
+    from metareward.training import default_accelerate_config
+
+    launch = OmegaConf.load(cfg.train.accelerate_config or default_accelerate_config())
+    return int(launch.get("num_processes", 1)) * int(launch.get("num_machines", 1))
+
+
+def plan(cfg: Config, available_prompts: int | None = None) -> list[dict]:
+    """One row per iteration and stage, plus the DPO steps; ``available_prompts`` caps prompts per
+    iteration when the prompt set is smaller than ``data.prompts_per_iteration``."""
+    prompts = cfg.data.prompts_per_iteration
+    if available_prompts is not None:
+        prompts = min(prompts, available_prompts)
+    k, n = cfg.actor.num_responses, cfg.judge.num_judgements
+    responses = prompts * k
+    # One response per prompt is meta-judged: every ordered pair of its n judgements.
+    comparisons = prompts * n * (n - 1)
+    rows = _evaluation(cfg, 0) if cfg.eval.enabled else []
+    for t in range(1, cfg.iterations + 1):
+        scored = responses * n if cfg.judge.score_from == "text_or_expected" else 0
+        verdict_scored = comparisons if cfg.meta_judge.winner_from == "text_or_probs" else 0
+        rows += [
+            _row(t, "actor", prompts, k, cfg.actor.max_new_tokens),
+            _row(t, "judge", responses, n, cfg.judge.max_new_tokens, scored),
+            _row(t, "meta_judge", comparisons, 1, cfg.meta_judge.max_new_tokens, verdict_scored),
+        ]
+        pairs = prompts * (2 if t in cfg.train.judge_iterations else 1)
+        dpo = cfg.train.dpo
+        batch = dpo.batch_size * dpo.gradient_accumulation_steps * training_processes(cfg)
+        steps = math.ceil(math.ceil(pairs / batch) * dpo.num_epochs)
+        rows.append({"iteration": t, "stage": "dpo", "max_pairs": pairs, "max_optimizer_steps": steps})
+        if cfg.eval.enabled:
+            rows += _evaluation(cfg, t)
+    return rows
+
+
+def totals(rows: list[dict]) -> dict:
+    keys = ("requests", "samples", "scored_texts", "max_generated_tokens")
+    return {key: sum(row.get(key, 0) for row in rows) for key in keys}
+
+
+def format_plan(rows: list[dict]) -> str:
+    """The plan as a table a person can read, with totals."""
+    lines = [f"{'iter':>4}  {'stage':<15}{'requests':>10}{'samples':>12}{'scored':>10}{'max tokens':>16}"]
+    for row in rows:
+        if row["stage"] == "dpo":
+            lines.append(
+                f"{row['iteration']:>4}  {'dpo':<15}{'≤ ' + str(row['max_pairs']) + ' pairs':>22}"
+                f"{'≤ ' + str(row['max_optimizer_steps']) + ' optimizer steps':>36}"
+            )
+            continue
+        lines.append(
+            f"{row['iteration']:>4}  {row['stage']:<15}{row['requests']:>10,}{row['samples']:>12,}"
+            f"{row['scored_texts']:>10,}{row['max_generated_tokens']:>16,}"
+        )
+    total = totals(rows)
+    lines.append(
+        f"{'all':>4}  {'':<15}{total['requests']:>10,}{total['samples']:>12,}"
+        f"{total['scored_texts']:>10,}{total['max_generated_tokens']:>16,}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,500 @@
+"""The OpenAI-compatible backend against a stand-in server: a real HTTP server on 127.0.0.1 whose
+answers follow from each request, with faults injected on demand."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+import zlib
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from metareward import records
+from metareward.cli import load_config
+from metareward.config import GeneratorConfig, ModelConfig, OpenAISettings
+from metareward.generation import SamplingParams, make_generator
+from metareward.generation.openai import OpenAIError, OpenAIGenerator, sample_seed
+from metareward.prompts import SCORE_TOKENS, WINNER_TOKENS
+from tests.test_loop import TINY_RUN
+
+API_KEY = "sk-test-NOT-ON-DISK-123"
+KEY_ENV = "METAREWARD_TEST_OPENAI_KEY"
+
+
+def chat_answer(body: dict) -> dict:
+    """Words of the last message, then the sampling settings, cut at max_tokens (one word, one token)."""
+    messages = body["messages"]
+    content = messages[-1]["content"]
+    words = [*content.split(), f"seed={body['seed']}", f"t={body['temperature']}", f"p={body['top_p']}"]
+    cut = len(words) > body["max_tokens"]
+    words = words[: body["max_tokens"]]
+    reason = "length" if cut else ("eos" if "eos" in content else "stop")
+    prompt_tokens = sum(len(m["content"].split()) for m in messages)
+    return {
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": " ".join(words)},
+                "finish_reason": reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(words),
+            "total_tokens": prompt_tokens + len(words),
+        },
+    }
+
+
+def completion_answer(body: dict) -> dict:
+    """One greedy token with top logprobs: " 4" and "4" after a score cue, " A" / " B" otherwise."""
+    if body["prompt"].endswith("Score:"):
+        top = {" 4": math.log(0.6), "4": math.log(0.1), " 3": math.log(0.2), " x": math.log(0.1)}
+    else:
+        top = {" A": math.log(0.7), " B": math.log(0.2), " C": math.log(0.1)}
+    token = max(top, key=top.get)
+    return {
+        "object": "text_completion",
+        "choices": [
+            {
+                "index": 0,
+                "text": token,
+                "logprobs": {"tokens": [token], "token_logprobs": [top[token]], "top_logprobs": [top]},
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"prompt_tokens": len(body["prompt"].split()), "completion_tokens": 1, "total_tokens": 0},
+    }
+
+
+class StandInServer:
+    """A stand-in OpenAI-compatible server. ``faults`` are used up one per request, before answering:
+    "429", "429-retry-after" (Retry-After: 0), "503", "400" (its body echoes the Authorization header),
+    "drop" (closes the socket without answering), "slow" (answers after ``slow_s``)."""
+
+    def __init__(self, answer_chat=chat_answer, delay_s: float = 0.0, slow_s: float = 0.5):
+        self.answer_chat = answer_chat
+        self.delay_s = delay_s
+        self.slow_s = slow_s
+        self.faults: list[str] = []
+        self.received: list[tuple[str, dict, dict]] = []  # (path, headers, body), in arrival order
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def bodies(self) -> list[dict]:
+        return [body for _, _, body in self.received]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.received.append((self.path, dict(self.headers), body))
+                    fault = server.faults.pop(0) if server.faults else None
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._answer(fault, body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout test)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _answer(self, fault: str | None, body: dict) -> None:
+                time.sleep(server.delay_s)
+                if fault == "drop":
+                    self.close_connection = True
+                    return
+                if fault == "slow":
+                    time.sleep(server.slow_s)
+                if fault == "429":
+                    return self._send(429, {"error": {"message": "rate limited"}})
+                if fault == "429-retry-after":
+                    return self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"})
+                if fault == "503":
+                    return self._send(503, {"error": {"message": "overloaded"}})
+                if fault == "400":
+                    auth = self.headers.get("Authorization", "")
+                    return self._send(400, {"error": {"message": f"unknown field 'seed' (auth: {auth})"}})
+                if self.path == "/v1/chat/completions":
+                    return self._send(200, server.answer_chat(body))
+                if self.path == "/v1/completions":
+                    return self._send(200, completion_answer(body))
+                self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+            def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+@pytest.fixture
+def serve():
+    """Start stand-in servers on demand; all are shut down after the test."""
+    servers: list[StandInServer] = []
+
+    def start(**kwargs) -> StandInServer:
+        servers.append(StandInServer(**kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def settings(*urls: str, **openai) -> GeneratorConfig:
+    options = {"backoff_s": 0.01, "max_retries": 3, "timeout_s": 5.0, "api_key_env": KEY_ENV, **openai}
+    return GeneratorConfig(
+        backend="openai",
+        progress=False,
+        openai=OpenAISettings(base_urls=list(urls), model="served", **options),
+    )
+
+
+def generator(*urls: str, cache_dir: Path | None = None, **openai) -> OpenAIGenerator:
+    return OpenAIGenerator("no-local-model", ModelConfig(kind="tiny"), settings(*urls, **openai), cache_dir)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+PARAMS = SamplingParams(n=2, temperature=0.7, top_p=0.9, max_new_tokens=6, seed=11)
+
+
+def test_completions_follow_request_order_and_sampling_settings_reach_the_server(serve):
+    server = serve()
+    gen = make_generator("no-local-model", ModelConfig(kind="tiny"), settings(server.url))
+    requests = [user("one two"), user("a b c d e f g h"), user("eos here")]
+    out = gen.generate(requests, PARAMS)
+    gen.close()
+
+    assert [len(row) for row in out] == [2, 2, 2]
+    seeds = [sample_seed(11, 0), sample_seed(11, 1)]
+    assert seeds[0] != seeds[1]
+    for j, seed in enumerate(seeds):
+        first = out[0][j]
+        assert first.text == f"one two seed={seed} t=0.7 p=0.9"
+        assert (first.num_tokens, first.finish_reason) == (5, "stop")
+        long = out[1][j]
+        assert (long.text, long.num_tokens, long.finish_reason) == ("a b c d e f", 6, "length")
+        # A finish reason other than "length" means the model ended its turn.
+        assert out[2][j].finish_reason == "stop"
+    assert len(server.received) == 6
+    for path, headers, body in server.received:
+        assert path == "/v1/chat/completions"
+        assert "Authorization" not in headers  # no key in the environment
+        assert (body["model"], body["n"], body["max_tokens"]) == ("served", 1, 6)
+        assert (body["temperature"], body["top_p"]) == (0.7, 0.9)
+        assert body["seed"] in seeds
+    usage = gen.usage
+    assert (usage.generate_calls, usage.samples, usage.cached_samples, usage.http_requests) == (1, 6, 0, 6)
+    assert usage.generated_tokens == 2 * (5 + 6 + 5)
+    assert usage.prompt_tokens == 2 * (2 + 8 + 2)
+    assert usage.cost_usd == 0.0
+
+
+def test_same_seed_same_outputs_other_seed_other_outputs(serve):
+    server = serve()
+    gen = generator(server.url)
+    first = gen.generate([user("x")], PARAMS)
+    again = gen.generate([user("x")], PARAMS)
+    other = gen.generate([user("x")], replace(PARAMS, seed=12))
+    gen.close()
+    assert first == again
+    assert first != other
+
+
+def test_rate_limits_dropped_connections_and_server_errors_are_retried(serve):
+    server = serve()
+    server.faults = ["429", "429-retry-after", "drop", "503"]
+    gen = generator(server.url, max_retries=4)
+    out = gen.generate([user("hello")], replace(PARAMS, n=1))
+    gen.close()
+    assert out[0][0].text == f"hello seed={sample_seed(11, 0)} t=0.7 p=0.9"
+    assert gen.usage.http_requests == 5
+    assert len(server.received) == 5
+    assert gen.usage.samples == 1
+
+
+def test_retry_after_is_honoured_instead_of_the_backoff(serve):
+    server = serve()
+    server.faults = ["429-retry-after"]
+    gen = generator(server.url, backoff_s=30.0)
+    start = time.monotonic()
+    gen.generate([user("hello")], replace(PARAMS, n=1))
+    gen.close()
+    assert time.monotonic() - start < 5
+    assert gen.usage.http_requests == 2
+
+
+def test_a_timeout_is_retried(serve):
+    server = serve(slow_s=1.0)
+    server.faults = ["slow"]
+    gen = generator(server.url, timeout_s=0.3)
+    out = gen.generate([user("hello")], replace(PARAMS, n=1))
+    gen.close()
+    assert out[0][0].num_tokens == 4
+    assert gen.usage.http_requests == 2
+
+
+def test_a_client_error_raises_at_once_naming_status_url_and_body_without_the_key(serve, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    server = serve()
+    server.faults = ["400"]
+    gen = generator(server.url)
+    with pytest.raises(OpenAIError) as error:
+        gen.generate([user("hello")], replace(PARAMS, n=1))
+    gen.close()
+    message = str(error.value)
+    assert "HTTP 400" in message
+    assert f"{server.url}/chat/completions" in message
+    assert "unknown field 'seed'" in message
+    # The stand-in echoes the Authorization header; the message blanks the key out.
+    assert API_KEY not in message
+    assert gen.usage.http_requests == 1
+
+
+def test_exhausted_retries_raise_with_the_last_failure(serve):
+    server = serve()
+    server.faults = ["503"] * 3
+    gen = generator(server.url, max_retries=2)
+    with pytest.raises(OpenAIError, match=r"failed 3 times.*HTTP 503"):
+        gen.generate([user("hello")], replace(PARAMS, n=1))
+    gen.close()
+    assert gen.usage.http_requests == 3
+
+
+def test_unreachable_server_names_the_url():
+    gen = generator("http://no-such-host.invalid/v1", max_retries=0)
+    with pytest.raises(OpenAIError, match="no-such-host.invalid"):
+        gen.generate([user("hello")], replace(PARAMS, n=1))
+    gen.close()
+
+
+def test_a_second_generator_over_the_same_cache_makes_no_call(serve, tmp_path):
+    server = serve()
+    requests = [user("one two three"), user("four")]
+    gen = generator(server.url, cache_dir=tmp_path)
+    first = gen.generate(requests, PARAMS)
+    probs = gen.next_token_probs(["Score: "], SCORE_TOKENS)
+    gen.close()
+    assert len(server.received) == 5
+    assert len(list((tmp_path / "openai").rglob("*.json"))) == 5
+
+    again = generator(server.url, cache_dir=tmp_path)
+    assert again.generate(requests, PARAMS) == first
+    assert again.next_token_probs(["Score: "], SCORE_TOKENS) == probs
+    again.close()
+    assert len(server.received) == 5
+    usage = again.usage
+    assert (usage.samples, usage.cached_samples, usage.http_requests, usage.generated_tokens) == (4, 4, 0, 0)
+
+    uncached = generator(server.url, cache_dir=tmp_path, cache=False)
+    uncached.generate(requests, PARAMS)
+    uncached.close()
+    assert len(server.received) == 9
+
+
+def test_identical_samples_in_one_call_reach_the_server_once(serve):
+    server = serve()
+    gen = generator(server.url)
+    out = gen.generate([user("same"), user("same"), user("other")], replace(PARAMS, n=1))
+    gen.close()
+    assert out[0] == out[1] != out[2]
+    assert len(server.received) == 2
+    assert (gen.usage.samples, gen.usage.cached_samples) == (3, 1)
+
+
+def test_the_api_key_is_sent_and_never_written_to_the_cache(serve, tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    server = serve()
+    gen = generator(server.url, cache_dir=tmp_path)
+    gen.generate([user("secret?")], PARAMS)
+    gen.next_token_probs(["Winner: Judgement "], WINNER_TOKENS)
+    gen.close()
+    assert [headers["Authorization"] for _, headers, _ in server.received] == [f"Bearer {API_KEY}"] * 3
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert len(files) == 3
+    for path in files:
+        assert API_KEY.encode() not in path.read_bytes()
+
+
+def test_cost_follows_the_prices(serve):
+    server = serve()
+    gen = generator(server.url, prompt_price_per_mtok=2.0, completion_price_per_mtok=10.0)
+    gen.generate([user("a b c"), user("d e f g h")], PARAMS)
+    gen.close()
+    prompt = sum(chat_answer(body)["usage"]["prompt_tokens"] for body in server.bodies)
+    completion = sum(chat_answer(body)["usage"]["completion_tokens"] for body in server.bodies)
+    assert (gen.usage.prompt_tokens, gen.usage.generated_tokens) == (prompt, completion)
+    assert gen.usage.cost_usd == pytest.approx((prompt * 2.0 + completion * 10.0) / 1e6)
+    assert gen.usage.cost_usd > 0
+
+
+def test_next_token_probs_come_from_the_top_logprobs(serve):
+    server = serve()
+    gen = generator(server.url)
+    texts = ["The judgement. Score: ", "Which is better? Winner: Judgement "]
+    scores = gen.next_token_probs(texts[:1], SCORE_TOKENS)
+    winners = gen.next_token_probs(texts[1:], WINNER_TOKENS)
+    gen.close()
+    # " 4" and "4" are both the candidate "4"; " x" is no candidate; "0".."2" and "5" are absent.
+    assert scores[0] == pytest.approx([0, 0, 0, 0.2, 0.7, 0])
+    assert winners[0] == pytest.approx([0.7, 0.2])
+    first, second = server.bodies
+    assert [path for path, _, _ in server.received] == ["/v1/completions"] * 2
+    # The trailing space is left for the candidate token to carry.
+    assert (first["prompt"], second["prompt"]) == (
+        "The judgement. Score:",
+        "Which is better? Winner: Judgement",
+    )
+    assert (first["max_tokens"], first["temperature"], first["logprobs"], first["model"]) == (
+        1,
+        0,
+        20,
+        "served",
+    )
+    assert gen.usage.scored_texts == 2
+    assert gen.usage.http_requests == 2
+
+
+def test_render_uses_the_local_chat_template_else_says_which_settings_to_use(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    messages = user("Hi there")
+    gen = OpenAIGenerator(tiny_model_dir, ModelConfig(kind="tiny"), settings("http://127.0.0.1:9/v1"))
+    expected = AutoTokenizer.from_pretrained(tiny_model_dir).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert gen.render(messages) == expected
+    gen.close()
+    remote = generator("http://127.0.0.1:9/v1")
+    with pytest.raises(OpenAIError, match=r"judge\.score_from=text.*meta_judge\.winner_from=text"):
+        remote.render(messages)
+    remote.close()
+
+
+def test_requests_are_spread_over_every_base_url(serve):
+    first, second = serve(), serve()
+    gen = generator(first.url, second.url)
+    out = gen.generate([user(f"q{i}") for i in range(4)], replace(PARAMS, n=1))
+    gen.close()
+    assert [row[0].text.split()[0] for row in out] == ["q0", "q1", "q2", "q3"]
+    assert len(first.received) == len(second.received) == 2
+
+
+def test_no_more_requests_in_flight_than_max_concurrency(serve):
+    server = serve(delay_s=0.1)
+    gen = generator(server.url, max_concurrency=3)
+    out = gen.generate([user(f"q{i}") for i in range(9)], replace(PARAMS, n=1))
+    gen.close()
+    assert [row[0].text.split()[0] for row in out] == [f"q{i}" for i in range(9)]
+    assert server.max_in_flight == 3
+
+
+# -- one iteration of the loop through the stand-in server ------------------------------------------
+
+
+def role_answer(body: dict) -> dict:
+    """Actor: text whose length varies with the request; judge: a varying "Score: N";
+    meta-judge: a varying "Winner: Judgement A|B"."""
+    content = body["messages"][-1]["content"]
+    draw = zlib.crc32(f"{content}/{body['seed']}".encode())
+    if "two judgments" in content:
+        text = f"One applies the rubric better. Winner: Judgement {'AB'[draw % 2]}"
+    elif "additive 5-point scoring system" in content:
+        text = f"The response meets part of the rubric. Score: {draw % 6}"
+    else:
+        text = " ".join([f"answer-{draw}", *["word"] * (draw % 9)])
+    words = len(text.split())
+    return {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": len(content.split()), "completion_tokens": words, "total_tokens": 0},
+    }
+
+
+def test_one_loop_iteration_through_the_server_and_a_resume_from_the_cache(
+    serve, tmp_path, tiny_model_dir, monkeypatch
+):
+    from metareward.loop import Run
+
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    server = serve(answer_chat=role_answer)
+    overrides = [
+        *TINY_RUN,
+        "generator=openai",
+        f"generator.openai.base_urls=[{server.url}]",
+        "generator.openai.model=tiny",
+        f"generator.openai.api_key_env={KEY_ENV}",
+        "generator.openai.backoff_s=0.01",
+        "judge.score_from=text",
+        "meta_judge.winner_from=text",
+        "iterations=1",
+        # Judge pairs are built (and checked) but DPO trains on the short actor pairs only, for speed.
+        "train.judge_iterations=[]",
+        "run_name=served",
+        f"runs_dir={tmp_path}",
+    ]
+    cfg = load_config(None, overrides)
+    history = Run(cfg).run()
+    run_dir = tmp_path / "served"
+    iteration = run_dir / "iter_1"
+    assert [m["iteration"] for m in history] == [1]
+    assert (iteration / records.MODEL / "config.json").is_file()
+    assert records.read_jsonl(iteration / records.ACTOR_PAIRS)
+    assert records.read_jsonl(iteration / records.JUDGE_PAIRS)
+    chats = [body for path, _, body in server.received if path == "/v1/chat/completions"]
+    assert all(body["model"] == "tiny" for body in chats)
+    judgements = records.read_jsonl(iteration / records.JUDGEMENTS)
+    assert all(re.search(r"Score: \d", j["text"]) and j["score"] is not None for j in judgements)
+
+    usage = records.read_json(iteration / records.METRICS)["usage"]
+    for stage in ("actor", "judge", "meta_judge"):
+        assert usage[stage]["http_requests"] > 0
+        assert usage[stage]["samples"] > 0
+    calls = len(server.received)
+    assert calls == sum(usage[stage]["http_requests"] for stage in ("actor", "judge", "meta_judge"))
+
+    for name in (records.METRICS, records.JUDGEMENTS, records.META_JUDGEMENTS):
+        (iteration / name).unlink()
+    Run(cfg).run()
+    assert len(server.received) == calls
+    assert records.read_jsonl(iteration / records.JUDGEMENTS) == judgements
+    usage = records.read_json(iteration / records.METRICS)["usage"]
+    assert usage["judge"]["cached_samples"] == usage["judge"]["samples"] > 0
+
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), path

@@ -1,0 +1,9 @@
+"""Stand-in for ``vllm.exceptions``: the error a request's invalid parameters raise."""
+
+
+class VLLMError(Exception):
+    pass
+
+
+class VLLMValidationError(VLLMError):
+    pass
