@@ -18,6 +18,7 @@ the pairs and settings into a job directory and runs this module under ``acceler
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -45,7 +46,14 @@ def _dpo_config(
     settings: DPOSettings, work_dir: Path, seed: int, report_to: str, trust_remote_code: bool
 ) -> DPOConfig:
     on_gpu = torch.cuda.is_available()
+    # Gradient checkpointing is `activation_checkpointing` from transformers 5.21 on (TRL defaults it
+    # to on; we follow our settings); transformers 5.20, which vLLM 0.33 pins, has the older name.
+    names = {f.name for f in dataclasses.fields(DPOConfig)}
+    checkpointing = (
+        "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    )
     return DPOConfig(
+        **{checkpointing: settings.gradient_checkpointing},
         output_dir=str(work_dir),
         beta=settings.beta,
         learning_rate=settings.learning_rate,
@@ -57,8 +65,6 @@ def _dpo_config(
         warmup_steps=settings.warmup_ratio,
         lr_scheduler_type=settings.lr_scheduler_type,
         precompute_ref_log_probs=settings.precompute_ref_log_probs,
-        # transformers 5's name for gradient checkpointing (TRL defaults it to on; we follow our settings).
-        activation_checkpointing=settings.gradient_checkpointing,
         seed=seed,
         trust_remote_code=trust_remote_code,
         logging_steps=1,
