@@ -90,6 +90,9 @@ def _run(cfg: DictConfig) -> None:
         run.run()
     except (RunStopped, RecordError, FileNotFoundError, TrackingError, OpenAIError) as error:
         _fail(str(error), code=1)
+    except (ValueError, OSError) as error:
+        # E.g. transformers refusing a model (remote code not trusted, no safetensors weights).
+        _fail(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}", code=1)
     print(f"run directory: {run.dir}")
 
 

@@ -158,9 +158,11 @@ class Run:
         """Run (or resume) iterations 1..T; returns each iteration's metrics."""
         cfg = self.cfg
         check_writable(self.dir)
-        check_run_config(self.dir, cfg)
+        # Bad prompts or a bad model path fail before config.yaml exists: a run that never started
+        # leaves no config that would then refuse the corrected one.
         all_prompts = load_prompts(cfg.data)
         self.seed_dir = model_dir = resolve_model(cfg.model)
+        check_run_config(self.dir, cfg)
         history = []
         with make_tracker(cfg.tracking, self.dir, cfg.run_name, asdict(cfg)) as tracker:
             if cfg.eval.enabled and not (self.dir / EVAL_0).is_file():

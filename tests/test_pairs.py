@@ -8,8 +8,6 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from metareward.pairs import (
     actor_pairs,
@@ -367,83 +365,4 @@ def test_rows_load_with_datasets(tmp_path):
         assert loaded[0]["chosen"] == rows[0]["chosen"]
 
 
-# ---------------------------------------------------------------- properties
-
-SCORES = st.one_of(st.none(), st.integers(0, 5).map(float), st.sampled_from([0.1, 0.7, 1.1, 3.3]))
-
-
-@st.composite
-def worlds(draw):
-    prompts, responses, judgements, metas = [], [], [], []
-    for p in range(draw(st.integers(1, 3))):
-        pid = f"p{p}"
-        prompts.append(prompt(pid))
-        for k in draw(st.lists(st.integers(0, 8), unique=True, max_size=5)):
-            responses.append(response(pid, k, draw(st.integers(1, 6))))
-            rid = f"{pid}/r{k}"
-            usable = []
-            for n in draw(st.lists(st.integers(0, 6), unique=True, max_size=4)):
-                row = judgement(rid, n, draw(SCORES), draw(st.sampled_from(["stop", "stop", "length"])))
-                judgements.append(row)
-                if usable_judgements([row]):
-                    usable.append(row["judgement_id"])
-            verdicts = st.sampled_from(["first", "second", None])
-            metas += [meta(a, b, draw(verdicts)) for a in usable for b in usable if a != b]
-    return prompts, responses, judgements, metas
-
-
-def mean_scores(judgements):
-    scores = {}
-    for j in judgements:
-        if j["score"] is not None:
-            scores.setdefault(j["response_id"], []).append(j["score"])
-    return {rid: sum(s) / len(s) for rid, s in scores.items()}
-
-
-@settings(max_examples=150, deadline=None)
-@given(worlds(), st.sampled_from([0.0, 0.1, 0.25, 0.4, 0.49]))
-def test_actor_pair_properties(world, rho):
-    prompts, responses, judgements, _ = world
-    pairs, stats = actor_pairs(prompts, responses, judgements, rho)
-    rows = {r["response_id"]: r for r in responses}
-    means = mean_scores(judgements)
-    assert stats["pairs"] == len(pairs) and len({p["prompt_id"] for p in pairs}) == len(pairs)
-    for pair in pairs:
-        chosen, rejected = rows[pair["chosen_id"]], rows[pair["rejected_id"]]
-        assert chosen is not rejected
-        assert chosen["prompt_id"] == rejected["prompt_id"] == pair["prompt_id"]
-        assert pair["chosen_score"] > pair["rejected_score"]
-        group = {rid: s for rid, s in means.items() if rows[rid]["prompt_id"] == pair["prompt_id"]}
-        high, low = max(group.values()), min(group.values())
-        # Responses clearly inside the top (bottom) tier are no shorter (longer) than the pick.
-        for rid, s in group.items():
-            if s >= high - rho * (high - low) + 1e-9:
-                assert pair["chosen_tokens"] <= rows[rid]["num_tokens"]
-            if s <= low + rho * (high - low) - 1e-9:
-                assert pair["rejected_tokens"] >= rows[rid]["num_tokens"]
-
-
-@settings(max_examples=100, deadline=None)
-@given(worlds())
-def test_judge_pair_properties(world):
-    prompts, responses, judgements, metas = world
-    pairs, stats = judge_pairs(prompts, responses, judgements, metas, judge_prompt)
-    usable = {j["judgement_id"]: j for j in usable_judgements(judgements)}
-    assert stats["pairs"] == len(pairs)
-    for pair in pairs:
-        assert pair["chosen_id"] != pair["rejected_id"]
-        assert usable[pair["chosen_id"]]["response_id"] == usable[pair["rejected_id"]]["response_id"]
-        assert pair["response_id"] == usable[pair["chosen_id"]]["response_id"]
-        assert pair["response_id"].startswith(pair["prompt_id"] + "/r")
-        assert pair["chosen_elo"] > pair["rejected_elo"]
-
-
-@settings(max_examples=100, deadline=None)
-@given(worlds(), st.randoms(use_true_random=False))
-def test_shuffling_never_changes_pairs(world, rng):
-    prompts, responses, judgements, metas = world
-    expected_actor = actor_pairs(prompts, responses, judgements, 0.25)
-    expected_judge = judge_pairs(prompts, responses, judgements, metas, judge_prompt)
-    responses, judgements, metas = (shuffled(rows, rng) for rows in (responses, judgements, metas))
-    assert actor_pairs(prompts, responses, judgements, 0.25) == expected_actor
-    assert judge_pairs(prompts, responses, judgements, metas, judge_prompt) == expected_judge
+# Properties of these rules over generated inputs: tests/test_pair_properties.py.

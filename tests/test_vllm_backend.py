@@ -105,6 +105,7 @@ def test_engine_gets_the_settings(tiny_model_dir, standin):
         "max_model_len": 2048,
         "enable_prefix_caching": True,
         "max_logprobs": 7,
+        "load_format": "safetensors",
     }
     assert {key: llm.args[key] for key in sent} == sent
 

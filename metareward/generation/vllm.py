@@ -51,6 +51,8 @@ class VLLMGenerator:
             max_model_len=engine.max_model_len,
             enable_prefix_caching=engine.enable_prefix_caching,
             max_logprobs=engine.max_logprobs,
+            # Weights from safetensors only: a pickled checkpoint could run code when loaded.
+            load_format="safetensors",
         )
 
     def _engine(self) -> LLM:

@@ -25,6 +25,7 @@ from vllm.sampling_params import SamplingParams
 # Engine arguments the real LLM forwards to EngineArgs through **kwargs (a subset); others are refused.
 ENGINE_ARGS = {
     "enable_prefix_caching",
+    "load_format",
     "max_model_len",
     "max_logprobs",
     "max_num_seqs",
@@ -32,7 +33,6 @@ ENGINE_ARGS = {
     "pipeline_parallel_size",
     "distributed_executor_backend",
     "download_dir",
-    "load_format",
 }
 
 
