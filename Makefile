@@ -1,5 +1,6 @@
 # make demo: the Meta-Rewarding loop on the embedded SmolLM2-135M (CPU is fine).
 # make test: the test suite. Both create or reuse .venv first.
+# make bench: where a run's time goes on this machine (scripts/bench.py; JSON in bench.json).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -20,6 +21,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/metareward experiment=demo
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py --out bench.json
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

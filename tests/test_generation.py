@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from metareward.config import GeneratorConfig, ModelConfig
-from metareward.generation import Completion, SamplingParams, make_generator
+from metareward.generation import Completion, SamplingParams, hf, make_generator
+from metareward.generation.hf import sample
 from metareward.prompts import SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
 
 REQUESTS = [
@@ -130,41 +131,86 @@ def test_greedy_in_a_batch_matches_each_request_alone(generator, monkeypatch):
 
 
 def test_results_belong_to_their_request_whatever_the_batching(generator, monkeypatch):
-    """Replace the model's decoding by one that answers each row with its own prompt length, so every
-    result shows which request it came from; sorting, padding and batching must not mix them up."""
+    """Each sample draws from its own seed (seed, prompt, sample index). With a sampler that writes its
+    uniforms out as tokens, every completion shows which request and sample it came from: sorting,
+    sharing prefixes and batching must not mix them up."""
     tokenizer = generator.tokenizer
-    eos, pad = generator.stop_ids[0], tokenizer.pad_token_id
-    calls = []
-
-    def fake_generate(input_ids, attention_mask, generation_config):
-        calls.append((tuple(input_ids.shape), generation_config))
-        new = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
-            real = sum(mask)
-            # Left padding: pads first, then the real tokens.
-            assert mask == [0] * (len(mask) - real) + [1] * real
-            assert all(token == pad for token in ids[: len(mask) - real])
-            new.append([tokenizer.convert_tokens_to_ids(d) for d in str(real)] + [eos])
-        width = max(len(n) for n in new)
-        new = [n + [pad] * (width - len(n)) for n in new]
-        return torch.cat([input_ids, torch.tensor(new, dtype=input_ids.dtype)], dim=1)
-
-    monkeypatch.setattr(generator.model, "generate", fake_generate)
+    monkeypatch.setattr(hf, "sample", lambda logits, params, uniforms: (uniforms * 1000).long() + 100)
     requests = [[{"role": "user", "content": "word " * k}] for k in (3, 40, 1, 17, 9)]
-    expected = [str(len(encode(tokenizer, generator.render(r)))) for r in requests]
     params = SamplingParams(n=2, temperature=0.7, top_p=0.9, max_new_tokens=5, seed=0)
+    expected = []
+    for request in requests:
+        prompt = encode(tokenizer, generator.render(request))
+        draws = [
+            torch.rand(5, generator=torch.Generator().manual_seed(hf.sample_seed(0, prompt, j)))
+            for j in (0, 1)
+        ]
+        expected.append([tokenizer.decode((u * 1000).long() + 100) for u in draws])
+    rows_per_batch = []
+    decode = generator._decode
+
+    def counting_decode(prompts, p):
+        rows_per_batch.append(len(prompts) * p.n)
+        return decode(prompts, p)
+
+    monkeypatch.setattr(generator, "_decode", counting_decode)
     for batch_size in (1, 3, 4, 16):
-        calls.clear()
+        rows_per_batch.clear()
+        monkeypatch.setattr(generator, "memo", {})  # recompute, not recall
         monkeypatch.setattr(generator.settings, "batch_size", batch_size)
         out = generator.generate(requests, params)
-        assert [[c.text for c in cs] for cs in out] == [[e, e] for e in expected]
-        assert all(c.finish_reason == "stop" and c.num_tokens == len(c.text) for cs in out for c in cs)
-        assert sum(shape[0] for shape, _ in calls) == len(requests) * params.n
-        assert all(shape[0] <= batch_size for shape, _ in calls)
-        assert len(calls) == -(-len(requests) * params.n // batch_size)
-    config = calls[0][1]
-    assert config.do_sample and config.temperature == 0.7 and config.top_p == 0.9
-    assert config.max_new_tokens == 5
+        assert [[c.text for c in cs] for cs in out] == expected
+        assert all(c.finish_reason == "length" and c.num_tokens == 5 for cs in out for c in cs)
+        assert sum(rows_per_batch) == len(requests) * params.n
+        assert all(rows <= max(batch_size, params.n) for rows in rows_per_batch)
+    assert len({text for texts in expected for text in texts}) == 2 * len(requests)
+
+
+def test_identical_requests_are_computed_once(generator):
+    params = SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=4, seed=5)
+    before = generator.usage.copy()
+    out = generator.generate([REQUESTS[0], REQUESTS[1], REQUESTS[0]], params)
+    spent = generator.usage.since(before)
+    assert out[0] == out[2]
+    assert spent["samples"] == 6 and spent["cached_samples"] == 2
+    assert spent["generated_tokens"] == sum(c.num_tokens for c in out[0] + out[1])
+    # Asked again in a later call: answered from memory, nothing generated.
+    before = generator.usage.copy()
+    again = generator.generate([REQUESTS[1], REQUESTS[0]], params)
+    spent = generator.usage.since(before)
+    assert again == [out[1], out[0]]
+    assert spent["cached_samples"] == 4 and spent["generated_tokens"] == 0 and spent["prompt_tokens"] == 0
+
+
+def test_sampling_keeps_the_top_p_nucleus():
+    # Probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.8 keeps the first two (0.5 < 0.8, then 0.8 reached).
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(1000, 1)
+    uniforms = (torch.arange(1000) + 0.5) / 1000
+    tokens = sample(logits, SamplingParams(temperature=1.0, top_p=0.8), uniforms)
+    assert set(tokens.tolist()) == {0, 1}
+    assert (tokens == 0).sum().item() == 625  # 0.5 / 0.8 of the mass, by inverse CDF
+    every = sample(logits, SamplingParams(temperature=1.0, top_p=1.0), uniforms)
+    assert [(every == t).sum().item() for t in range(4)] == [500, 300, 150, 50]
+    greedy = sample(logits, SamplingParams(temperature=0.0), uniforms)
+    assert set(greedy.tolist()) == {0}
+    # A flat distribution over more tokens than the first top-k look: the nucleus is still exact.
+    flat = torch.zeros(1000, 1000)
+    wide = sample(flat, SamplingParams(temperature=1.0, top_p=0.5), uniforms)
+    assert 495 <= len(set(wide.tolist())) <= 505
+
+
+def test_other_architectures_use_plain_generate(generator, monkeypatch):
+    monkeypatch.setattr(generator, "llama_like", False)
+    monkeypatch.setattr(generator, "memo", {})
+    out = generator.generate(REQUESTS, SAMPLED)
+    assert [len(c) for c in out] == [SAMPLED.n] * len(REQUESTS)
+    assert generator.generate(REQUESTS, SAMPLED) == out
+    monkeypatch.setattr(generator, "memo", {})
+    assert generator.generate(REQUESTS, SAMPLED) == out  # recomputed: the seed fixes the outputs
+    (plain,) = generator.next_token_probs(["Score: "], SCORE_TOKENS)
+    monkeypatch.setattr(generator, "llama_like", True)
+    (fast,) = generator.next_token_probs(["Score: "], SCORE_TOKENS)
+    assert plain == pytest.approx(fast, rel=1e-4)
 
 
 # ---------------------------------------------------------------- next_token_probs
@@ -220,6 +266,31 @@ def test_winner_probs_use_the_common_prefix_context(generator, reference):
             assert encode(tokenizer, text + candidate) == [*context, token]
             assert p == pytest.approx(float(expected[token]), rel=1e-4, abs=1e-12)
         assert sum(row) <= 1.0 + 1e-6
+
+
+def test_scoring_a_completion_reuses_its_cached_prompt(generator, reference, monkeypatch):
+    """The judge scores prompt + judgement + cue right after generating the judgement: only the tokens
+    after the kept cache run, and the probabilities are those of a plain forward pass."""
+    tokenizer, model = reference
+    params = SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=8, seed=2)
+    monkeypatch.setattr(generator, "memo", {})
+    out = generator.generate(REQUESTS, params)
+    texts = [
+        generator.render(request) + c.text.rstrip() + "\nScore: "
+        for request, completions in zip(REQUESTS, out, strict=True)
+        for c in completions
+    ]
+
+    def no_prefill(prompts):
+        raise AssertionError("scored from scratch, not on the kept cache")
+
+    monkeypatch.setattr(generator, "_prefill", no_prefill)
+    probs = generator.next_token_probs(texts, SCORE_TOKENS)
+    for text, row in zip(texts, probs, strict=True):
+        ids = encode(tokenizer, text)
+        expected = direct_probs(model, ids)
+        for candidate, p in zip(SCORE_TOKENS, row, strict=True):
+            assert p == pytest.approx(float(expected[encode(tokenizer, text + candidate)[-1]]), rel=1e-4)
 
 
 def test_multi_token_candidate_is_refused(generator):

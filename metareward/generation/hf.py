@@ -1,18 +1,52 @@
-"""The transformers backend: batched ``generate`` on CPU or CUDA.
+"""The transformers backend: a batched decode loop with shared-prefix KV caches, on CPU or CUDA.
 
-Requests are rendered with the model's chat template, expanded to ``n`` samples,
-sorted by prompt length (so a batch pads little) and left-padded. The global torch RNG is
-seeded once per call, so the same requests with the same seed give the same outputs.
+    gen = HFGenerator(model_dir, ModelConfig(), GeneratorConfig(batch_size=32))
+    completions = gen.generate(requests, SamplingParams(n=3, max_new_tokens=128, seed=7))
+
+How a ``generate`` call spends its compute (the judge and meta-judge prompts share a long rubric):
+
+- identical requests (same prompt and sampling settings) are computed once, also across calls to the
+  same generator; the answer comes from memory and counts as ``usage.cached_samples``;
+- unique prompts, longest first, are cut into batches of ``batch_size // n`` prompts; a batch's common
+  token prefix is prefilled once, each prompt's remainder once, and its ``n`` samples decode on top;
+- attention reads each shared part once per step for all rows that share it (its keys meet all their
+  queries in one matmul; partial softmaxes merge by log-sum-exp), so long shared prompts cost little;
+- each sample draws its uniforms from its own generator, seeded by (seed, prompt, sample index): a
+  completion does not depend on what else is in its batch, and the same request and seed give the
+  same outputs however requests are batched;
+- the KV caches of the last call are kept, so ``next_token_probs`` on a prompt + its completion + a cue
+  (the judge's "Score: ") runs only the tokens after the cached part.
+
+Models outside the Llama family (other attention layouts) fall back to ``model.generate`` and plain
+forward passes, with the global torch RNG seeded once per call.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from metareward.config import GeneratorConfig, ModelConfig
 from metareward.generation import Completion, Messages, SamplingParams, Usage
+from metareward.generation.tokens import encode, next_token_query, stop_token_ids
+
+# Architectures whose layers are Llama's (q/k/v/o projections, RoPE, pre-norm, gated MLP).
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+# Top-p looks at this many most likely tokens first; a row whose nucleus is wider falls back to a sort.
+NUCLEUS_TOP_K = 64
+# Tokens per prefill forward pass: bounds the attention scores and activations held at once.
+PREFILL_TOKENS = 4096
+# KV caches kept after a call for the scoring call that follows it, and how many tokens past a kept
+# completion a scored text may run (the score or verdict cue; a longer tail is prefilled on its own).
+KEEP_BYTES = 2 * 1024**3
+SCORE_TAIL = 64
 
 
 def pick_device(setting: str) -> torch.device:
@@ -21,11 +55,124 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 matmuls run about
+    twice as fast as fp32 ones; elsewhere torch emulates bf16 and it is slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
     return getattr(torch, setting)
+
+
+@dataclass
+class Level:
+    """Keys and values of a run of positions, (layers, groups, kv_heads, length, head_dim). Rows are
+    grouped contiguously, rows // groups per group; ``mask`` (groups, 1 or rows per group, length) marks
+    the valid positions (None: all)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class Kept:
+    """The caches of one decoded batch: the prompts' common prefix (``shared`` tokens), each prompt's
+    remainder (``n`` rows per prompt) and each row's generated tokens; per row, its tokens (prompt +
+    completion), its prompt length and how many leading tokens have cached keys."""
+
+    levels: list[Level]
+    shared: int
+    n: int
+    sequences: list[np.ndarray]
+    prompt_lens: list[int]
+    cached: list[int]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for level in self.levels for t in (level.k, level.v))
+
+
+def attend(q: torch.Tensor, parts: list[tuple], scale: float) -> torch.Tensor:
+    """Attention of one new query per row, ``q`` (rows, heads, d), over key/value parts, exactly.
+
+    Each part is (k, v, mask) with k, v (groups, kv_heads, L, d) and mask (groups, 1 or rows per group,
+    L) or None: the queries of a group's rows meet its keys in one matmul, so a part that many rows
+    share is read once. One softmax runs over the scores of all parts together."""
+    rows, heads, d = q.shape
+    q = q * scale
+    scores, shapes = [], []
+    for k, _, mask in parts:
+        groups, kv_heads, length, _ = k.shape
+        per, share = rows // groups, heads // kv_heads
+        grouped = q.view(groups, per, kv_heads, share, d).transpose(1, 2).reshape(groups, kv_heads, -1, d)
+        s = torch.matmul(grouped, k.transpose(-1, -2)).view(groups, kv_heads, per, share, length)
+        if mask is not None:
+            s = s.masked_fill(~mask[:, None, :, None, :], float("-inf"))
+        scores.append(s.transpose(1, 2).reshape(rows, heads, length))
+        shapes.append((groups, kv_heads, per, share, length))
+    weights = torch.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(q.dtype)
+    out = 0
+    for (_, v, _), w, (groups, kv_heads, per, share, length) in zip(
+        parts, weights.split([shape[-1] for shape in shapes], dim=-1), shapes, strict=True
+    ):
+        w = (
+            w.reshape(groups, per, kv_heads, share, length)
+            .transpose(1, 2)
+            .reshape(groups, kv_heads, -1, length)
+        )
+        o = torch.matmul(w, v).view(groups, kv_heads, per, share, d)
+        out = out + o.transpose(1, 2).reshape(rows, heads * d)
+    return out
+
+
+def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """A Llama RMSNorm module's function as one fused op."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else inverse-CDF sampling of the top-p nucleus of
+    softmax(logits / temperature) with one uniform per row."""
+    if params.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    index = None
+    if params.top_p < 1:
+        top, index = probs.topk(min(NUCLEUS_TOP_K, probs.shape[-1]))
+        if (top.sum(-1) < params.top_p).any():  # a flatter row: its nucleus is wider than the top-k
+            # Tokens below (1 - top_p) / vocab hold less than 1 - top_p together: the nucleus is in the rest.
+            wide = (probs > (1 - params.top_p) / probs.shape[-1]).sum(-1).max()
+            top, index = probs.topk(max(1, int(wide)))
+        # The most likely tokens until their mass reaches top_p (the token that crosses it included).
+        keep = (top.cumsum(-1) - top) < params.top_p
+        # Drawn in token-id order, so a rounding-size change in the logits (another batch) moves a
+        # draw only if it lies at a boundary, not whenever two near-equal tokens swap ranks.
+        index, order = index.sort(-1)
+        probs = (top * keep).gather(-1, order)
+    cdf = probs.double().cumsum(-1)
+    pick = (cdf <= uniforms[:, None].double() * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+    return pick if index is None else index.gather(-1, pick[:, None]).squeeze(-1)
+
+
+def sample_seed(seed: int, prompt: list[int], j: int) -> int:
+    digest = hashlib.blake2b(np.asarray(prompt, dtype=np.int64).tobytes(), key=f"{seed}/{j}".encode())
+    return int.from_bytes(digest.digest()[:8], "little") & (2**63 - 1)
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
 
 
 class HFGenerator:
@@ -44,21 +191,314 @@ class HFGenerator:
             use_safetensors=True,
         ).to(self.device)
         self.model.eval()
-        self.stop_ids = self._stop_token_ids()
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
+        config = self.model.config
+        self.llama_like = config.model_type in LLAMA_LIKE and not getattr(config, "use_sliding_window", False)
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.qkv_heads = [config.num_attention_heads, self.kv_heads, self.kv_heads]
+        self.fused = [self._fuse(layer) for layer in self.model.model.layers] if self.llama_like else []
+        self.memo: dict[tuple, list[Completion]] = {}
+        self.kept: list[Kept] = []
 
-    def _stop_token_ids(self) -> list[int]:
-        ids = self.model.generation_config.eos_token_id
-        ids = [ids] if isinstance(ids, int) else list(ids or [])
-        if self.tokenizer.eos_token_id is not None:
-            ids.append(self.tokenizer.eos_token_id)
-        return sorted(set(ids))
+    @staticmethod
+    def _fuse(layer) -> list[tuple]:
+        """One weight matrix for each layer's q/k/v projections and one for its gate/up projections (the
+        modules keep views into them): one larger matmul instead of several small ones per token."""
+        fused = []
+        for linears in (
+            (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+            (layer.mlp.gate_proj, layer.mlp.up_proj),
+        ):
+            weight = torch.cat([linear.weight.data for linear in linears])
+            has_bias = linears[0].bias is not None
+            bias = torch.cat([linear.bias.data for linear in linears]) if has_bias else None
+            start = 0
+            for linear in linears:
+                end = start + linear.weight.shape[0]
+                linear.weight.data = weight[start:end]
+                if has_bias:
+                    linear.bias.data = bias[start:end]
+                start = end
+            fused.append((weight, bias))
+        return fused
 
     def render(self, messages: Messages) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _encode(self, text: str) -> list[int]:
-        # The rendered chat text already holds every special token the template wants.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    # -- generate ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self, requests: list[Messages], params: SamplingParams, desc: str = ""
+    ) -> list[list[Completion]]:
+        prompts = [encode(self.tokenizer, self.render(messages)) for messages in requests]
+        settings = (params.n, params.temperature, params.top_p, params.max_new_tokens, params.seed)
+        keys = [(tuple(p), *settings) for p in prompts]
+        todo = sorted({key for key in keys if key not in self.memo}, key=lambda key: -len(key[0]))
+        self.usage.generate_calls += 1
+        self.usage.samples += len(keys) * params.n
+        self.usage.cached_samples += (len(keys) - len(todo)) * params.n
+        self.usage.prompt_tokens += sum(len(key[0]) for key in todo) * params.n
+        if todo:
+            self.kept = []  # the caches a following scoring call may use are this call's
+        per_batch = max(1, self.settings.batch_size // params.n)
+        bar = tqdm(
+            total=len(todo) * params.n,
+            desc=desc or "generate",
+            unit="seq",
+            disable=not self.settings.progress,
+        )
+        with bar:
+            for start in range(0, len(todo), per_batch):
+                batch = todo[start : start + per_batch]
+                ids = [list(key[0]) for key in batch]
+                decoded = self._decode(ids, params) if self.llama_like else self._generate_plain(ids, params)
+                for key, completions in zip(batch, decoded, strict=True):
+                    self.memo[key] = completions
+                    self.usage.generated_tokens += sum(c.num_tokens for c in completions)
+                bar.update(len(batch) * params.n)
+        return [list(self.memo[key]) for key in keys]
+
+    def _completion(self, generated: list[int]) -> Completion:
+        stop = next((k for k, token in enumerate(generated) if token in self.stop_ids), None)
+        tokens = generated if stop is None else generated[:stop]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Completion(
+            text=text, num_tokens=len(tokens), finish_reason="length" if stop is None else "stop"
+        )
+
+    def _decode(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` samples of each prompt, decoded together on the prompts' shared caches."""
+        n, steps = params.n, params.max_new_tokens
+        levels, logits = self._prefill(prompts)
+        logits = logits.repeat_interleave(n, 0)
+        rows = len(prompts) * n
+        uniforms = torch.stack(
+            [
+                torch.rand(steps, generator=torch.Generator().manual_seed(sample_seed(params.seed, p, j)))
+                for p in prompts
+                for j in range(n)
+            ]
+        ).to(self.device)
+        start = torch.tensor([len(p) for p in prompts], device=self.device).repeat_interleave(n)
+        k_new, v_new = self._buffers(rows, steps)
+        stops = torch.tensor(self.stop_ids, device=self.device)
+        tokens = torch.zeros(rows, steps, dtype=torch.long, device=self.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        last = torch.zeros(rows, dtype=torch.long, device=self.device)
+        for t in range(steps):
+            tokens[:, t] = sample(logits, params, uniforms[:, t])
+            done |= torch.isin(tokens[:, t], stops)
+            if t == steps - 1 or bool(done.all()):
+                break
+            # Finished rows keep decoding until their whole batch has finished; their tail is cut below.
+            logits = self._forward(tokens[:, t : t + 1], (start + t)[:, None], levels, k_new, v_new, t, last)
+        generated = tokens[:, : t + 1].tolist()
+        completions = [self._completion(g) for g in generated]
+        self._keep(levels + [Level(k_new[:, :, :, :t], v_new[:, :, :, :t])], prompts, n, generated, t)
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _keep(self, levels: list[Level], prompts: list[list[int]], n: int, generated, cached: int) -> None:
+        """Keep a decoded batch's caches (within KEEP_BYTES) for a scoring call on its completions;
+        ``cached`` generated tokens of each row have keys in the last level."""
+        sequences, prompt_lens, lengths = [], [], []
+        for r, tokens in enumerate(generated):
+            prompt, kept = prompts[r // n], self._completion(tokens).num_tokens
+            sequences.append(np.asarray(prompt + tokens[:kept], dtype=np.int64))
+            prompt_lens.append(len(prompt))
+            lengths.append(len(prompt) + min(kept, cached))
+        shared = levels[0].k.shape[3] if len(levels) == 3 else 0
+        batch = Kept(levels, shared, n, sequences, prompt_lens, lengths)
+        if batch.nbytes() + sum(k.nbytes() for k in self.kept) <= KEEP_BYTES:
+            self.kept.append(batch)
+
+    # -- the Llama-family forward pass ---------------------------------------------------------------
+
+    def _buffers(self, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (len(self.model.model.layers), rows, self.kv_heads, length, self.head_dim)
+        return (
+            torch.empty(shape, dtype=self.model.dtype, device=self.device),
+            torch.empty(shape, dtype=self.model.dtype, device=self.device),
+        )
+
+    def _forward(self, ids, positions, past: list[Level], k_out, v_out, offset: int, last) -> torch.Tensor:
+        """Run new tokens ``ids`` (rows, T) at ``positions`` on top of the ``past`` levels; their keys and
+        values go into ``k_out``/``v_out`` at ``offset`` (attended causally). Returns fp32 logits at
+        column ``last`` (rows,) of each row."""
+        core = self.model.model
+        rows, T = ids.shape
+        h = core.embed_tokens(ids)
+        cos, sin = core.rotary_emb(h, positions)
+        for i, layer in enumerate(core.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            (qkv, qkv_bias), (gate_up, gate_up_bias) = self.fused[i]
+            x = rms_norm(h, layer.input_layernorm)
+            q, k, v = F.linear(x, qkv, qkv_bias).view(rows, T, -1, self.head_dim).split(self.qkv_heads, dim=2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+            k_out[i, :, :, offset : offset + T] = k.transpose(1, 2)
+            v_out[i, :, :, offset : offset + T] = v.transpose(1, 2)
+            own = (k_out[i, :, :, : offset + T], v_out[i, :, :, : offset + T])
+            if T == 1:  # decoding: each shared level is read once for all the rows that share it
+                parts = [(level.k[i], level.v[i], level.mask) for level in past]
+                out = attend(q.view(rows, -1, self.head_dim), [*parts, (*own, None)], attn.scaling)
+            else:  # prefill: many queries per row, so one fused attention over all keys is faster
+                out = self._attend_dense(q, past, i, own, offset, attn.scaling)
+            h = h + attn.o_proj(out.view(rows, T, -1))
+            gate, up = F.linear(rms_norm(h, layer.post_attention_layernorm), gate_up, gate_up_bias).chunk(
+                2, -1
+            )
+            h = h + mlp.down_proj(mlp.act_fn(gate) * up)
+        h = h[torch.arange(rows, device=self.device), last]
+        return self.model.lm_head(rms_norm(h, core.norm)).float()
+
+    def _attend_dense(self, q, past: list[Level], layer: int, own, offset: int, scale: float) -> torch.Tensor:
+        """Attention of several new tokens per row over every past level and their own part, the levels
+        laid out per row for ``scaled_dot_product_attention``."""
+        rows, T, heads, d = q.shape
+        keys, values, masks = [], [], []
+        for level in past:
+            groups, length = level.k.shape[1], level.k.shape[3]
+            per = rows // groups
+
+            def per_row(x: torch.Tensor, per=per) -> torch.Tensor:
+                return x.unsqueeze(1).expand(x.shape[0], per, *x.shape[1:]).flatten(0, 1)
+
+            keys.append(per_row(level.k[layer]))
+            values.append(per_row(level.v[layer]))
+            mask = level.mask if level.mask is not None else torch.ones(1, 1, length, dtype=torch.bool)
+            masks.append(
+                mask.to(q.device).expand(groups, per, length).reshape(rows, 1, length).expand(-1, T, -1)
+            )
+        span = offset + T
+        causal = torch.arange(span, device=q.device) <= offset + torch.arange(T, device=q.device)[:, None]
+        masks.append(causal.expand(rows, T, span))
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            torch.cat([*keys, own[0]], dim=2),
+            torch.cat([*values, own[1]], dim=2),
+            attn_mask=torch.cat(masks, dim=-1)[:, None],
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out.transpose(1, 2).reshape(rows, T, heads * d)
+
+    def _run(self, ids: list[list[int]], first: int, past: list[Level], k_out, v_out) -> torch.Tensor:
+        """Prefill right-padded token rows (their first position is ``first``) on top of ``past`` (one
+        shared level or none), in slices of at most PREFILL_TOKENS tokens; returns the logits after each
+        row's last token."""
+        rows, width = len(ids), max(len(r) for r in ids)
+        pad = self.tokenizer.pad_token_id
+        tokens = torch.tensor([r + [pad] * (width - len(r)) for r in ids], device=self.device)
+        last = torch.tensor([len(r) - 1 for r in ids], device=self.device)
+        logits = torch.empty(rows, self.model.config.vocab_size, device=self.device)
+        per = max(1, PREFILL_TOKENS // width)
+        step = max(1, PREFILL_TOKENS // min(per, rows))
+        for a in range(0, rows, per):
+            b = min(rows, a + per)
+            for offset in range(0, width, step):
+                chunk = tokens[a:b, offset : offset + step]
+                positions = first + offset + torch.arange(chunk.shape[1], device=self.device)
+                here = last[a:b].clamp(offset, offset + chunk.shape[1] - 1) - offset
+                out = self._forward(
+                    chunk, positions.expand(b - a, -1), past, k_out[:, a:b], v_out[:, a:b], offset, here
+                )
+                inside = (last[a:b] >= offset) & (last[a:b] < offset + chunk.shape[1])
+                logits[a:b][inside] = out[inside]
+        return logits
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[list[Level], torch.Tensor]:
+        """Caches for ``prompts``: their common prefix once (kept short of every prompt's last token),
+        then each prompt's remainder; and the logits after each prompt."""
+        arrays = [np.asarray(p, dtype=np.int64) for p in prompts]
+        shared = min(len(p) for p in prompts) - 1
+        for a in arrays[1:]:
+            shared = min(shared, common_prefix(arrays[0], a))
+        levels = []
+        if shared > 0:
+            k, v = self._buffers(1, shared)
+            self._run([prompts[0][:shared]], 0, [], k, v)
+            levels.append(Level(k, v))
+        rest = [p[shared:] for p in prompts]
+        k, v = self._buffers(len(rest), max(len(r) for r in rest))
+        logits = self._run(rest, shared, levels, k, v)
+        mask = torch.arange(k.shape[3], device=self.device) < torch.tensor(
+            [[len(r)] for r in rest], device=self.device
+        )
+        return levels + [Level(k, v, mask[:, None, :])], logits
+
+    # -- next-token probabilities ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def next_token_probs(self, texts: list[str], candidates: list[str]) -> list[list[float]]:
+        queries = [[next_token_query(self.tokenizer, text, c) for c in candidates] for text in texts]
+        self.usage.scored_texts += len(texts)
+        contexts = sorted({tuple(ctx) for per_text in queries for ctx, _ in per_text}, key=len, reverse=True)
+        probs_of: dict[tuple[int, ...], torch.Tensor] = {}
+        if self.llama_like:
+            contexts = self._score_on_kept(contexts, probs_of)
+        size = self.settings.score_batch_size
+        for start in range(0, len(contexts), size):
+            batch = contexts[start : start + size]
+            if self.llama_like:
+                logits = self._prefill([list(c) for c in batch])[1]
+            else:
+                logits = self._plain_logits([list(c) for c in batch])
+            for context, row in zip(batch, torch.softmax(logits, dim=-1).cpu(), strict=True):
+                probs_of[context] = row
+        return [[float(probs_of[tuple(ctx)][token]) for ctx, token in per_text] for per_text in queries]
+
+    def _score_on_kept(self, contexts: list[tuple[int, ...]], probs_of: dict) -> list[tuple[int, ...]]:
+        """Score the contexts that continue a row of the last call's kept caches (at most SCORE_TAIL
+        tokens past its cached part), running only those tokens; returns the contexts left over."""
+        claims: dict[int, dict[int, tuple]] = {}  # kept batch -> row -> (context, cached tokens it uses)
+        left = []
+        for context in contexts:
+            array, best = np.asarray(context, dtype=np.int64), None
+            for b, batch in enumerate(self.kept):
+                if common_prefix(batch.sequences[0][: batch.shared], array) < batch.shared:
+                    continue
+                for r, sequence in enumerate(batch.sequences):
+                    used = min(common_prefix(sequence, array), batch.cached[r], len(context) - 1)
+                    free = r not in claims.get(b, {})
+                    if free and used >= batch.shared and (best is None or used > best[2]):
+                        best = (b, r, used)
+            if best is None or len(context) - best[2] > SCORE_TAIL:
+                left.append(context)
+            else:
+                claims.setdefault(best[0], {})[best[1]] = (context, best[2])
+        for b, claimed in claims.items():
+            self._score_rows(self.kept[b], claimed, probs_of)
+        return left
+
+    def _score_rows(self, batch: Kept, claimed: dict[int, tuple], probs_of: dict) -> None:
+        """Run each claimed row's context past its cached part on top of the batch's caches; every row
+        runs (the shared levels need whole groups), unclaimed ones a single pad token."""
+        rows, pad = len(batch.sequences), self.tokenizer.pad_token_id
+        used = [claimed[r][1] if r in claimed else batch.prompt_lens[r] for r in range(rows)]
+        new = [list(claimed[r][0][used[r] :]) if r in claimed else [pad] for r in range(rows)]
+        width = max(len(x) for x in new)
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x in new], device=self.device)
+        used_t = torch.tensor(used, device=self.device)
+        positions = used_t[:, None] + torch.arange(width, device=self.device)
+        *shared, prompts, generated = batch.levels
+        # A context may leave its row's prompt or completion early: cut each row's cached part there.
+        in_prompt = (used_t - batch.shared).clamp(max=prompts.mask.sum(-1).repeat_interleave(batch.n))
+        in_generated = used_t - torch.tensor(batch.prompt_lens, device=self.device)
+        span1 = torch.arange(prompts.k.shape[3], device=self.device)
+        span2 = torch.arange(generated.k.shape[3], device=self.device)
+        past = shared + [
+            Level(prompts.k, prompts.v, (span1 < in_prompt[:, None]).view(-1, batch.n, len(span1))),
+            Level(generated.k, generated.v, (span2 < in_generated[:, None])[:, None, :]),
+        ]
+        k, v = self._buffers(rows, width)
+        last = torch.tensor([len(x) - 1 for x in new], device=self.device)
+        logits = self._forward(ids, positions, past, k, v, 0, last)
+        for r, row in enumerate(torch.softmax(logits, dim=-1).cpu()):
+            if r in claimed:
+                probs_of[claimed[r][0]] = row
+
+    # -- other architectures: model.generate and plain forward passes ----------------------------------
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)
@@ -67,84 +507,32 @@ class HFGenerator:
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=self.device)
         return ids, mask
 
-    def _progress(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc or "generate", unit="seq", disable=not self.settings.progress)
-
-    @torch.inference_mode()
-    def generate(
-        self, requests: list[Messages], params: SamplingParams, desc: str = ""
-    ) -> list[list[Completion]]:
-        prompts = [self._encode(self.render(messages)) for messages in requests]
-        # One row per (request, sample); longest first so the first batch shows the peak memory.
-        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
-        rows.sort(key=lambda row: (-len(prompts[row[0]]), row))
+    def _generate_plain(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        sampled = params.temperature > 0
         config = GenerationConfig(
-            do_sample=params.temperature > 0,
-            temperature=params.temperature if params.temperature > 0 else None,
-            top_p=params.top_p if params.temperature > 0 else None,
-            top_k=0 if params.temperature > 0 else None,
+            do_sample=sampled,
+            temperature=params.temperature if sampled else None,
+            top_p=params.top_p if sampled else None,
+            top_k=0 if sampled else None,
             max_new_tokens=params.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.stop_ids,
         )
-        torch.manual_seed(params.seed)
-        self.usage.generate_calls += 1
-        self.usage.samples += len(rows)
-        self.usage.prompt_tokens += sum(len(prompts[i]) for i, _ in rows)
-        results: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
-        with self._progress(len(rows), desc) as bar:
-            for start in range(0, len(rows), self.settings.batch_size):
-                batch = rows[start : start + self.settings.batch_size]
-                ids, mask = self._left_pad([prompts[i] for i, _ in batch])
-                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-                for (i, j), generated in zip(batch, out[:, ids.shape[1] :].tolist(), strict=True):
-                    results[i][j] = self._completion(generated)
-                    self.usage.generated_tokens += results[i][j].num_tokens
-                bar.update(len(batch))
-        return results
+        torch.manual_seed(sample_seed(params.seed, prompts[0], 0))
+        ids, mask = self._left_pad([p for p in prompts for _ in range(params.n)])
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        completions = [self._completion(g) for g in out[:, ids.shape[1] :].tolist()]
+        return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
-    def _completion(self, generated: list[int]) -> Completion:
-        stops = [k for k, token in enumerate(generated) if token in self.stop_ids]
-        if stops:
-            tokens, reason = generated[: stops[0]], "stop"
-        else:
-            tokens, reason = generated, "length"
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return Completion(text=text, num_tokens=len(tokens), finish_reason=reason)
-
-    def _query(self, text: str, candidate: str) -> tuple[list[int], int]:
-        """The context and the token a candidate continues it with.
-
-        BPE may merge the candidate with the text's last characters (" A" is one token), so the
-        context is the longest common token prefix of ``text`` and ``text + candidate``.
-        """
-        base, full = self._encode(text), self._encode(text + candidate)
-        common = 0
-        while common < min(len(base), len(full)) and base[common] == full[common]:
-            common += 1
-        if len(full) - common != 1:
-            raise ValueError(f"candidate {candidate!r} is not a single token after the given text")
-        return full[:common], full[common]
-
-    @torch.inference_mode()
-    def next_token_probs(self, texts: list[str], candidates: list[str]) -> list[list[float]]:
-        queries = [[self._query(text, c) for c in candidates] for text in texts]
-        self.usage.scored_texts += len(texts)
-        contexts = sorted({tuple(ctx) for per_text in queries for ctx, _ in per_text}, key=len, reverse=True)
-        probs_of: dict[tuple[int, ...], torch.Tensor] = {}
-        size = self.settings.score_batch_size
-        for start in range(0, len(contexts), size):
-            batch = contexts[start : start + size]
-            ids, mask = self._left_pad([list(c) for c in batch])
-            # Positions count from each row's first real token, as in an unpadded forward pass.
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
-            logits = out.logits[:, -1, :]
-            for context, row in zip(batch, torch.softmax(logits.float(), dim=-1).cpu(), strict=True):
-                probs_of[context] = row
-        return [[float(probs_of[tuple(ctx)][token]) for ctx, token in per_text] for per_text in queries]
+    def _plain_logits(self, contexts: list[list[int]]) -> torch.Tensor:
+        ids, mask = self._left_pad(contexts)
+        # Positions count from each row's first real token, as in an unpadded forward pass.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
 
     def close(self) -> None:
+        self.kept, self.memo = [], {}
         del self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,392 @@
+"""Where a run's time goes, measured on this machine in one run: a JSON report.
+
+Run it (about 10 minutes on 2 CPU cores)::
+
+    make bench
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py --out bench.json
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py --model tiny --quick   # seconds, a smoke test
+
+Sections of the report:
+
+- ``matmul``: the fp32 (and bf16) matmul rate of this machine, the yardstick for MFU.
+- ``generation``: tokens/s of the transformers backend and of a plain batched ``model.generate``
+  loop on the same prompts and sampling settings, their ratio, and decode MFU
+  (tokens/s x 2 x parameters / fp32 matmul rate) for both. The two are timed in turns, so a busy
+  machine slows both alike; compare the ratio, not the absolute rates, across machines.
+- ``dpo``: DPO training MFU: (6 x parameters x trained tokens + 2 x parameters x tokens for the
+  reference forward) / training time / fp32 matmul rate.
+- ``demo``: one iteration of ``experiment=demo`` in a child process: wall time, seconds and generated
+  tokens per stage, peak memory, meta-judge calls and tokens per judge pair; then the same run
+  resumed, which must generate nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+GIB = 1024**3
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def matmul_rate(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 2.0) -> float:
+    """GFLOP/s of a square matmul in ``dtype`` on all torch threads (best of several timed runs)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: first calls pick kernels and allocate
+    best, deadline = math.inf, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == math.inf:
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def count_parameters(model) -> int:
+    # Tied embeddings count once: the LM head matmul uses them on every token.
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def bench_requests(count: int) -> list[list[dict]]:
+    from metareward.config import DataConfig
+    from metareward.data import load_prompts
+
+    return [p["messages"] for p in load_prompts(DataConfig())[:count]]
+
+
+def plain_generate(model, tokenizer, stop_ids, requests, params, batch_size) -> int:
+    """The baseline: left-padded batches through ``model.generate``; returns the tokens generated
+    (up to each row's first stop token, as the backend counts them)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=params.temperature > 0,
+        temperature=params.temperature if params.temperature > 0 else None,
+        top_p=params.top_p if params.temperature > 0 else None,
+        top_k=0 if params.temperature > 0 else None,
+        max_new_tokens=params.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop_ids,
+    )
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in requests]
+    rows = [text for text in texts for _ in range(params.n)]
+    tokenizer.padding_side = "left"
+    torch.manual_seed(params.seed)
+    generated = 0
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            batch = tokenizer(
+                rows[start : start + batch_size], add_special_tokens=False, padding=True, return_tensors="pt"
+            )
+            out = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :]
+            for row in out.tolist():
+                generated += next((k for k, t in enumerate(row) if t in stop_ids), len(row))
+    return generated
+
+
+def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_size: int, rounds: int, rate):
+    """Backend and plain loop in turns on the same requests; each round uses a fresh seed."""
+    from dataclasses import replace
+
+    from metareward.config import GeneratorConfig
+    from metareward.generation.hf import HFGenerator
+
+    requests = bench_requests(prompts)
+    gen = HFGenerator(model_dir, model_cfg, GeneratorConfig(batch_size=batch_size, progress=False))
+    params_count = count_parameters(gen.model)
+    totals = {"backend": [0, 0.0], "plain": [0, 0.0]}
+    for round_ in range(rounds):
+        seeded = replace(params, seed=params.seed + round_)
+        start = time.perf_counter()
+        tokens = plain_generate(gen.model, gen.tokenizer, gen.stop_ids, requests, seeded, batch_size)
+        totals["plain"][0] += tokens
+        totals["plain"][1] += time.perf_counter() - start
+        start = time.perf_counter()
+        out = gen.generate(requests, seeded)
+        totals["backend"][1] += time.perf_counter() - start
+        totals["backend"][0] += sum(c.num_tokens for cs in out for c in cs)
+    gen.close()
+    report = {
+        "requests": len(requests),
+        "n": params.n,
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "batch_size": batch_size,
+        "dtype": model_cfg.dtype,
+        "rounds": rounds,
+        "parameters": params_count,
+    }
+    for name, (tokens, seconds) in totals.items():
+        per_second = tokens / seconds
+        report[name] = {
+            "generated_tokens": tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(per_second, 2),
+            "decode_mfu": round(per_second * 2 * params_count / (rate * 1e9), 4),
+        }
+    report["backend_vs_plain"] = round(report["backend"]["tokens_per_s"] / report["plain"]["tokens_per_s"], 3)
+    return report
+
+
+def dpo_pairs(count: int) -> list[dict]:
+    """Human preference pairs (hh-rlhf, bundled) as TRL conversational rows."""
+    from metareward.data import bundled_path
+    from metareward.records import read_jsonl
+
+    rows = read_jsonl(bundled_path("hh_rlhf_helpful_dev.jsonl"))[:count]
+    return [
+        {
+            "prompt": r["prompt"],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in rows
+    ]
+
+
+def dpo_section(model_dir: str, pairs: int, batch_size: int, rate: float) -> dict:
+    from transformers import AutoTokenizer
+
+    from metareward.config import DPOSettings
+    from metareward.training import train_dpo
+
+    rows = dpo_pairs(pairs)
+    settings = DPOSettings(batch_size=batch_size, learning_rate=1e-6)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = 0
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            text = tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=False)
+            tokens += min(len(tokenizer(text, add_special_tokens=False)["input_ids"]), settings.max_length)
+    with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
+        start = time.perf_counter()
+        log = train_dpo(model_dir, rows, settings, Path(tmp) / "model", seed=0)
+        wall = time.perf_counter() - start
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        params_count = count_parameters(
+            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        )
+    train_seconds = next(e["train_runtime"] for e in reversed(log["log_history"]) if "train_runtime" in e)
+    flops = (6 + 2) * params_count * tokens
+    return {
+        "pairs": len(rows),
+        "batch_size": batch_size,
+        "steps": log["global_steps"],
+        "trained_tokens": tokens,
+        "train_seconds": round(train_seconds, 3),
+        "seconds_per_step": round(train_seconds / max(1, log["global_steps"]), 3),
+        "wall_seconds_with_load_and_save": round(wall, 3),
+        "mfu": round(flops / train_seconds / (rate * 1e9), 4),
+    }
+
+
+# ---------------------------------------------------------------- the demo iteration (child process)
+
+
+def instrument(stats: dict) -> None:
+    """Wrap the loop's stage functions so that each adds its seconds and generator usage to ``stats``."""
+    import metareward.loop as loop
+    import metareward.stages as stages
+    import metareward.training as training
+
+    def wrap(module, name: str, label: str, has_ctx: bool) -> None:
+        inner = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            generator = getattr(args[0], "generator", None) if has_ctx else None
+            before = generator.usage.copy() if generator is not None else None
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                entry = stats.setdefault(label, {"seconds": 0.0})
+                entry["seconds"] = round(entry["seconds"] + time.perf_counter() - start, 3)
+                if before is not None:
+                    for key, value in generator.usage.since(before).items():
+                        entry[key] = entry.get(key, 0) + value
+
+        setattr(module, name, wrapper)
+
+    for name in ("actor", "judge", "meta_judge"):
+        wrap(stages, name, name, has_ctx=True)
+    wrap(loop, "make_generator", "load_model", has_ctx=False)
+    wrap(loop, "build_pairs", "pairs", has_ctx=False)
+    wrap(training, "train_dpo", "dpo", has_ctx=False)
+
+
+def demo_child(out: Path, overrides: list[str]) -> None:
+    from metareward import records
+    from metareward.cli import load_config
+    from metareward.loop import Run
+
+    stats: dict = {}
+    instrument(stats)
+    cfg = load_config(None, overrides)
+    start = time.perf_counter()
+    history = Run(cfg).run()
+    wall = time.perf_counter() - start
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    judge_pairs = sum(
+        len(records.read_jsonl(run_dir / f"iter_{m['iteration']}" / "judge_pairs.jsonl")) for m in history
+    )
+    usage = [m["usage"] for m in history if "usage" in m]
+    result = {
+        "wall_seconds": round(wall, 3),
+        "peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3),
+        "stages": stats,
+        "generated_tokens": sum(s.get("generated_tokens", 0) for s in stats.values()),
+        "judge_pairs": judge_pairs,
+        "actor_pairs": sum(m["pairs"]["actor"]["pairs"] for m in history),
+    }
+    if usage:
+        result["metrics_usage"] = usage
+    write_json(out, result)
+
+
+def demo_section(overrides: list[str], runs_dir: Path) -> dict:
+    """One demo run in a child process (fresh memory peak), then the same run again: a resume."""
+
+    def child(label: str) -> dict:
+        out = runs_dir / f"{label}.json"
+        command = [sys.executable, __file__, "--demo-child", str(out), "--", *overrides]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        result = json.loads(out.read_text())
+        result["process_seconds"] = round(time.perf_counter() - start, 3)
+        return result
+
+    first = child("first")
+    resumed = child("resumed")
+    meta, pairs = first["stages"].get("meta_judge", {}), first["judge_pairs"]
+    return {
+        "overrides": overrides,
+        **first,
+        # None when no judge pair formed (then the meta-judge's work bought nothing).
+        "meta_judge_calls_per_judge_pair": round(meta.get("samples", 0) / pairs, 3) if pairs else None,
+        "meta_judge_tokens_per_judge_pair": round(meta.get("generated_tokens", 0) / pairs, 3)
+        if pairs
+        else None,
+        "resumed": {
+            "wall_seconds": resumed["wall_seconds"],
+            "generated_tokens": resumed["generated_tokens"],
+        },
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def run(args) -> dict:
+    from metareward.config import ModelConfig
+    from metareward.generation import SamplingParams
+    from metareward.models import resolve_model
+
+    quick = args.quick
+    model_cfg = ModelConfig(kind=args.model, dtype=args.dtype)
+    model_dir = resolve_model(model_cfg)
+    report: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_average_start": load_average(),
+        },
+        "model": {"kind": args.model, "dtype": args.dtype},
+    }
+    size = 256 if quick else 2048
+    rate = matmul_rate(torch.float32, size)
+    report["matmul"] = {
+        "fp32_gflops": round(rate, 2),
+        "bf16_gflops": round(matmul_rate(torch.bfloat16, size), 2),
+        "size": size,
+    }
+    params = SamplingParams(
+        n=1, temperature=0.8, top_p=0.95, max_new_tokens=8 if quick else args.max_new_tokens, seed=1
+    )
+    report["generation"] = generation_section(
+        model_dir,
+        model_cfg,
+        4 if quick else args.prompts,
+        params,
+        args.batch_size,
+        1 if quick else args.rounds,
+        rate,
+    )
+    report["dpo"] = dpo_section(model_dir, 2 if quick else 8, 2 if quick else 4, rate)
+    if not args.skip_demo:
+        with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
+            overrides = [
+                "experiment=demo",
+                f"model={args.model}",
+                f"model.dtype={args.dtype}",
+                f"iterations={args.demo_iterations}",
+                "run_name=bench",
+                f"runs_dir={tmp}",
+                "tracking=none",
+                "generator.progress=false",
+                *(QUICK_DEMO if quick else []),
+                *args.overrides,
+            ]
+            report["demo"] = demo_section(overrides, Path(tmp))
+    report["machine"]["load_average_end"] = load_average()
+    return report
+
+
+# Sizes that keep the smoke test of the demo section to seconds on the tiny model.
+QUICK_DEMO = [
+    "data.prompts_per_iteration=2",
+    "actor.max_new_tokens=8",
+    "judge.max_new_tokens=8",
+    "meta_judge.max_new_tokens=4",
+    "generator.chunk_size=4",
+]
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where the report is written")
+    parser.add_argument("--model", default="smollm2_135m", choices=["smollm2_135m", "tiny"])
+    parser.add_argument("--dtype", default="float32", help="model.dtype for generation (training is fp32)")
+    parser.add_argument("--prompts", type=int, default=32, help="generation: bundled prompts, n=1 each")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="generation: turns of plain loop and backend")
+    parser.add_argument("--demo-iterations", type=int, default=1)
+    parser.add_argument("--skip-demo", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (a smoke test)")
+    parser.add_argument("--demo-child", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="extra config overrides for the demo run")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    if args.demo_child is not None:
+        demo_child(args.demo_child, args.overrides)
+        return None
+    report = run(args)
+    write_json(args.out, report)
+    print(json.dumps(report, indent=2))
+    print(f"report written to {args.out}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()

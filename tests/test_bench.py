@@ -1,0 +1,55 @@
+"""Smoke test of scripts/bench.py on the tiny model: every section reports finite, positive numbers and
+the resumed demo run generates nothing. No timing is asserted (the numbers depend on the machine)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_report_on_the_tiny_model(bench, tiny_model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    report = bench.main(["--model", "tiny", "--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+
+    assert positive(report["matmul"]["fp32_gflops"]) and positive(report["matmul"]["bf16_gflops"])
+
+    generation = report["generation"]
+    assert positive(generation["parameters"]) and positive(generation["backend_vs_plain"])
+    for engine in ("backend", "plain"):
+        for key in ("generated_tokens", "seconds", "tokens_per_s", "decode_mfu"):
+            assert positive(generation[engine][key]), (engine, key)
+
+    dpo = report["dpo"]
+    for key in ("steps", "trained_tokens", "train_seconds", "seconds_per_step", "mfu"):
+        assert positive(dpo[key]), key
+
+    demo = report["demo"]
+    assert positive(demo["wall_seconds"]) and positive(demo["peak_memory_gib"])
+    stages = demo["stages"]
+    for stage in ("actor", "judge"):
+        assert positive(stages[stage]["generated_tokens"]) and positive(stages[stage]["seconds"]), stage
+    # The meta-judge runs only when some response has two usable judgements.
+    assert stages["meta_judge"]["generated_tokens"] >= 0
+    assert positive(stages["dpo"]["seconds"])
+    generated = sum(stages[s]["generated_tokens"] for s in ("actor", "judge", "meta_judge"))
+    assert demo["generated_tokens"] == generated
+    # A finished iteration, run again, is read back from disk: nothing is generated twice.
+    assert demo["resumed"]["generated_tokens"] == 0
