@@ -38,6 +38,10 @@ import torch
 GIB = 1024**3
 
 
+def peak_memory_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -157,14 +161,13 @@ def dpo_pairs(count: int) -> list[dict]:
     ]
 
 
-def dpo_section(model_dir: str, pairs: int, batch_size: int, rate: float) -> dict:
+def dpo_section(model_dir: str, settings, steps: int, rate: float) -> dict:
+    """``steps`` optimiser steps of the demo's DPO settings on bundled human preference pairs."""
     from transformers import AutoTokenizer
 
-    from metareward.config import DPOSettings
     from metareward.training import train_dpo
 
-    rows = dpo_pairs(pairs)
-    settings = DPOSettings(batch_size=batch_size, learning_rate=1e-6)
+    rows = dpo_pairs(steps * settings.batch_size * settings.gradient_accumulation_steps)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens = 0
     for row in rows:
@@ -185,7 +188,8 @@ def dpo_section(model_dir: str, pairs: int, batch_size: int, rate: float) -> dic
     flops = (6 + 2) * params_count * tokens
     return {
         "pairs": len(rows),
-        "batch_size": batch_size,
+        "batch_size": settings.batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         "steps": log["global_steps"],
         "trained_tokens": tokens,
         "train_seconds": round(train_seconds, 3),
@@ -216,6 +220,8 @@ def instrument(stats: dict) -> None:
             finally:
                 entry = stats.setdefault(label, {"seconds": 0.0})
                 entry["seconds"] = round(entry["seconds"] + time.perf_counter() - start, 3)
+                # The process's peak after the stage first ran: the stage that raises it needs the memory.
+                entry.setdefault("peak_memory_gib", peak_memory_gib())
                 if before is not None:
                     for key, value in generator.usage.since(before).items():
                         entry[key] = entry.get(key, 0) + value
@@ -247,7 +253,7 @@ def demo_child(out: Path, overrides: list[str]) -> None:
     usage = [m["usage"] for m in history if "usage" in m]
     result = {
         "wall_seconds": round(wall, 3),
-        "peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3),
+        "peak_memory_gib": peak_memory_gib(),
         "stages": stats,
         "generated_tokens": sum(s.get("generated_tokens", 0) for s in stats.values()),
         "judge_pairs": judge_pairs,
@@ -294,12 +300,17 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def run(args) -> dict:
-    from metareward.config import ModelConfig
+    from dataclasses import replace
+
+    from metareward.cli import load_config
     from metareward.generation import SamplingParams
     from metareward.models import resolve_model
 
     quick = args.quick
-    model_cfg = ModelConfig(kind=args.model, dtype=args.dtype)
+    # The demo's own settings (model dtype, DPO batch) are the ones measured, unless overridden here.
+    chosen = [f"model={args.model}", *([f"model.dtype={args.dtype}"] if args.dtype else [])]
+    demo_cfg = load_config(None, ["experiment=demo", *chosen])
+    model_cfg = demo_cfg.model
     model_dir = resolve_model(model_cfg)
     report: dict = {
         "machine": {
@@ -308,7 +319,7 @@ def run(args) -> dict:
             "torch": torch.__version__,
             "load_average_start": load_average(),
         },
-        "model": {"kind": args.model, "dtype": args.dtype},
+        "model": {"kind": model_cfg.kind, "dtype": model_cfg.dtype},
     }
     size = 256 if quick else 2048
     rate = matmul_rate(torch.float32, size)
@@ -329,13 +340,15 @@ def run(args) -> dict:
         1 if quick else args.rounds,
         rate,
     )
-    report["dpo"] = dpo_section(model_dir, 2 if quick else 8, 2 if quick else 4, rate)
+    dpo = demo_cfg.train.dpo
+    if quick:
+        dpo = replace(dpo, batch_size=1, gradient_accumulation_steps=1)
+    report["dpo"] = dpo_section(model_dir, dpo, 2, rate)
     if not args.skip_demo:
         with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
             overrides = [
                 "experiment=demo",
-                f"model={args.model}",
-                f"model.dtype={args.dtype}",
+                *chosen,
                 f"iterations={args.demo_iterations}",
                 "run_name=bench",
                 f"runs_dir={tmp}",
@@ -363,7 +376,9 @@ def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where the report is written")
     parser.add_argument("--model", default="smollm2_135m", choices=["smollm2_135m", "tiny"])
-    parser.add_argument("--dtype", default="float32", help="model.dtype for generation (training is fp32)")
+    parser.add_argument(
+        "--dtype", default=None, help="model.dtype for generation (default: the demo's; training is fp32)"
+    )
     parser.add_argument("--prompts", type=int, default=32, help="generation: bundled prompts, n=1 each")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)

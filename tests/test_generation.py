@@ -293,6 +293,51 @@ def test_scoring_a_completion_reuses_its_cached_prompt(generator, reference, mon
             assert p == pytest.approx(float(expected[encode(tokenizer, text + candidate)[-1]]), rel=1e-4)
 
 
+def test_finished_prompts_leave_the_batch_and_keep_their_cache(generator, reference, monkeypatch):
+    """Samples that stop early (here: a uniform below 0.1 draws the stop token) leave the batch once
+    their prompt is done; completions stay exact, and scoring them afterwards still uses their cache."""
+    tokenizer, model = reference
+    eos = generator.stop_ids[0]
+
+    def stopping_sample(logits, params, uniforms):
+        return torch.where(uniforms < 0.1, eos, (uniforms * 1000).long() + 100)
+
+    rows_per_step = []
+    forward = generator._forward
+
+    def counting_forward(ids, *args):
+        rows_per_step.append(ids.shape)
+        return forward(ids, *args)
+
+    monkeypatch.setattr(hf, "sample", stopping_sample)
+    monkeypatch.setattr(generator, "_forward", counting_forward)
+    monkeypatch.setattr(generator, "memo", {})
+    monkeypatch.setattr(generator.settings, "batch_size", 16)
+    requests = [[{"role": "user", "content": "word " * k}] for k in (3, 40, 1, 17, 9)]
+    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=4)
+    out = generator.generate(requests, params)
+    for request, completions in zip(requests, out, strict=True):
+        prompt = encode(tokenizer, generator.render(request))
+        for j, c in enumerate(completions):
+            u = torch.rand(12, generator=torch.Generator().manual_seed(hf.sample_seed(4, prompt, j)))
+            stop = next((t for t in range(12) if u[t] < 0.1), None)
+            drawn = (u[:stop] * 1000).long() + 100
+            assert (c.num_tokens, c.finish_reason) == (len(drawn), "length" if stop is None else "stop")
+            assert c.text == tokenizer.decode(drawn)
+    assert {c.finish_reason for cs in out for c in cs} == {"stop", "length"}
+    decoding = [rows for rows, width in rows_per_step if width == 1]
+    assert decoding[0] == 10 and min(decoding) < 10  # the batch shrank as prompts finished
+
+    texts = [
+        generator.render(r) + c.text + "\nScore: " for r, cs in zip(requests, out, strict=True) for c in cs
+    ]
+    monkeypatch.setattr(generator, "_prefill", lambda prompts: pytest.fail("not scored on the kept cache"))
+    for text, row in zip(texts, generator.next_token_probs(texts, SCORE_TOKENS), strict=True):
+        expected = direct_probs(model, encode(tokenizer, text))
+        for candidate, p in zip(SCORE_TOKENS, row, strict=True):
+            assert p == pytest.approx(float(expected[encode(tokenizer, text + candidate)[-1]]), rel=1e-4)
+
+
 def test_multi_token_candidate_is_refused(generator):
     with pytest.raises(ValueError, match="12345678"):
         generator.next_token_probs(["Score: "], ["1", "12345678"])

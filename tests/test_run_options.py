@@ -91,7 +91,7 @@ def test_dry_run_counts_the_probability_fallbacks_and_notes_a_small_prompt_set(t
     assert "the prompt set holds 175" in done.stdout
     rows = _plan_rows(done.stdout)
     # The demo's judge reads a 0..5 distribution for every judgement (score_from=text_or_expected).
-    assert rows[("1", "judge")] == [525, 1575, 1575, 1575 * 128]
+    assert rows[("1", "judge")] == [525, 1575, 1575, 1575 * 192]
     assert rows[("2", "meta_judge")] == [175 * 6, 175 * 6, 175 * 6, 175 * 6 * 48]
 
 
