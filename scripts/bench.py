@@ -10,11 +10,14 @@ Sections of the report:
 
 - ``matmul``: the fp32 (and bf16) matmul rate of this machine, the yardstick for MFU.
 - ``generation``: tokens/s of the transformers backend and of a plain batched ``model.generate``
-  loop on the same prompts and sampling settings, their ratio, and decode MFU
-  (tokens/s x 2 x parameters / fp32 matmul rate) for both. The two are timed in turns, so a busy
-  machine slows both alike; compare the ratio, not the absolute rates, across machines.
+  loop on the same prompts, dtype and sampling settings, their ratio, and decode MFU
+  (tokens/s x 2 x parameters / fp32 matmul rate) for both; ``decode_mfu_vs_own_dtype`` divides by
+  the matmul rate of the dtype the model computes in instead (``model.dtype: auto`` is bf16 on CPUs
+  with native bf16). The two are timed in turns, so a busy machine slows both alike; compare the
+  ratio, not the absolute rates, across machines.
 - ``dpo``: DPO training MFU: (6 x parameters x trained tokens + 2 x parameters x tokens for the
-  reference forward) / training time / fp32 matmul rate.
+  reference forward) / training time / fp32 matmul rate (training computes in fp32). The count is
+  the usual one: the LM head, which runs on completion positions only, is counted on every token.
 - ``demo``: one iteration of ``experiment=demo`` in a child process: wall time, seconds and generated
   tokens per stage, peak memory, meta-judge calls and tokens per judge pair; then the same run
   resumed, which must generate nothing.
@@ -100,8 +103,9 @@ def plain_generate(model, tokenizer, stop_ids, requests, params, batch_size) -> 
     return generated
 
 
-def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_size: int, rounds: int, rate):
-    """Backend and plain loop in turns on the same requests; each round uses a fresh seed."""
+def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_size: int, rounds: int, rates):
+    """Backend and plain loop in turns on the same requests; each round uses a fresh seed. ``rates``:
+    matmul GFLOP/s per dtype; decode MFU is given against fp32's and against the computing dtype's."""
     from dataclasses import replace
 
     from metareward.config import GeneratorConfig
@@ -121,6 +125,7 @@ def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_si
         out = gen.generate(requests, seeded)
         totals["backend"][1] += time.perf_counter() - start
         totals["backend"][0] += sum(c.num_tokens for cs in out for c in cs)
+    dtype = gen.model.dtype
     gen.close()
     report = {
         "requests": len(requests),
@@ -130,6 +135,7 @@ def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_si
         "top_p": params.top_p,
         "batch_size": batch_size,
         "dtype": model_cfg.dtype,
+        "computes_in": str(dtype).removeprefix("torch."),
         "rounds": rounds,
         "parameters": params_count,
     }
@@ -139,7 +145,9 @@ def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_si
             "generated_tokens": tokens,
             "seconds": round(seconds, 3),
             "tokens_per_s": round(per_second, 2),
-            "decode_mfu": round(per_second * 2 * params_count / (rate * 1e9), 4),
+            "decode_mfu": round(per_second * 2 * params_count / (rates[torch.float32] * 1e9), 4),
+            # The same against the matmul rate of the dtype the model computes in (bf16 runs faster).
+            "decode_mfu_vs_own_dtype": round(per_second * 2 * params_count / (rates[dtype] * 1e9), 4),
         }
     report["backend_vs_plain"] = round(report["backend"]["tokens_per_s"] / report["plain"]["tokens_per_s"], 3)
     return report
@@ -322,10 +330,12 @@ def run(args) -> dict:
         "model": {"kind": model_cfg.kind, "dtype": model_cfg.dtype},
     }
     size = 256 if quick else 2048
-    rate = matmul_rate(torch.float32, size)
+    rates = {dtype: matmul_rate(dtype, size) for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+    rate = rates[torch.float32]
     report["matmul"] = {
         "fp32_gflops": round(rate, 2),
-        "bf16_gflops": round(matmul_rate(torch.bfloat16, size), 2),
+        "bf16_gflops": round(rates[torch.bfloat16], 2),
+        "fp16_gflops": round(rates[torch.float16], 2),
         "size": size,
     }
     params = SamplingParams(
@@ -338,7 +348,7 @@ def run(args) -> dict:
         params,
         args.batch_size,
         1 if quick else args.rounds,
-        rate,
+        rates,
     )
     dpo = demo_cfg.train.dpo
     if quick:

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from metareward.config import GeneratorConfig, ModelConfig
@@ -341,3 +342,16 @@ def test_finished_prompts_leave_the_batch_and_keep_their_cache(generator, refere
 def test_multi_token_candidate_is_refused(generator):
     with pytest.raises(ValueError, match="12345678"):
         generator.next_token_probs(["Score: "], ["1", "12345678"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_linear_equals_a_plain_one(dtype):
+    """The CPU linear with a weight laid out once for oneDNN computes F.linear (3-D input, bias)."""
+    if not hf.cpu_packs_weights():
+        pytest.skip("this torch build has no pre-packed oneDNN linear; the plain one runs instead")
+    weight, bias = torch.randn(48, 16, dtype=dtype), torch.randn(48, dtype=dtype)
+    x = torch.randn(5, 3, 16, dtype=dtype)
+    linear = hf.Linear(weight, bias, rows_hint=4)
+    assert linear.packed is not None
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(linear(x), F.linear(x, weight, bias), rtol=tolerance, atol=tolerance)

@@ -144,6 +144,55 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+class Linear:
+    """``x @ weight.T + bias``. On CPU the weight is laid out once, at load, the way oneDNN's matmul
+    kernels read it (what torch.compile's freezing does): a plain linear re-lays it on every call,
+    and at decode sizes that costs about as much as the multiply (measured: 1.6x faster for the LM
+    head at 32 rows in bf16, 2x in fp32)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int):
+        self.weight, self.out_features = weight, weight.shape[0]
+        self.bias = None if bias is None else bias.detach()
+        self.packed = None
+        if weight.device.type == "cpu" and cpu_packs_weights():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def cpu_packs_weights() -> bool:
+    """Whether this torch build has oneDNN's pre-packed linear (the ops torch.compile's CPU freezing
+    uses; private, so checked once on a small matrix, with a plain linear as the fallback)."""
+    global _PACKS
+    if _PACKS is None:
+        try:
+            w, x = torch.randn(8, 4), torch.randn(3, 4)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            _PACKS = torch.backends.mkldnn.is_available() and torch.allclose(out, x @ w.T, atol=1e-5)
+        except (AttributeError, RuntimeError):
+            _PACKS = False
+    return _PACKS
+
+
+_PACKS: bool | None = None
+
+
+@dataclass
+class LayerLinears:
+    """A decoder layer's projections: q/k/v fused into one matmul, then o, gate/up fused, down."""
+
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
+
+
 def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     """A Llama RMSNorm module's function as one fused op."""
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
@@ -209,13 +258,18 @@ class HFGenerator:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         # The fused q/k/v output splits into q and k (rotated together) and v.
         self.qk_v_heads = [config.num_attention_heads + self.kv_heads, self.kv_heads]
-        self.fused = [self._fuse(layer) for layer in self.model.model.layers] if self.llama_like else []
+        self.linears, self.lm_head = [], None
+        if self.llama_like:
+            rows = max(1, settings.batch_size)
+            self.linears = [self._layer_linears(layer, rows) for layer in self.model.model.layers]
+            head = self.model.lm_head
+            self.lm_head = Linear(head.weight.data, head.bias, rows)
         self.memo: dict[tuple, list[Completion]] = {}
         self.kept: list[Kept] = []
 
     @staticmethod
-    def _fuse(layer) -> list[tuple]:
-        """One weight matrix for each layer's q/k/v projections and one for its gate/up projections (the
+    def _layer_linears(layer, rows: int) -> LayerLinears:
+        """One weight matrix for the layer's q/k/v projections and one for its gate/up projections (the
         modules keep views into them): one larger matmul instead of several small ones per token."""
         fused = []
         for linears in (
@@ -232,8 +286,14 @@ class HFGenerator:
                 if has_bias:
                     linear.bias.data = bias[start:end]
                 start = end
-            fused.append((weight, bias))
-        return fused
+            fused.append(Linear(weight, bias, rows))
+        attn, mlp = layer.self_attn, layer.mlp
+        return LayerLinears(
+            qkv=fused[0],
+            o=Linear(attn.o_proj.weight.data, attn.o_proj.bias, rows),
+            gate_up=fused[1],
+            down=Linear(mlp.down_proj.weight.data, mlp.down_proj.bias, rows),
+        )
 
     def render(self, messages: Messages) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -383,10 +443,9 @@ class HFGenerator:
         span = min(k_out.shape[3], -(-(offset + 1) // OWN_BLOCK) * OWN_BLOCK)
         own_mask = (torch.arange(span, device=self.device) <= offset)[None, None]
         for i, layer in enumerate(core.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            (qkv, qkv_bias), (gate_up, gate_up_bias) = self.fused[i]
+            attn, linears = layer.self_attn, self.linears[i]
             x = rms_norm(h, layer.input_layernorm)
-            qk, v = F.linear(x, qkv, qkv_bias).view(rows, T, -1, self.head_dim).split(self.qk_v_heads, dim=2)
+            qk, v = linears.qkv(x).view(rows, T, -1, self.head_dim).split(self.qk_v_heads, dim=2)
             q, k = rope(qk, cos, sin).split(self.qk_v_heads[0] - self.kv_heads, dim=2)
             k_out[i, :, :, offset : offset + T] = k.transpose(1, 2)
             v_out[i, :, :, offset : offset + T] = v.transpose(1, 2)
@@ -397,13 +456,11 @@ class HFGenerator:
             else:  # prefill: many queries per row, so one fused attention over all keys is faster
                 own = (k_out[i, :, :, : offset + T], v_out[i, :, :, : offset + T])
                 out = self._attend_dense(q, past, i, own, offset, attn.scaling)
-            h = h + attn.o_proj(out.view(rows, T, -1))
-            gate, up = F.linear(rms_norm(h, layer.post_attention_layernorm), gate_up, gate_up_bias).chunk(
-                2, -1
-            )
-            h = h + mlp.down_proj(mlp.act_fn(gate) * up)
+            h = h + linears.o(out.view(rows, T, -1))
+            gate, up = linears.gate_up(rms_norm(h, layer.post_attention_layernorm)).chunk(2, -1)
+            h = h + linears.down(layer.mlp.act_fn(gate) * up)
         h = h[torch.arange(rows, device=self.device), last]
-        return self.model.lm_head(rms_norm(h, core.norm)).float()
+        return self.lm_head(rms_norm(h, core.norm)).float()
 
     def _attend_dense(self, q, past: list[Level], layer: int, own, offset: int, scale: float) -> torch.Tensor:
         """Attention of several new tokens per row over every past level and their own part, the levels
@@ -588,7 +645,7 @@ class HFGenerator:
         return out.logits[:, -1, :].float()
 
     def close(self) -> None:
-        self.kept, self.memo = [], {}
+        self.kept, self.memo, self.linears, self.lm_head = [], {}, [], None
         del self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
