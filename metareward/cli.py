@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metareward import records
+from metareward.allocator import keep_freed_memory
 from metareward.config import Config, ConfigError, register_configs, to_config
 from metareward.records import RecordError
 
@@ -97,6 +98,7 @@ def _run(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    keep_freed_memory()
     _run()
 
 

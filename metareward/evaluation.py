@@ -253,10 +253,12 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
     outcomes in ``<stem>_pairs.jsonl`` beside it."""
     from hydra.errors import HydraException
 
+    from metareward.allocator import keep_freed_memory
     from metareward.cli import load_config
     from metareward.generation import make_generator
     from metareward.models import resolve_model
 
+    keep_freed_memory()
     parser = argparse.ArgumentParser(prog="metareward-eval-judge", description=eval_judge_main.__doc__)
     parser.add_argument("--out", type=Path, default=Path("eval_judge.json"), help="result JSON file")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny eval.num_pairs=32")

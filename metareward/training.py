@@ -273,8 +273,10 @@ def launch_dpo(
 
 def _job_main(job_dir: str) -> None:
     """Entry point of each ``accelerate launch`` process: the job written by :func:`launch_dpo`."""
+    from metareward.allocator import keep_freed_memory
     from metareward.records import read_jsonl
 
+    keep_freed_memory()
     job = json.loads((Path(job_dir) / JOB).read_text())
     train_dpo(
         job["model_dir"],

@@ -29,12 +29,15 @@ def test_quick_report_on_the_tiny_model(bench, tiny_model_dir, tmp_path):
     report = bench.main(["--model", "tiny", "--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == report
 
-    assert positive(report["matmul"]["fp32_gflops"]) and positive(report["matmul"]["bf16_gflops"])
+    assert positive(report["matmul"]["float32_gflops"]) and positive(report["matmul"]["bfloat16_gflops"])
 
     generation = report["generation"]
     assert positive(generation["parameters"]) and positive(generation["backend_vs_plain"])
+    # The tiny model computes in fp32, so both yardsticks are the fp32 matmul rate.
+    assert generation["computes_in"] == "float32"
+    assert generation["backend"]["decode_mfu"] == generation["backend"]["decode_mfu_vs_own_dtype"]
     for engine in ("backend", "plain"):
-        for key in ("generated_tokens", "seconds", "tokens_per_s", "decode_mfu"):
+        for key in ("generated_tokens", "seconds", "tokens_per_s", "decode_mfu", "decode_mfu_vs_own_dtype"):
             assert positive(generation[engine][key]), (engine, key)
 
     dpo = report["dpo"]
