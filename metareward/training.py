@@ -58,9 +58,6 @@ def _score_completions_only() -> None:
         trl_utils._use_triton = use_compact
 
 
-_score_completions_only()
-
-
 def _dpo_config(
     settings: DPOSettings, work_dir: Path, seed: int, report_to: str, trust_remote_code: bool
 ) -> DPOConfig:
@@ -166,6 +163,7 @@ def train_dpo(
     # Provenance columns (ids, scores) would be carried through TRL's dataset maps, and mixed types
     # in them can break Arrow; only the three pair columns are training data.
     dataset = Dataset.from_list([{key: row[key] for key in PAIR_KEYS} for row in rows])
+    _score_completions_only()
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:

@@ -78,17 +78,9 @@ def bench_requests(count: int) -> list[list[dict]]:
 def plain_generate(model, tokenizer, stop_ids, requests, params, batch_size) -> int:
     """The baseline: left-padded batches through ``model.generate``; returns the tokens generated
     (up to each row's first stop token, as the backend counts them)."""
-    from transformers import GenerationConfig
+    from metareward.generation.hf import generation_config
 
-    config = GenerationConfig(
-        do_sample=params.temperature > 0,
-        temperature=params.temperature if params.temperature > 0 else None,
-        top_p=params.top_p if params.temperature > 0 else None,
-        top_k=0 if params.temperature > 0 else None,
-        max_new_tokens=params.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stop_ids,
-    )
+    config = generation_config(params, tokenizer.pad_token_id, stop_ids)
     texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in requests]
     rows = [text for text in texts for _ in range(params.n)]
     tokenizer.padding_side = "left"

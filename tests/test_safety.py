@@ -204,17 +204,20 @@ def test_generator_refuses_remote_code_unless_the_config_asks(remote_code_model)
     assert not marker.exists()
 
 
+# One preference pair; the loaders refuse the model before it is read.
+PAIR = {
+    "prompt": [{"role": "user", "content": "Hi"}],
+    "chosen": [{"role": "assistant", "content": "Hello!"}],
+    "rejected": [{"role": "assistant", "content": "Go away."}],
+}
+
+
 def test_training_refuses_remote_code_unless_the_config_asks(remote_code_model, tmp_path):
     from metareward.training import train_dpo
 
     model, marker = remote_code_model
-    pair = {
-        "prompt": [{"role": "user", "content": "Hi"}],
-        "chosen": [{"role": "assistant", "content": "Hello!"}],
-        "rejected": [{"role": "assistant", "content": "Go away."}],
-    }
     with pytest.raises(ValueError, match="trust_remote_code"):
-        train_dpo(str(model), [pair], DPOSettings(), tmp_path / "out", seed=0)
+        train_dpo(str(model), [PAIR], DPOSettings(), tmp_path / "out", seed=0)
     assert not marker.exists()
 
 
@@ -227,13 +230,8 @@ def test_pickled_weights_are_never_loaded(pickled_model, tmp_path):
     # M_t directories reach the loaders without resolve_model; they refuse the pickle too.
     with pytest.raises(OSError, match="safetensors"):
         make_generator(str(model), ModelConfig(kind="hf", path=str(model)), GeneratorConfig(progress=False))
-    pair = {
-        "prompt": [{"role": "user", "content": "Hi"}],
-        "chosen": [{"role": "assistant", "content": "Hello!"}],
-        "rejected": [{"role": "assistant", "content": "Go away."}],
-    }
     with pytest.raises(OSError, match="safetensors"):
-        train_dpo(str(model), [pair], DPOSettings(), tmp_path / "out", seed=0)
+        train_dpo(str(model), [PAIR], DPOSettings(), tmp_path / "out", seed=0)
     assert not marker.exists()
 
 

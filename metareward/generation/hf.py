@@ -25,6 +25,7 @@ fast as fp32 there. Models outside the Llama family (other attention layouts) fa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -165,22 +166,47 @@ class Linear:
         return out.view(*x.shape[:-1], self.out_features)
 
 
+@functools.cache
 def cpu_packs_weights() -> bool:
     """Whether this torch build has oneDNN's pre-packed linear (the ops torch.compile's CPU freezing
     uses; private, so checked once on a small matrix, with a plain linear as the fallback)."""
-    global _PACKS
-    if _PACKS is None:
-        try:
-            w, x = torch.randn(8, 4), torch.randn(3, 4)
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
-            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            _PACKS = torch.backends.mkldnn.is_available() and torch.allclose(out, x @ w.T, atol=1e-5)
-        except (AttributeError, RuntimeError):
-            _PACKS = False
-    return _PACKS
+    try:
+        w, x = torch.randn(8, 4), torch.randn(3, 4)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return torch.backends.mkldnn.is_available() and torch.allclose(out, x @ w.T, atol=1e-5)
+    except (AttributeError, RuntimeError):
+        return False
 
 
-_PACKS: bool | None = None
+def fuse(linears: tuple, rows_hint: int) -> Linear:
+    """One Linear computing ``linears`` side by side (outputs concatenated). Their weights move into
+    one matrix and the modules keep views into it, so the model still works and holds no copy."""
+    weight = torch.cat([linear.weight.data for linear in linears])
+    has_bias = linears[0].bias is not None
+    bias = torch.cat([linear.bias.data for linear in linears]) if has_bias else None
+    start = 0
+    for linear in linears:
+        end = start + linear.weight.shape[0]
+        linear.weight.data = weight[start:end]
+        if has_bias:
+            linear.bias.data = bias[start:end]
+        start = end
+    return Linear(weight, bias, rows_hint)
+
+
+def generation_config(params: SamplingParams, pad_token_id: int, stop_ids: list[int]) -> GenerationConfig:
+    """``params`` for ``model.generate``: the same nucleus sampling (no top-k), or greedy at 0."""
+    sampled = params.temperature > 0
+    return GenerationConfig(
+        do_sample=sampled,
+        temperature=params.temperature if sampled else None,
+        top_p=params.top_p if sampled else None,
+        top_k=0 if sampled else None,
+        max_new_tokens=params.max_new_tokens,
+        pad_token_id=pad_token_id,
+        eos_token_id=stop_ids,
+    )
 
 
 @dataclass
@@ -269,30 +295,14 @@ class HFGenerator:
 
     @staticmethod
     def _layer_linears(layer, rows: int) -> LayerLinears:
-        """One weight matrix for the layer's q/k/v projections and one for its gate/up projections (the
-        modules keep views into them): one larger matmul instead of several small ones per token."""
-        fused = []
-        for linears in (
-            (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
-            (layer.mlp.gate_proj, layer.mlp.up_proj),
-        ):
-            weight = torch.cat([linear.weight.data for linear in linears])
-            has_bias = linears[0].bias is not None
-            bias = torch.cat([linear.bias.data for linear in linears]) if has_bias else None
-            start = 0
-            for linear in linears:
-                end = start + linear.weight.shape[0]
-                linear.weight.data = weight[start:end]
-                if has_bias:
-                    linear.bias.data = bias[start:end]
-                start = end
-            fused.append(Linear(weight, bias, rows))
+        """The layer's projections, q/k/v and gate/up each fused into one matmul (larger, instead of
+        several small ones per token)."""
         attn, mlp = layer.self_attn, layer.mlp
         return LayerLinears(
-            qkv=fused[0],
-            o=Linear(attn.o_proj.weight.data, attn.o_proj.bias, rows),
-            gate_up=fused[1],
-            down=Linear(mlp.down_proj.weight.data, mlp.down_proj.bias, rows),
+            qkv=fuse((attn.q_proj, attn.k_proj, attn.v_proj), rows),
+            o=fuse((attn.o_proj,), rows),
+            gate_up=fuse((mlp.gate_proj, mlp.up_proj), rows),
+            down=fuse((mlp.down_proj,), rows),
         )
 
     def render(self, messages: Messages) -> str:
@@ -621,16 +631,7 @@ class HFGenerator:
         return ids, mask
 
     def _generate_plain(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        sampled = params.temperature > 0
-        config = GenerationConfig(
-            do_sample=sampled,
-            temperature=params.temperature if sampled else None,
-            top_p=params.top_p if sampled else None,
-            top_k=0 if sampled else None,
-            max_new_tokens=params.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.stop_ids,
-        )
+        config = generation_config(params, self.tokenizer.pad_token_id, self.stop_ids)
         torch.manual_seed(sample_seed(params.seed, prompts[0], 0))
         ids, mask = self._left_pad([p for p in prompts for _ in range(params.n)])
         out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
