@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 MODEL_KINDS = ("smollm2_135m", "hf", "tiny")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "fp32", "bf16")
 GENERATOR_BACKENDS = ("hf", "vllm", "openai")
 LAUNCHERS = ("inline", "accelerate")
 ON_NO_PAIRS = ("stop", "carry")
@@ -310,6 +311,9 @@ class DPOSettings:
     lr_scheduler_type: str = "linear"
     precompute_ref_log_probs: bool = False
     gradient_checkpointing: bool = False
+    # fp32 master weights always; bf16 autocasts the compute. auto: bf16 where the device multiplies
+    # bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32.
+    precision: str = "auto"
     use_lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -329,6 +333,7 @@ class DPOSettings:
         _require(self.max_length >= 16, "train.dpo.max_length", self.max_length, "must be >= 16")
         _require(0 <= self.warmup_ratio < 1, "train.dpo.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         _require(self.lora_r >= 1, "train.dpo.lora_r", self.lora_r, "must be >= 1")
+        _require(self.precision in PRECISIONS, "train.dpo.precision", self.precision, f"one of {PRECISIONS}")
 
 
 @dataclass

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from trl import DPOConfig, DPOTrainer
 
 from metareward import faults
 from metareward.config import DPOSettings
+from metareward.hardware import bf16_is_native
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 # Saved inside the model directory so that the log and the model appear together, or not at all.
@@ -89,9 +91,15 @@ def _dpo_config(
         push_to_hub=False,
         dataloader_num_workers=0,
         use_cpu=not on_gpu,
-        # TRL defaults bf16 to True, which on CPU is slow; autocast only where the GPU supports it.
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        bf16=autocasts_bf16(settings),
     )
+
+
+def autocasts_bf16(settings: DPOSettings) -> bool:
+    """Whether training autocasts to bf16 (TRL's default is yes, which is slow where bf16 is emulated)."""
+    if settings.precision != "auto":
+        return settings.precision == "bf16"
+    return bf16_is_native(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _lora_config(settings: DPOSettings):
@@ -112,6 +120,23 @@ class _KillPoint(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         faults.point("train_step")
+
+
+class _StepClock(TrainerCallback):
+    """Wall seconds of each optimiser step, from the end of the one before (the first from the start
+    of training, so it includes what the first step sets up: optimiser state, gradient buffers)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._last = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.seconds.append(round(now - self._last, 4))
+        self._last = now
 
 
 def _save_atomically(model, tokenizer, out_dir: Path, log: dict) -> None:
@@ -189,7 +214,7 @@ def train_dpo(
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[_KillPoint()],
+            callbacks=[_KillPoint(), clock := _StepClock()],
         )
         trainer.train()
 
@@ -197,6 +222,8 @@ def train_dpo(
         "log_history": list(trainer.state.log_history),
         "train_pairs": len(rows),
         "global_steps": int(trainer.state.global_step),
+        "step_seconds": clock.seconds,
+        "computes_in": "bfloat16" if args.bf16 else "float32",
     }
     if trainer.accelerator.num_processes > 1 or trainer.is_deepspeed_enabled:
         _save_gathered(trainer, tokenizer, settings, Path(out_dir), log)

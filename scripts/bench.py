@@ -8,19 +8,21 @@ Run it (about 10 minutes on 2 CPU cores)::
 
 Sections of the report:
 
-- ``matmul``: the fp32 (and bf16) matmul rate of this machine, the yardstick for MFU.
+- ``matmul``: the fp32 (and bf16) matmul rate of this machine, the yardstick for MFU. A shared VM's
+  rate wanders from second to second, so it is probed before, between and after the sections
+  (``*_probes``) and MFU is given against the median probe.
 - ``generation``: tokens/s of the transformers backend and of a plain batched ``model.generate``
   loop on the same prompts, dtype and sampling settings, their ratio, and decode MFU
   (tokens/s x 2 x parameters / fp32 matmul rate) for both; ``decode_mfu_vs_own_dtype`` divides by
   the matmul rate of the dtype the model computes in instead (``model.dtype: auto`` is bf16 on CPUs
-  with native bf16). The two are timed in turns, so a busy machine slows both alike; compare the
-  ratio, not the absolute rates, across machines.
+  with native bf16). The two are timed in turns after one uncounted warm-up turn each, so a busy
+  machine slows both alike; compare the ratio, not the absolute rates, across machines.
 - ``dpo``: DPO training MFU: (6 x parameters x trained tokens + 2 x parameters x tokens for the
-  reference forward) / training time / fp32 matmul rate (training computes in fp32). The count is
-  the usual one: the LM head, which runs on completion positions only, is counted on every token.
-- ``demo``: one iteration of ``experiment=demo`` in a child process: wall time, seconds and generated
-  tokens per stage, peak memory, meta-judge calls and tokens per judge pair; then the same run
-  resumed, which must generate nothing.
+  reference forward) / training time / fp32 matmul rate, over the optimiser steps after the first
+  (which also allocates the optimiser state and gradients; ``mfu_with_first_step`` counts it).
+  Training autocasts to bf16 where ``train.dpo.precision: auto`` finds native bf16
+  (``computes_in``; ``mfu_vs_own_dtype`` uses that dtype's rate). The count is the usual one: the
+  LM head, which runs on completion positions only, is counted on every token.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,9 +100,9 @@ def plain_generate(model, tokenizer, stop_ids, requests, params, batch_size) -> 
     return generated
 
 
-def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_size: int, rounds: int, rates):
-    """Backend and plain loop in turns on the same requests; each round uses a fresh seed. ``rates``:
-    matmul GFLOP/s per dtype; decode MFU is given against fp32's and against the computing dtype's."""
+def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_size: int, rounds: int):
+    """Backend and plain loop in turns on the same requests, after one uncounted warm-up turn of each
+    (first calls allocate buffers and set up kernels); each round uses a fresh seed."""
     from dataclasses import replace
 
     from metareward.config import GeneratorConfig
@@ -107,20 +110,20 @@ def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_si
 
     requests = bench_requests(prompts)
     gen = HFGenerator(model_dir, model_cfg, GeneratorConfig(batch_size=batch_size, progress=False))
-    params_count = count_parameters(gen.model)
     totals = {"backend": [0, 0.0], "plain": [0, 0.0]}
-    for round_ in range(rounds):
+    for round_ in range(-1, rounds):
         seeded = replace(params, seed=params.seed + round_)
         start = time.perf_counter()
         tokens = plain_generate(gen.model, gen.tokenizer, gen.stop_ids, requests, seeded, batch_size)
-        totals["plain"][0] += tokens
-        totals["plain"][1] += time.perf_counter() - start
+        if round_ >= 0:
+            totals["plain"][0] += tokens
+            totals["plain"][1] += time.perf_counter() - start
+        gen.memo = {}  # the warm-up's answers must not be served from memory
         start = time.perf_counter()
         out = gen.generate(requests, seeded)
-        totals["backend"][1] += time.perf_counter() - start
-        totals["backend"][0] += sum(c.num_tokens for cs in out for c in cs)
-    dtype = gen.model.dtype
-    gen.close()
+        if round_ >= 0:
+            totals["backend"][1] += time.perf_counter() - start
+            totals["backend"][0] += sum(c.num_tokens for cs in out for c in cs)
     report = {
         "requests": len(requests),
         "n": params.n,
@@ -129,22 +132,25 @@ def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_si
         "top_p": params.top_p,
         "batch_size": batch_size,
         "dtype": model_cfg.dtype,
-        "computes_in": str(dtype).removeprefix("torch."),
+        "computes_in": str(gen.model.dtype).removeprefix("torch."),
         "rounds": rounds,
-        "parameters": params_count,
+        "parameters": count_parameters(gen.model),
     }
+    gen.close()
     for name, (tokens, seconds) in totals.items():
-        per_second = tokens / seconds
-        report[name] = {
-            "generated_tokens": tokens,
-            "seconds": round(seconds, 3),
-            "tokens_per_s": round(per_second, 2),
-            "decode_mfu": round(per_second * 2 * params_count / (rates[torch.float32] * 1e9), 4),
-            # The same against the matmul rate of the dtype the model computes in (bf16 runs faster).
-            "decode_mfu_vs_own_dtype": round(per_second * 2 * params_count / (rates[dtype] * 1e9), 4),
-        }
+        report[name] = {"generated_tokens": tokens, "seconds": round(seconds, 3)}
+        report[name]["tokens_per_s"] = round(tokens / seconds, 2)
     report["backend_vs_plain"] = round(report["backend"]["tokens_per_s"] / report["plain"]["tokens_per_s"], 3)
     return report
+
+
+def add_decode_mfu(report: dict, rates: dict) -> None:
+    """Decode MFU against the fp32 matmul rate and against that of the dtype the model computes in."""
+    own = rates[getattr(torch, report["computes_in"])]
+    for name in ("backend", "plain"):
+        flops_per_s = report[name]["tokens_per_s"] * 2 * report["parameters"]
+        report[name]["decode_mfu"] = round(flops_per_s / (rates[torch.float32] * 1e9), 4)
+        report[name]["decode_mfu_vs_own_dtype"] = round(flops_per_s / (own * 1e9), 4)
 
 
 def dpo_pairs(count: int) -> list[dict]:
@@ -163,42 +169,54 @@ def dpo_pairs(count: int) -> list[dict]:
     ]
 
 
-def dpo_section(model_dir: str, settings, steps: int, rate: float) -> dict:
-    """``steps`` optimiser steps of the demo's DPO settings on bundled human preference pairs."""
-    from transformers import AutoTokenizer
+def dpo_section(model_dir: str, settings, steps: int) -> dict:
+    """One warm-up optimiser step, then ``steps`` more, of the demo's DPO settings on bundled human
+    preference pairs. The first step also allocates the optimiser state and gradient buffers (about
+    1.5 GiB of fresh pages for this model), which later steps reuse: it is reported on its own."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from metareward.training import train_dpo
 
-    rows = dpo_pairs(steps * settings.batch_size * settings.gradient_accumulation_steps)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokens = 0
-    for row in rows:
-        for side in ("chosen", "rejected"):
-            text = tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=False)
-            tokens += min(len(tokenizer(text, add_special_tokens=False)["input_ids"]), settings.max_length)
+    rows = dpo_pairs((1 + steps) * settings.batch_size * settings.gradient_accumulation_steps)
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         start = time.perf_counter()
         log = train_dpo(model_dir, rows, settings, Path(tmp) / "model", seed=0)
         wall = time.perf_counter() - start
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     with torch.device("meta"):
         params_count = count_parameters(
             AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
         )
-    train_seconds = next(e["train_runtime"] for e in reversed(log["log_history"]) if "train_runtime" in e)
-    flops = (6 + 2) * params_count * tokens
+    # TRL logs the tokens trained so far (prompt and completion of both sides, no padding) each step.
+    seen = [e["num_tokens"] for e in log["log_history"] if "loss" in e]
+    tokens = [int(b - a) for a, b in zip([0, *seen[:-1]], seen, strict=True)]
+    seconds = log["step_seconds"]
     return {
         "pairs": len(rows),
         "batch_size": settings.batch_size,
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "computes_in": log["computes_in"],
+        "parameters": params_count,
         "steps": log["global_steps"],
-        "trained_tokens": tokens,
-        "train_seconds": round(train_seconds, 3),
-        "seconds_per_step": round(train_seconds / max(1, log["global_steps"]), 3),
+        "step_tokens": tokens,
+        "step_seconds": seconds,
+        "first_step_seconds": seconds[0],
+        "seconds_per_step": round(sum(seconds[1:]) / len(seconds[1:]), 3),
+        "trained_tokens": sum(tokens[1:]),
+        "train_seconds": round(sum(seconds[1:]), 3),
         "wall_seconds_with_load_and_save": round(wall, 3),
-        "mfu": round(flops / train_seconds / (rate * 1e9), 4),
     }
+
+
+def add_dpo_mfu(report: dict, rates: dict) -> None:
+    """(6 x parameters x tokens + 2 x parameters x tokens of the reference forward) / seconds / rate,
+    over the steps after the first; ``mfu_with_first_step`` counts every step."""
+    flops_per_token = (6 + 2) * report["parameters"]
+    own = rates[getattr(torch, report["computes_in"])]
+    steady = flops_per_token * report["trained_tokens"] / report["train_seconds"]
+    every = flops_per_token * sum(report["step_tokens"]) / sum(report["step_seconds"])
+    report["mfu"] = round(steady / (rates[torch.float32] * 1e9), 4)
+    report["mfu_vs_own_dtype"] = round(steady / (own * 1e9), 4)
+    report["mfu_with_first_step"] = round(every / (rates[torch.float32] * 1e9), 4)
 
 
 # ---------------------------------------------------------------- the demo iteration (child process)
@@ -327,12 +345,15 @@ def run(args) -> dict:
     size = 256 if quick else 2048
     # fp16 only when generation computes in it: CPUs without native fp16 take minutes for one matmul.
     dtypes = (torch.float32, torch.bfloat16, *([torch.float16] if model_cfg.dtype == "float16" else []))
-    rates = {dtype: matmul_rate(dtype, size) for dtype in dtypes}
-    rate = rates[torch.float32]
-    report["matmul"] = {
-        **{f"{str(d).removeprefix('torch.')}_gflops": round(r, 2) for d, r in rates.items()},
-        "size": size,
-    }
+    # The rate of a shared VM wanders from second to second (here: fp32 from 130 to 190 GFLOP/s), so
+    # it is probed before, between and after the sections, and MFU is given against the median probe.
+    probes: dict = {dtype: [] for dtype in dtypes}
+
+    def probe() -> None:
+        for dtype in dtypes:
+            probes[dtype].append(round(matmul_rate(dtype, size, seconds=1.0), 2))
+
+    probe()
     params = SamplingParams(
         n=1, temperature=0.8, top_p=0.95, max_new_tokens=8 if quick else args.max_new_tokens, seed=1
     )
@@ -343,12 +364,13 @@ def run(args) -> dict:
         params,
         args.batch_size,
         1 if quick else args.rounds,
-        rates,
     )
+    probe()
     dpo = demo_cfg.train.dpo
     if quick:
         dpo = replace(dpo, batch_size=1, gradient_accumulation_steps=1)
-    report["dpo"] = dpo_section(model_dir, dpo, 2, rate)
+    report["dpo"] = dpo_section(model_dir, dpo, 1 if quick else args.dpo_steps)
+    probe()
     if not args.skip_demo:
         with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
             overrides = [
@@ -363,6 +385,15 @@ def run(args) -> dict:
                 *args.overrides,
             ]
             report["demo"] = demo_section(overrides, Path(tmp))
+        probe()
+    rates = {dtype: statistics.median(values) for dtype, values in probes.items()}
+    report["matmul"] = {
+        **{f"{str(d).removeprefix('torch.')}_gflops": round(r, 2) for d, r in rates.items()},
+        **{f"{str(d).removeprefix('torch.')}_probes": values for d, values in probes.items()},
+        "size": size,
+    }
+    add_decode_mfu(report["generation"], rates)
+    add_dpo_mfu(report["dpo"], rates)
     report["machine"]["load_average_end"] = load_average()
     return report
 
@@ -388,6 +419,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="generation: turns of plain loop and backend")
+    parser.add_argument("--dpo-steps", type=int, default=3, help="DPO: optimiser steps after the first")
     parser.add_argument("--demo-iterations", type=int, default=1)
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (a smoke test)")

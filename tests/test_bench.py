@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 
 import pytest
 
@@ -29,7 +30,11 @@ def test_quick_report_on_the_tiny_model(bench, tiny_model_dir, tmp_path):
     report = bench.main(["--model", "tiny", "--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == report
 
-    assert positive(report["matmul"]["float32_gflops"]) and positive(report["matmul"]["bfloat16_gflops"])
+    matmul = report["matmul"]
+    assert positive(matmul["float32_gflops"]) and positive(matmul["bfloat16_gflops"])
+    # Probed before, between and after the sections; MFU is against the median probe.
+    assert len(matmul["float32_probes"]) == 4
+    assert matmul["float32_gflops"] == pytest.approx(statistics.median(matmul["float32_probes"]), abs=0.01)
 
     generation = report["generation"]
     assert positive(generation["parameters"]) and positive(generation["backend_vs_plain"])
@@ -41,8 +46,12 @@ def test_quick_report_on_the_tiny_model(bench, tiny_model_dir, tmp_path):
             assert positive(generation[engine][key]), (engine, key)
 
     dpo = report["dpo"]
-    for key in ("steps", "trained_tokens", "train_seconds", "seconds_per_step", "mfu"):
+    for key in ("steps", "trained_tokens", "train_seconds", "seconds_per_step", "mfu", "mfu_with_first_step"):
         assert positive(dpo[key]), key
+    # One warm-up step, reported on its own, then the measured ones.
+    assert dpo["steps"] == len(dpo["step_seconds"]) == len(dpo["step_tokens"]) == 2
+    assert dpo["trained_tokens"] == sum(dpo["step_tokens"][1:])
+    assert dpo["first_step_seconds"] == dpo["step_seconds"][0]
 
     demo = report["demo"]
     assert positive(demo["wall_seconds"]) and positive(demo["peak_memory_gib"])

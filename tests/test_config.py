@@ -156,6 +156,7 @@ BAD = [
     (["actor.top_p=0"], "actor.top_p", "0"),
     (["iterations=0"], "iterations", "0"),
     (["model.kind=gpt5"], "model.kind", "gpt5"),
+    (["train.dpo.precision=fp16"], "train.dpo.precision", "fp16"),
 ]
 
 

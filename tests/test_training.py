@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from metareward.config import DPOSettings
 from metareward.models import build_tiny_model
-from metareward.training import train_dpo
+from metareward.training import autocasts_bf16, train_dpo
 
 
 def _settings(**overrides) -> DPOSettings:
@@ -69,6 +69,22 @@ def test_full_dpo_moves_weights_and_logs_rewards(tiny_model, tmp_path):
     assert steps[0]["rewards/margins"] == 0.0
     assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert steps[-1]["rewards/margins"] > 0
+    # Each optimiser step's wall time, and the precision it computed in.
+    assert len(result["step_seconds"]) == 2 and all(s > 0 for s in result["step_seconds"])
+    assert result["computes_in"] == ("bfloat16" if autocasts_bf16(_settings()) else "float32")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_setting_decides_the_compute_dtype(tiny_model, tmp_path, precision):
+    settings = _settings(precision=precision)
+    assert autocasts_bf16(settings) == (precision == "bf16")
+    result = train_dpo(tiny_model, _pairs(2), settings, tmp_path / "m1", seed=0)
+    assert result["computes_in"] == {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    # Master weights stay fp32 whatever the compute dtype: small updates must not round away.
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m1"))
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}
+    steps = [entry for entry in result["log_history"] if "loss" in entry]
+    assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
 
 
 def test_lora_dpo_saves_merged_model(tiny_model, tmp_path):

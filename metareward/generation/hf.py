@@ -38,10 +38,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from metareward.config import GeneratorConfig, ModelConfig
 from metareward.generation import Completion, Messages, SamplingParams, Usage
 from metareward.generation.tokens import encode, next_token_query, stop_token_ids
+from metareward.hardware import bf16_is_native
 
 # Architectures whose layers are Llama's (q/k/v/o projections, RoPE, pre-norm, gated MLP).
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
-# Top-p sorts only the tokens above the first of these probabilities whose tokens hold top_p.
+# Top-p ranks only the tokens above the first of these probabilities whose tokens hold top_p.
 NUCLEUS_FLOORS = (1e-3, 1e-4, 1e-5)
 # Tokens per prefill forward pass: bounds the attention scores and activations held at once.
 PREFILL_TOKENS = 4096
@@ -59,22 +60,9 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 matmuls run about
-    twice as fast as fp32 ones; elsewhere torch emulates bf16 and it is slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if bf16_is_native(device) else torch.float32
     return getattr(torch, setting)
 
 
@@ -230,24 +218,43 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor)
     if params.temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / params.temperature, dim=-1)
-    index = None
-    if params.top_p < 1:
-        # Tokens at or below a floor are outside the nucleus once the mass above the floor reaches top_p;
-        # the last floor always qualifies (everything below it weighs at most 1 - top_p).
-        for floor in (*NUCLEUS_FLOORS, (1 - params.top_p) / probs.shape[-1]):
-            above = probs > floor
-            if bool((torch.where(above, probs, 0.0).sum(-1) >= params.top_p).all()):
-                break
-        top, index = probs.topk(max(1, int(above.sum(-1).max())))
-        # The most likely tokens until their mass reaches top_p (the token that crosses it included).
-        keep = (top.cumsum(-1) - top) < params.top_p
-        # Drawn in token-id order, so a rounding-size change in the logits (another batch) moves a
-        # draw only if it lies at a boundary, not whenever two near-equal tokens swap ranks.
-        index, order = index.sort(-1)
-        probs = (top * keep).gather(-1, order)
-    cdf = probs.double().cumsum(-1)
-    pick = (cdf <= uniforms[:, None].double() * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
-    return pick if index is None else index.gather(-1, pick[:, None]).squeeze(-1)
+    rows, vocab = probs.shape
+    if params.top_p >= 1:
+        cdf = probs.double().cumsum(-1)
+        return (cdf <= uniforms[:, None].double() * cdf[:, -1:]).sum(-1).clamp(max=vocab - 1)
+    row, token, p = nucleus_candidates(probs, params.top_p)
+    # The candidates side by side, one row each (zeros after a row's own), in token-id order.
+    counts = torch.bincount(row, minlength=rows)
+    col = torch.arange(len(row), device=row.device) - (counts.cumsum(0) - counts)[row]
+    width = int(counts.max())
+    top = probs.new_zeros(rows, width).index_put_((row, col), p)
+    index = torch.full((rows, width), vocab, device=row.device).index_put_((row, col), token)
+    # The most likely tokens until their mass reaches top_p (the token that crosses it included).
+    ranked, rank = top.sort(dim=-1, descending=True, stable=True)
+    keep = torch.zeros_like(top, dtype=torch.bool).scatter_(
+        -1, rank, (ranked.cumsum(-1) - ranked) < params.top_p
+    )
+    # Drawn in token-id order, so a rounding-size change in the logits (another batch) moves a draw
+    # only if it lies at a boundary, not whenever two near-equal tokens swap ranks.
+    cdf = (top * keep).double().cumsum(-1)
+    pick = torch.minimum((cdf <= uniforms[:, None].double() * cdf[:, -1:]).sum(-1), counts - 1)
+    return index.gather(-1, pick[:, None]).squeeze(-1)
+
+
+def nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, ...]:
+    """(row, token, probability) of every token above the first of NUCLEUS_FLOORS under which no row's
+    nucleus reaches: tokens at or below a floor are outside the nucleus once the mass above it reaches
+    top_p, and the last floor always qualifies (everything below it weighs at most 1 - top_p).
+    Rows come in order, and within a row tokens by id; one pass over the vocabulary per floor tried,
+    instead of sorting it."""
+    rows, vocab = probs.shape
+    for floor in (*NUCLEUS_FLOORS, (1 - top_p) / vocab):
+        row, token = (probs > floor).nonzero(as_tuple=True)
+        p = probs[row, token]
+        mass = probs.new_zeros(rows).index_add_(0, row, p)
+        if bool((mass >= top_p).all()):
+            break
+    return row, token, p
 
 
 def sample_seed(seed: int, prompt: list[int], j: int) -> int:
