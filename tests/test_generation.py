@@ -241,6 +241,30 @@ def test_score_probs_match_a_plain_forward_pass(generator, reference):
     assert probs[0] != probs[1]
 
 
+def test_prefill_leaves_padding_out_of_the_projections(generator, reference, monkeypatch):
+    """Rows of one prefill slice that differ in length run their projections and MLP on their real
+    tokens only (packed); each row's probabilities are still those of a plain forward pass."""
+    tokenizer, model = reference
+    base = generator.render(REQUESTS[1]) + "The response is relevant and answers well. "
+    endings = ["It is good.", "It is good and kind.", "It is good, kind and exact in all parts."]
+    texts = [base + ending + "\nScore: " for ending in endings]
+    packed = []
+    forward = generator._forward
+
+    def spy(ids, positions, past, k_out, v_out, offset, last, lengths=None):
+        packed.append(lengths is not None and ids.shape[1] > 1)
+        return forward(ids, positions, past, k_out, v_out, offset, last, lengths)
+
+    monkeypatch.setattr(generator, "_forward", spy)
+    monkeypatch.setattr(generator, "kept", [])
+    probs = generator.next_token_probs(texts, SCORE_TOKENS)
+    assert any(packed)
+    for text, row in zip(texts, probs, strict=True):
+        expected = direct_probs(model, encode(tokenizer, text))
+        for candidate, p in zip(SCORE_TOKENS, row, strict=True):
+            assert p == pytest.approx(float(expected[encode(tokenizer, text + candidate)[-1]]), rel=1e-4)
+
+
 def test_score_probs_do_not_depend_on_the_scoring_batch(generator, monkeypatch):
     texts = ["Score: ", "A much longer judgement text that needs left padding.\nScore: "]
     batched = generator.next_token_probs(texts, SCORE_TOKENS)

@@ -447,22 +447,31 @@ class HFGenerator:
             torch.zeros(shape, dtype=self.model.dtype, device=self.device),
         )
 
-    def _forward(self, ids, positions, past: list[Level], k_out, v_out, offset: int, last) -> torch.Tensor:
+    def _forward(
+        self, ids, positions, past: list[Level], k_out, v_out, offset: int, last, lengths=None
+    ) -> torch.Tensor:
         """Run new tokens ``ids`` (rows, T) at ``positions`` on top of the ``past`` levels; their keys and
         values go into ``k_out``/``v_out`` at ``offset`` (attended causally). Returns fp32 logits at
-        column ``last`` (rows,) of each row."""
+        column ``last`` (rows,) of each row. ``lengths`` (rows,): how many leading tokens of each row
+        are real; the projections and MLP then run on those only, packed, and padding gets zero keys."""
         core = self.model.model
         rows, T = ids.shape
         h = core.embed_tokens(ids)
         cos, sin = (x.unsqueeze(2) for x in core.rotary_emb(h, positions))
+        packed = None
+        if lengths is not None:
+            packed = (torch.arange(T, device=self.device) < lengths[:, None]).view(-1).nonzero().squeeze(1)
+            h = h.view(rows * T, -1)[packed]
         # A new matmul shape costs CPU backends a kernel set-up (oneDNN: ~1 ms in bf16): decoding reads
         # its own keys in whole blocks, masked, so the shapes repeat for OWN_BLOCK steps.
         span = min(k_out.shape[3], -(-(offset + 1) // OWN_BLOCK) * OWN_BLOCK)
         own_mask = (torch.arange(span, device=self.device) <= offset)[None, None]
         for i, layer in enumerate(core.layers):
             attn, linears = layer.self_attn, self.linears[i]
-            x = rms_norm(h, layer.input_layernorm)
-            qk, v = linears.qkv(x).view(rows, T, -1, self.head_dim).split(self.qk_v_heads, dim=2)
+            qkv = linears.qkv(rms_norm(h, layer.input_layernorm))
+            if packed is not None:
+                qkv = qkv.new_zeros(rows * T, qkv.shape[-1]).index_copy_(0, packed, qkv)
+            qk, v = qkv.view(rows, T, -1, self.head_dim).split(self.qk_v_heads, dim=2)
             q, k = rope(qk, cos, sin).split(self.qk_v_heads[0] - self.kv_heads, dim=2)
             k_out[i, :, :, offset : offset + T] = k.transpose(1, 2)
             v_out[i, :, :, offset : offset + T] = v.transpose(1, 2)
@@ -473,10 +482,15 @@ class HFGenerator:
             else:  # prefill: many queries per row, so one fused attention over all keys is faster
                 own = (k_out[i, :, :, : offset + T], v_out[i, :, :, : offset + T])
                 out = self._attend_dense(q, past, i, own, offset, attn.scaling)
-            h = h + linears.o(out.view(rows, T, -1))
+            out = out.view(rows, T, -1) if packed is None else out.view(rows * T, -1)[packed]
+            h = h + linears.o(out)
             gate, up = linears.gate_up(rms_norm(h, layer.post_attention_layernorm)).chunk(2, -1)
             h = h + linears.down(layer.mlp.act_fn(gate) * up)
-        h = h[torch.arange(rows, device=self.device), last]
+        if packed is None:
+            h = h[torch.arange(rows, device=self.device), last]
+        else:  # a row's tokens follow the rows before it; a row with none here is not read
+            before = lengths.cumsum(0) - lengths
+            h = h[(before + torch.minimum(last, lengths - 1)).clamp(0, len(h) - 1)]
         return self.lm_head(rms_norm(h, core.norm)).float()
 
     def _attend_dense(self, q, past: list[Level], layer: int, own, offset: int, scale: float) -> torch.Tensor:
@@ -523,14 +537,23 @@ class HFGenerator:
             while b < rows and (b + 1 - a) * width <= PREFILL_TOKENS and width // 2 <= len(ids[b]) <= width:
                 b += 1
             tokens = torch.tensor([r + [pad] * (width - len(r)) for r in ids[a:b]], device=self.device)
-            last = torch.tensor([len(r) - 1 for r in ids[a:b]], device=self.device)
+            lengths = torch.tensor([len(r) for r in ids[a:b]], device=self.device)
+            last = lengths - 1
             step = max(1, PREFILL_TOKENS // (b - a))  # a single row longer than that runs in pieces
             for offset in range(0, width, step):
                 chunk = tokens[:, offset : offset + step]
                 positions = first + offset + torch.arange(chunk.shape[1], device=self.device)
                 here = last.clamp(offset, offset + chunk.shape[1] - 1) - offset
+                real = (lengths - offset).clamp(0, chunk.shape[1])
                 out = self._forward(
-                    chunk, positions.expand(b - a, -1), past, k_out[:, a:b], v_out[:, a:b], offset, here
+                    chunk,
+                    positions.expand(b - a, -1),
+                    past,
+                    k_out[:, a:b],
+                    v_out[:, a:b],
+                    offset,
+                    here,
+                    None if bool((real == chunk.shape[1]).all()) else real,
                 )
                 inside = (last >= offset) & (last < offset + chunk.shape[1])
                 logits[a:b][inside] = out[inside]
@@ -622,8 +645,9 @@ class HFGenerator:
             Level(generated.k, generated.v, (span2 < in_generated[:, None])[:, None, :]),
         ]
         k, v = self._buffers(rows, width)
-        last = torch.tensor([len(x) - 1 for x in new], device=self.device)
-        logits = self._forward(ids, positions, past, k, v, 0, last)
+        lengths = torch.tensor([len(x) for x in new], device=self.device)
+        packed = width > 1 and bool((lengths < width).any())
+        logits = self._forward(ids, positions, past, k, v, 0, lengths - 1, lengths if packed else None)
         for r, row in enumerate(torch.softmax(logits, dim=-1).cpu()):
             if r in claimed:
                 probs_of[claimed[r][0]] = row
