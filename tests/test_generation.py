@@ -363,6 +363,39 @@ def test_finished_prompts_leave_the_batch_and_keep_their_cache(generator, refere
             assert p == pytest.approx(float(expected[encode(tokenizer, text + candidate)[-1]]), rel=1e-4)
 
 
+def test_long_decodes_stay_exact_across_key_blocks(generator, reference, monkeypatch):
+    """Past the first block of generated keys (OWN_BLOCK positions) and after a finished prompt has
+    left the batch, each step's logits are those of a plain forward pass over the text so far."""
+    tokenizer, model = reference
+    eos, steps, finish_at = generator.stop_ids[0], hf.OWN_BLOCK + 8, hf.OWN_BLOCK + 2
+    seen = []
+
+    def fixed_sample(logits, params, uniforms):
+        t = len(seen)
+        seen.append(logits.clone())
+        tokens = 100 + 7 * t + torch.arange(len(logits))
+        if t == finish_at:  # the first prompt's two samples stop here; the other prompt's go on
+            tokens[:2] = eos
+        return tokens
+
+    monkeypatch.setattr(hf, "sample", fixed_sample)
+    monkeypatch.setattr(generator, "memo", {})
+    monkeypatch.setattr(generator.settings, "batch_size", 4)
+    requests = [[{"role": "user", "content": "word " * 9}], [{"role": "user", "content": "Hi"}]]
+    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=steps, seed=5)
+    out = generator.generate(requests, params)
+    assert [c.num_tokens for c in out[0]] == [finish_at] * 2
+    assert [c.num_tokens for c in out[1]] == [steps] * 2
+    prompt = encode(tokenizer, generator.render(requests[1]))
+    for t in (hf.OWN_BLOCK - 1, hf.OWN_BLOCK, hf.OWN_BLOCK + 1, steps - 1):
+        # The second prompt's samples are rows 2 and 3, then rows 0 and 1 once the first has left.
+        for sample_index in range(2):
+            logits = seen[t][sample_index + (2 if t <= finish_at else 0)]
+            ids = prompt + [100 + 7 * u + sample_index + (2 if u <= finish_at else 0) for u in range(t)]
+            expected = direct_probs(model, ids)
+            torch.testing.assert_close(torch.softmax(logits, -1), expected, rtol=1e-3, atol=1e-6)
+
+
 def test_multi_token_candidate_is_refused(generator):
     with pytest.raises(ValueError, match="12345678"):
         generator.next_token_probs(["Score: "], ["1", "12345678"])

@@ -97,20 +97,23 @@ class Kept:
 def attend(q: torch.Tensor, parts: list[tuple], scale: float) -> torch.Tensor:
     """Attention of one new query per row, ``q`` (rows, heads, d), over key/value parts, exactly.
 
-    Each part is (k, v, mask) with k, v (groups, kv_heads, L, d) and mask (groups, 1 or rows per group,
-    L) or None: the queries of a group's rows meet its keys in one matmul, so a part that many rows
-    share is read once. One softmax runs over the scores of all parts together."""
+    Each part is (k, v, bias) with k, v (groups, kv_heads, L, d) and bias (groups * kv_heads, 1 or
+    rows per group * heads per kv head, L) from :func:`mask_bias`, or None: the queries of a group's
+    rows meet its keys in one matmul, so a part that many rows share is read once. One softmax runs
+    over the scores of all parts together."""
     rows, heads, d = q.shape
     q = q * scale
     scores, shapes = [], []
-    for k, _, mask in parts:
+    for k, _, bias in parts:
         groups, kv_heads, length, _ = k.shape
         per, share = rows // groups, heads // kv_heads
-        grouped = q.view(groups, per, kv_heads, share, d).transpose(1, 2).reshape(groups, kv_heads, -1, d)
-        s = torch.matmul(grouped, k.transpose(-1, -2)).view(groups, kv_heads, per, share, length)
-        if mask is not None:
-            s = s.masked_fill(~mask[:, None, :, None, :], float("-inf"))
-        scores.append(s.transpose(1, 2).reshape(rows, heads, length))
+        grouped = q.view(groups, per, kv_heads, share, d).transpose(1, 2).reshape(groups * kv_heads, -1, d)
+        keys = k.reshape(groups * kv_heads, length, d).transpose(1, 2)
+        # The mask as an added bias inside the matmul: one op instead of a matmul and a masked fill.
+        s = torch.bmm(grouped, keys) if bias is None else torch.baddbmm(bias, grouped, keys)
+        scores.append(
+            s.view(groups, kv_heads, per, share, length).transpose(1, 2).reshape(rows, heads, length)
+        )
         shapes.append((groups, kv_heads, per, share, length))
     weights = torch.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(q.dtype)
     out = 0
@@ -120,11 +123,24 @@ def attend(q: torch.Tensor, parts: list[tuple], scale: float) -> torch.Tensor:
         w = (
             w.reshape(groups, per, kv_heads, share, length)
             .transpose(1, 2)
-            .reshape(groups, kv_heads, -1, length)
+            .reshape(groups * kv_heads, -1, length)
         )
-        o = torch.matmul(w, v).view(groups, kv_heads, per, share, d)
+        o = torch.bmm(w, v.reshape(groups * kv_heads, length, d)).view(groups, kv_heads, per, share, d)
         out = out + o.transpose(1, 2).reshape(rows, heads * d)
     return out
+
+
+def mask_bias(
+    mask: torch.Tensor | None, kv_heads: int, share: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """A level's mask (groups, 1 or rows per group, L) as the additive bias :func:`attend` takes: 0 where
+    valid, -inf elsewhere, laid out per (group, kv head) and (row, query head)."""
+    if mask is None:
+        return None
+    groups, per, length = mask.shape
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    bias = bias[:, None, :, None, :].expand(groups, kv_heads, per, share if per > 1 else 1, length)
+    return bias.reshape(groups * kv_heads, -1, length)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -390,10 +406,12 @@ class HFGenerator:
         stops = torch.tensor(self.stop_ids, device=self.device)
         tokens = torch.zeros(rows, steps, dtype=torch.long, device=self.device)
         done = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        # Every row's generated keys end up in k_all/v_all; the rows still decoding work in k_new/v_new
-        # (the same tensors until a prompt's samples have all finished and the batch shrinks).
+        # Every row's generated keys end up in k_all/v_all. The rows still decoding work in k_new/v_new,
+        # which grow a block at a time: the keys a step reads are then one whole tensor, where a slice
+        # of a longer buffer would be copied by every attention matmul.
         k_all, v_all = self._buffers(rows, -(-steps // OWN_BLOCK) * OWN_BLOCK)
-        k_new, v_new, work, alive = k_all, v_all, levels, torch.arange(rows, device=self.device)
+        k_new, v_new = self._buffers(rows, 0)
+        work, alive = levels, torch.arange(rows, device=self.device)
         for t in range(steps):
             tokens[alive, t] = sample(logits, params, uniforms[alive, t])
             done[alive] |= torch.isin(tokens[alive, t], stops)
@@ -403,20 +421,23 @@ class HFGenerator:
             if int(finished.sum()) * 8 >= len(finished):  # drop finished prompts once an eighth are
                 keep_group = ~finished
                 keep = keep_group.repeat_interleave(n)
-                if k_new is not k_all:
-                    k_all[:, alive[~keep], :, :t] = k_new[:, ~keep, :, :t]
-                    v_all[:, alive[~keep], :, :t] = v_new[:, ~keep, :, :t]
+                k_all[:, alive[~keep], :, :t] = k_new[:, ~keep, :, :t]
+                v_all[:, alive[~keep], :, :t] = v_new[:, ~keep, :, :t]
                 k_new, v_new, logits, alive = k_new[:, keep], v_new[:, keep], logits[keep], alive[keep]
                 work = [
                     *work[:-1],
                     Level(*(x[:, keep_group] for x in (work[-1].k, work[-1].v)), work[-1].mask[keep_group]),
                 ]
+            if t == k_new.shape[3]:
+                block = self._buffers(len(alive), OWN_BLOCK)
+                k_new, v_new = (
+                    torch.cat([x, more], dim=3) for x, more in zip((k_new, v_new), block, strict=True)
+                )
             ids, positions = tokens[alive, t : t + 1], (start[alive] + t)[:, None]
             last = torch.zeros(len(alive), dtype=torch.long, device=self.device)
             logits = self._forward(ids, positions, work, k_new, v_new, t, last)
-        if k_new is not k_all:
-            k_all[:, alive, :, :t] = k_new[:, :, :, :t]
-            v_all[:, alive, :, :t] = v_new[:, :, :, :t]
+        k_all[:, alive, :, :t] = k_new[:, :, :, :t]
+        v_all[:, alive, :, :t] = v_new[:, :, :, :t]
         generated = tokens[:, : t + 1].tolist()
         completions = [self._completion(g) for g in generated]
         self._keep(levels + [Level(k_all[:, :, :, :t], v_all[:, :, :, :t])], prompts, n, generated, t)
@@ -465,7 +486,11 @@ class HFGenerator:
         # A new matmul shape costs CPU backends a kernel set-up (oneDNN: ~1 ms in bf16): decoding reads
         # its own keys in whole blocks, masked, so the shapes repeat for OWN_BLOCK steps.
         span = min(k_out.shape[3], -(-(offset + 1) // OWN_BLOCK) * OWN_BLOCK)
-        own_mask = (torch.arange(span, device=self.device) <= offset)[None, None]
+        if T == 1:  # the masks of the levels, as attention biases, once for every layer
+            share, dtype = self.model.config.num_attention_heads // self.kv_heads, self.model.dtype
+            own_mask = (torch.arange(span, device=self.device) <= offset).expand(rows, 1, span)
+            biases = [mask_bias(level.mask, self.kv_heads, share, dtype) for level in past]
+            own_bias = mask_bias(own_mask, self.kv_heads, share, dtype)
         for i, layer in enumerate(core.layers):
             attn, linears = layer.self_attn, self.linears[i]
             qkv = linears.qkv(rms_norm(h, layer.input_layernorm))
@@ -476,8 +501,8 @@ class HFGenerator:
             k_out[i, :, :, offset : offset + T] = k.transpose(1, 2)
             v_out[i, :, :, offset : offset + T] = v.transpose(1, 2)
             if T == 1:  # decoding: each shared level is read once for all the rows that share it
-                parts = [(level.k[i], level.v[i], level.mask) for level in past]
-                own = (k_out[i, :, :, :span], v_out[i, :, :, :span], own_mask)
+                parts = [(level.k[i], level.v[i], bias) for level, bias in zip(past, biases, strict=True)]
+                own = (k_out[i, :, :, :span], v_out[i, :, :, :span], own_bias)
                 out = attend(q.view(rows, -1, self.head_dim), [*parts, own], attn.scaling)
             else:  # prefill: many queries per row, so one fused attention over all keys is faster
                 own = (k_out[i, :, :, : offset + T], v_out[i, :, :, : offset + T])
