@@ -18,7 +18,8 @@ Sections of the report:
   with native bf16). The two are timed in turns after one uncounted warm-up turn each, so a busy
   machine slows both alike; compare the ratio, not the absolute rates, across machines.
 - ``dpo``: DPO training MFU: (6 x parameters x trained tokens + 2 x parameters x tokens for the
-  reference forward) / training time / fp32 matmul rate, over the optimiser steps after the first
+  reference forward, unless it is precomputed before the first step, as the demo does) / training
+  time / fp32 matmul rate, over the optimiser steps after the first
   (which also allocates the optimiser state and gradients; ``mfu_with_first_step`` counts it).
   Training autocasts to bf16 where ``train.dpo.precision: auto`` finds native bf16
   (``computes_in``; ``mfu_vs_own_dtype`` uses that dtype's rate). The count is the usual one: the
@@ -47,7 +48,14 @@ GIB = 1024**3
 
 
 def peak_memory_gib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)
+    """This process's peak resident memory. Linux's VmHWM, where ru_maxrss would carry over the peak
+    of the process that forked it (the bench itself, for the demo child)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+        return round(int(line.split()[1]) * 1024 / GIB, 3)
+    except (OSError, StopIteration):
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)
 
 
 def load_average() -> list[float]:
@@ -195,6 +203,8 @@ def dpo_section(model_dir: str, settings, steps: int) -> dict:
         "batch_size": settings.batch_size,
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         "computes_in": log["computes_in"],
+        # Precomputed: the reference forward runs before the first step, outside the timed steps.
+        "reference_forward": "precomputed" if settings.precompute_ref_log_probs else "in each step",
         "parameters": params_count,
         "steps": log["global_steps"],
         "step_tokens": tokens,
@@ -208,9 +218,9 @@ def dpo_section(model_dir: str, settings, steps: int) -> dict:
 
 
 def add_dpo_mfu(report: dict, rates: dict) -> None:
-    """(6 x parameters x tokens + 2 x parameters x tokens of the reference forward) / seconds / rate,
-    over the steps after the first; ``mfu_with_first_step`` counts every step."""
-    flops_per_token = (6 + 2) * report["parameters"]
+    """(6 x parameters x tokens + 2 x parameters x tokens of the reference forward, where it runs in the
+    steps) / seconds / rate, over the steps after the first; ``mfu_with_first_step`` counts every step."""
+    flops_per_token = (6 + (2 if report["reference_forward"] == "in each step" else 0)) * report["parameters"]
     own = rates[getattr(torch, report["computes_in"])]
     steady = flops_per_token * report["trained_tokens"] / report["train_seconds"]
     every = flops_per_token * sum(report["step_tokens"]) / sum(report["step_seconds"])

@@ -258,11 +258,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor)
 
 
 def nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, ...]:
-    """(row, token, probability) of every token above the first of NUCLEUS_FLOORS under which no row's
-    nucleus reaches: tokens at or below a floor are outside the nucleus once the mass above it reaches
-    top_p, and the last floor always qualifies (everything below it weighs at most 1 - top_p).
-    Rows come in order, and within a row tokens by id; one pass over the vocabulary per floor tried,
-    instead of sorting it."""
+    """(row, token, probability) of every token above the first of NUCLEUS_FLOORS above which every
+    row's tokens hold top_p: tokens at or below such a floor are outside the nucleus, and the last
+    floor always qualifies (everything below it weighs at most 1 - top_p). Rows come in order, and a
+    row's tokens by id; one pass over the vocabulary per floor tried, instead of sorting it."""
     rows, vocab = probs.shape
     for floor in (*NUCLEUS_FLOORS, (1 - top_p) / vocab):
         row, token = (probs > floor).nonzero(as_tuple=True)
