@@ -1,6 +1,6 @@
 """Where a run's time goes, measured on this machine in one run: a JSON report.
 
-Run it (about 10 minutes on 2 CPU cores)::
+Run it (about 4 minutes on 2 CPU cores)::
 
     make bench
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py --out bench.json
