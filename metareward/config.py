@@ -56,7 +56,8 @@ class ModelConfig:
     kind: str = "smollm2_135m"
     # For kind=hf: a local directory or a hub id (hub ids need network access).
     path: str | None = None
-    # Generation dtype; auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (training is fp32).
+    # Generation dtype; auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (training's is
+    # train.dpo.precision).
     dtype: str = "float32"
     trust_remote_code: bool = False
 

@@ -152,13 +152,17 @@ def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_si
     return report
 
 
+def mfu(flops_per_s: float, gflops: float) -> float:
+    return round(flops_per_s / (gflops * 1e9), 4)
+
+
 def add_decode_mfu(report: dict, rates: dict) -> None:
     """Decode MFU against the fp32 matmul rate and against that of the dtype the model computes in."""
     own = rates[getattr(torch, report["computes_in"])]
     for name in ("backend", "plain"):
         flops_per_s = report[name]["tokens_per_s"] * 2 * report["parameters"]
-        report[name]["decode_mfu"] = round(flops_per_s / (rates[torch.float32] * 1e9), 4)
-        report[name]["decode_mfu_vs_own_dtype"] = round(flops_per_s / (own * 1e9), 4)
+        report[name]["decode_mfu"] = mfu(flops_per_s, rates[torch.float32])
+        report[name]["decode_mfu_vs_own_dtype"] = mfu(flops_per_s, own)
 
 
 def dpo_pairs(count: int) -> list[dict]:
@@ -224,9 +228,9 @@ def add_dpo_mfu(report: dict, rates: dict) -> None:
     own = rates[getattr(torch, report["computes_in"])]
     steady = flops_per_token * report["trained_tokens"] / report["train_seconds"]
     every = flops_per_token * sum(report["step_tokens"]) / sum(report["step_seconds"])
-    report["mfu"] = round(steady / (rates[torch.float32] * 1e9), 4)
-    report["mfu_vs_own_dtype"] = round(steady / (own * 1e9), 4)
-    report["mfu_with_first_step"] = round(every / (rates[torch.float32] * 1e9), 4)
+    report["mfu"] = mfu(steady, rates[torch.float32])
+    report["mfu_vs_own_dtype"] = mfu(steady, own)
+    report["mfu_with_first_step"] = mfu(every, rates[torch.float32])
 
 
 # ---------------------------------------------------------------- the demo iteration (child process)
@@ -423,7 +427,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where the report is written")
     parser.add_argument("--model", default="smollm2_135m", choices=["smollm2_135m", "tiny"])
     parser.add_argument(
-        "--dtype", default=None, help="model.dtype for generation (default: the demo's; training is fp32)"
+        "--dtype",
+        default=None,
+        help="model.dtype for generation (default: the demo's; training follows train.dpo.precision)",
     )
     parser.add_argument("--prompts", type=int, default=32, help="generation: bundled prompts, n=1 each")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -473,19 +473,20 @@ class HFGenerator:
         """Run new tokens ``ids`` (rows, T) at ``positions`` on top of the ``past`` levels; their keys and
         values go into ``k_out``/``v_out`` at ``offset`` (attended causally). Returns fp32 logits at
         column ``last`` (rows,) of each row. ``lengths`` (rows,): how many leading tokens of each row
-        are real; the projections and MLP then run on those only, packed, and padding gets zero keys."""
+        are real; where some row has padding, the projections and MLP run on the real tokens only,
+        packed, and padding gets zero keys."""
         core = self.model.model
         rows, T = ids.shape
         h = core.embed_tokens(ids)
         cos, sin = (x.unsqueeze(2) for x in core.rotary_emb(h, positions))
         packed = None
-        if lengths is not None:
+        if lengths is not None and bool((lengths < T).any()):
             packed = (torch.arange(T, device=self.device) < lengths[:, None]).view(-1).nonzero().squeeze(1)
             h = h.view(rows * T, -1)[packed]
-        # A new matmul shape costs CPU backends a kernel set-up (oneDNN: ~1 ms in bf16): decoding reads
-        # its own keys in whole blocks, masked, so the shapes repeat for OWN_BLOCK steps.
-        span = min(k_out.shape[3], -(-(offset + 1) // OWN_BLOCK) * OWN_BLOCK)
         if T == 1:  # the masks of the levels, as attention biases, once for every layer
+            # A new matmul shape costs CPU backends a kernel set-up (oneDNN: ~1 ms in bf16): decoding
+            # reads its own keys in whole blocks, masked, so the shapes repeat for OWN_BLOCK steps.
+            span = min(k_out.shape[3], -(-(offset + 1) // OWN_BLOCK) * OWN_BLOCK)
             share, dtype = self.model.config.num_attention_heads // self.kv_heads, self.model.dtype
             own_mask = (torch.arange(span, device=self.device) <= offset).expand(rows, 1, span)
             biases = [mask_bias(level.mask, self.kv_heads, share, dtype) for level in past]
@@ -570,14 +571,7 @@ class HFGenerator:
                 here = last.clamp(offset, offset + chunk.shape[1] - 1) - offset
                 real = (lengths - offset).clamp(0, chunk.shape[1])
                 out = self._forward(
-                    chunk,
-                    positions.expand(b - a, -1),
-                    past,
-                    k_out[:, a:b],
-                    v_out[:, a:b],
-                    offset,
-                    here,
-                    None if bool((real == chunk.shape[1]).all()) else real,
+                    chunk, positions.expand(b - a, -1), past, k_out[:, a:b], v_out[:, a:b], offset, here, real
                 )
                 inside = (last >= offset) & (last < offset + chunk.shape[1])
                 logits[a:b][inside] = out[inside]
@@ -670,8 +664,7 @@ class HFGenerator:
         ]
         k, v = self._buffers(rows, width)
         lengths = torch.tensor([len(x) for x in new], device=self.device)
-        packed = width > 1 and bool((lengths < width).any())
-        logits = self._forward(ids, positions, past, k, v, 0, lengths - 1, lengths if packed else None)
+        logits = self._forward(ids, positions, past, k, v, 0, lengths - 1, lengths)
         for r, row in enumerate(torch.softmax(logits, dim=-1).cpu()):
             if r in claimed:
                 probs_of[claimed[r][0]] = row
