@@ -1,12 +1,13 @@
 # make demo: the Meta-Rewarding loop on the embedded SmolLM2-135M (CPU is fine).
 # make test: the test suite. Both create or reuse .venv first.
+# make test-fast: the unit tests only (no whole loops, no embedded model), for development.
 # make bench: where a run's time goes on this machine (scripts/bench.py; JSON in bench.json).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test test-fast lint bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check metareward tests scripts

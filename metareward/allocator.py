@@ -7,6 +7,8 @@ training step page-faults in again; on a small VM those faults are a large share
 is what it is anyway; memory it no longer uses is reused rather than given back to the system (as
 PyTorch's CUDA caching allocator does on GPUs).
 
+CPU processes only: where CUDA does the work those buffers live in GPU memory, and host memory kept
+at its peak (weights loaded on the way to the GPU) would only be lost to the rest of the machine.
 Linux with glibc only. A ``GLIBC_TUNABLES`` that sets ``glibc.malloc.*`` is left to rule.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from pathlib import Path
 
 # mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -23,12 +26,29 @@ M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1
 # Whether keep_freed_memory took effect in this process.
 keeping = False
+# Present where a GPU driver is loaded (NVIDIA; AMD's ROCm): without any, no process can use CUDA.
+GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")
 
 
-def keep_freed_memory() -> bool:
-    """Serve allocations from the heap (no per-buffer ``mmap``) and keep freed memory for reuse.
+def uses_cuda() -> bool:
+    """Whether this process's PyTorch sees a CUDA (or ROCm) device. Where no GPU driver is loaded (a
+    CPU machine, e.g. a dry run there) it answers without importing torch; elsewhere it counts devices
+    through NVML, which, unlike ``torch.cuda.is_available()``, leaves CUDA uninitialised, so that
+    processes forked later (vLLM's workers) can still use it."""
+    if "torch" not in sys.modules and not any(Path(path).exists() for path in GPU_DRIVER_FILES):
+        return False
+    import torch
+
+    return torch.cuda.device_count() > 0
+
+
+def keep_freed_memory(cuda: bool | None = None) -> bool:
+    """Serve allocations from the heap (no per-buffer ``mmap``) and keep freed memory for reuse, in a
+    process that computes on CPU: a no-op where ``cuda`` is true (default: :func:`uses_cuda`).
     Returns whether the setting took effect."""
     if not sys.platform.startswith("linux") or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if uses_cuda() if cuda is None else cuda:
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

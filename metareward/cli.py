@@ -1,56 +1,93 @@
-"""Console entry points; the config is built here, once, and handed down as dataclasses.
+"""Every console entry point: parse the command line, call a library, print. The config is built here,
+once, and handed down as dataclasses.
 
-- ``metareward [overrides]``: run or resume a self-training run (a Hydra app).
+- ``metareward [overrides]``: run or resume a self-training run (a Hydra app; ``-m`` for a multirun,
+  each job in its own run directory ``<run_name>_<job number>``).
 - ``metareward-pairs ITER_DIR [--out DIR] [overrides]``: rebuild the pair files of one iteration.
-- ``metareward-inspect``, ``metareward-report``: metareward/report.py; ``metareward-eval-judge``:
-  metareward/evaluation.py.
+- ``metareward-inspect RUN_DIR [...]``, ``metareward-report RUN_DIR [--out FILE]``: look at a run.
+- ``metareward-eval-judge [--out PATH] [overrides]``: judge skill of any model against human pairs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import logging
 import re
 import sys
 from pathlib import Path
 
 import hydra
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
-from metareward import records
-from metareward.allocator import keep_freed_memory
-from metareward.config import Config, ConfigError, register_configs, to_config
+from metareward import records, report
+from metareward.config import Config, ConfigError, load_config, override_error, register_configs, to_config
 from metareward.records import RecordError
 
+log = logging.getLogger("metareward")
 register_configs()
 
 
-def _fail(message: str, code: int = 2) -> None:
-    print(f"metareward: error: {message}", file=sys.stderr)
+def _fail(message: str, code: int = 2, prog: str = "metareward") -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
-class CheckBeforeRun(Callback):
-    """Runs before Hydra creates the run directory (conf/config.yaml names it in hydra.callbacks):
-    a refused config, or a dry run, leaves nothing on disk."""
+def _on_cuda(device: str) -> bool | None:
+    """Whether ``generator.device`` computes on CUDA; None (auto) lets the allocator module find out."""
+    return None if device == "auto" else device.startswith("cuda")
 
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        # Hydra turns a callback's exceptions into warnings and runs the job anyway: exit here instead.
-        from metareward.loop import RunStopped, check_writable
 
-        try:
-            checked = to_config(config)
-            if checked.dry_run:
-                print_plan(checked)
-                raise SystemExit(0)
-            check_writable(Path(checked.runs_dir) / checked.run_name)
-        except ConfigError as error:
-            _fail(str(error))
-        except RunStopped as error:
-            _fail(str(error), code=1)
-        except Exception as error:
-            _fail(f"{type(error).__name__}: {error}", code=1)
+# ------------------------------------------------------------------ metareward
+
+
+def job_config(config: Config, job_num: int | None) -> Config:
+    """A multirun job's config: its own run directory, ``<run_name>_<job number>``."""
+    if job_num is None:
+        return config
+    return dataclasses.replace(config, run_name=f"{config.run_name}_{job_num}")
+
+
+# Hydra's flags that print something and run no job: their configs are not checked beforehand.
+_INFO_FLAGS = ("help", "hydra_help", "version", "cfg", "info", "shell_completion", "experimental_rerun")
+
+
+def check_jobs(argv: list[str]) -> list[Config]:
+    """The validated config of every job the command line asks for (one, or a multirun's sweep), before
+    Hydra starts: a bad setting is one line naming it (exit 2), before any model loads or any run
+    directory is made. Returns [] when Hydra is only asked to print something."""
+    from hydra import compose, initialize_config_module
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if any(getattr(args, flag, None) for flag in _INFO_FLAGS) or args.config_path:
+        return []
+    overrides = list(args.overrides)
+    if args.config_dir:  # a user's own experiment files, searched like ours
+        overrides.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        if args.multirun:
+            jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        else:
+            jobs = [overrides]
+        configs = []
+        with initialize_config_module("metareward.conf", version_base="1.3"):
+            for num, job in enumerate(jobs):
+                composed = compose(args.config_name or "config", overrides=job)
+                configs.append(job_config(to_config(composed), num if args.multirun else None))
+    except ConfigError as error:
+        _fail(str(error))
+    except (HydraException, OmegaConfBaseException) as error:
+        _fail(str(override_error(error)))
+    return configs
 
 
 def print_plan(config: Config) -> None:
@@ -73,8 +110,9 @@ def print_plan(config: Config) -> None:
     print(format_plan(plan(config, available)))
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://metareward.conf", config_name="config", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
+    from metareward.allocator import keep_freed_memory
     from metareward.generation.openai import OpenAIError
     from metareward.loop import Run, RunStopped
     from metareward.tracking import TrackingError
@@ -83,9 +121,9 @@ def _run(cfg: DictConfig) -> None:
         config = to_config(cfg)
     except ConfigError as error:
         _fail(str(error))
-    if config.dry_run:  # answered by CheckBeforeRun unless hydra.callbacks was overridden
-        print_plan(config)
-        return
+    hydra_cfg = HydraConfig.get()
+    config = job_config(config, hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else None)
+    keep_freed_memory(cuda=_on_cuda(config.generator.device))
     try:
         run = Run(config)
         run.run()
@@ -94,36 +132,37 @@ def _run(cfg: DictConfig) -> None:
     except (ValueError, OSError) as error:
         # E.g. transformers refusing a model (remote code not trusted, no safetensors weights).
         _fail(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}", code=1)
-    print(f"run directory: {run.dir}")
+    log.info("run directory: %s", run.dir)
 
 
 def main() -> None:
-    keep_freed_memory()
+    """``metareward [overrides]``: every job's config is checked (and a dry run answered) before Hydra
+    creates a run directory."""
+    from metareward.loop import RunStopped, check_writable
+
+    configs = check_jobs(sys.argv[1:])
+    if configs and all(config.dry_run for config in configs):
+        for config in configs:
+            print_plan(config)
+        return
+    try:
+        for config in configs:
+            check_writable(Path(config.runs_dir) / config.run_name)
+    except RunStopped as error:
+        _fail(str(error), code=1)
     _run()
 
 
-def load_config(run_config: Path | None, overrides: list[str]) -> Config:
-    """The run's saved config (or the defaults) with ``key=value`` overrides, validated."""
-    from hydra import compose, initialize_config_module
-
-    try:
-        if run_config is not None and run_config.is_file():
-            base = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_config))
-            cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
-        else:
-            with initialize_config_module("metareward.conf", version_base="1.3"):
-                cfg = compose("config", overrides=overrides)
-    except OmegaConfBaseException as error:
-        raise ConfigError(str(error).splitlines()[0]) from None
-    return to_config(cfg)
+# ------------------------------------------------------------------ metareward-pairs
 
 
 def pairs_main(argv: list[str] | None = None) -> None:
     """Rebuild actor_pairs.jsonl and judge_pairs.jsonl from an iteration's stage files."""
-    from metareward.loop import build_pairs, write_pairs
+    from metareward.pairs import build_pairs, write_pairs
     from metareward.prompts import Templates
 
-    parser = argparse.ArgumentParser(prog="metareward-pairs", description=pairs_main.__doc__)
+    prog = "metareward-pairs"
+    parser = argparse.ArgumentParser(prog=prog, description=pairs_main.__doc__)
     parser.add_argument("iter_dir", type=Path, help="an iteration directory, runs/<name>/iter_<t>")
     parser.add_argument(
         "--out", type=Path, default=None, help="where to write the pair files (default: ITER_DIR)"
@@ -132,14 +171,99 @@ def pairs_main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     match = re.fullmatch(r"iter_(\d+)", args.iter_dir.resolve().name)
     if not match or not args.iter_dir.is_dir():
-        _fail(f"{args.iter_dir} is not an iteration directory (iter_<t>)")
+        _fail(f"{args.iter_dir} is not an iteration directory (iter_<t>)", prog=prog)
+    iteration = int(match.group(1))
     try:
         config = load_config(args.iter_dir.resolve().parent / records.CONFIG, args.overrides)
         templates = Templates.load(config.judge.template, config.meta_judge.template)
-        actor_rows, judge_rows, stats = build_pairs(args.iter_dir, config, int(match.group(1)), templates)
+        rho = config.pairs.rho_for(iteration)
+        actor_rows, judge_rows, _ = build_pairs(
+            args.iter_dir, rho, config.pairs.elo_l2, templates.judge_messages
+        )
     except (ConfigError, RecordError, FileNotFoundError) as error:
-        _fail(str(error))
+        _fail(str(error), prog=prog)
     out = args.out or args.iter_dir
     write_pairs(out, actor_rows, judge_rows)
-    rho = config.pairs.rho_for(int(match.group(1)))
     print(f"{out}: {len(actor_rows)} actor pairs, {len(judge_rows)} judge pairs (rho {rho})")
+
+
+# ------------------------------------------------------------------ metareward-inspect, -report
+
+
+def _run_dir_arg(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    args = parser.parse_args(argv)
+    if not report.is_run_dir(run := Path(args.run_dir)):
+        parser.error(f"{run} is not a run directory (no {records.CONFIG} and no iter_* directories)")
+    return args, run.resolve()  # resolved: "." has a name too
+
+
+def inspect_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="metareward-inspect", description="Summary table and sample pairs.")
+    parser.add_argument("--iter", type=int, dest="iteration", metavar="K", help="sample pairs of iter_K")
+    parser.add_argument("--role", choices=["actor", "judge"], default="actor", help="default: actor")
+    parser.add_argument("-n", type=int, default=3, help="number of sample pairs (default 3)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    args, run = _run_dir_arg(parser, argv)
+    try:
+        if args.iteration is None:
+            print(report.inspect_run(run, args.json))
+        else:
+            print(report.inspect_pairs(run, args.iteration, args.role, args.n, args.json))
+    except (RecordError, ValueError) as error:
+        parser.error(str(error))
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="metareward-report", description="HTML report with plots of a run.")
+    parser.add_argument("--out", metavar="FILE", help="HTML file to write (default RUN_DIR/report.html)")
+    args, run = _run_dir_arg(parser, argv)
+    try:
+        print(report.write_report(run, Path(args.out) if args.out else run / "report.html"))
+    except RecordError as error:
+        parser.error(str(error))
+
+
+# ------------------------------------------------------------------ metareward-eval-judge
+
+
+def eval_judge_main(argv: list[str] | None = None) -> None:
+    """``metareward-eval-judge [--out PATH] [overrides]``: agreement of the configured model-as-judge
+    with human preference pairs (``eval.*``, ``judge.score_from``, ``judge.template`` apply).
+
+    Prints the result as JSON and writes it to PATH (default ./eval_judge.json), with the per-pair
+    outcomes in ``<stem>_pairs.jsonl`` beside it."""
+    from metareward.allocator import keep_freed_memory
+    from metareward.evaluation import judge_human_agreement, load_human_pairs
+    from metareward.generation import make_generator
+    from metareward.models import resolve_model
+    from metareward.prompts import Templates
+
+    prog = "metareward-eval-judge"
+    parser = argparse.ArgumentParser(prog=prog, description=eval_judge_main.__doc__)
+    parser.add_argument("--out", type=Path, default=Path("eval_judge.json"), help="result JSON file")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny eval.num_pairs=32")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        config = load_config(None, args.overrides)
+    except ConfigError as error:
+        _fail(str(error), prog=prog)
+    keep_freed_memory(cuda=_on_cuda(config.generator.device))
+    try:
+        # Pairs first: a bad file should fail before minutes of model loading.
+        pairs = load_human_pairs(config.eval.human_pairs, config.eval.num_pairs, config.eval.seed)
+        templates = Templates.load(config.judge.template, config.meta_judge.template)
+        model_dir = resolve_model(config.model)
+    except (RecordError, OSError) as error:
+        _fail(str(error), code=1, prog=prog)
+    generator = make_generator(model_dir, config.model, config.generator)
+    try:
+        result = judge_human_agreement(
+            generator, templates, pairs, config.eval, config.judge.score_from, config.eval.seed
+        )
+    finally:
+        generator.close()
+    per_pair = result.pop("per_pair")
+    records.write_json(args.out, result)
+    records.write_jsonl(args.out.with_name(f"{args.out.stem}_pairs.jsonl"), per_pair)
+    print(json.dumps(result, indent=2))

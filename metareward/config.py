@@ -1,21 +1,32 @@
-"""Typed configuration of a metareward run.
+"""Typed configuration of a metareward run, and building it from Hydra overrides.
 
 The dataclasses here are registered in Hydra's ConfigStore as the schema behind
-``conf/config.yaml``; Hydra composes the YAML files on top of them, and
-:func:`to_config` turns the result into these dataclasses, running every
-``__post_init__`` check before any model is loaded. Code below the entry points
-only ever sees these dataclasses, never a ``DictConfig``.
+``conf/config.yaml``; Hydra composes the YAML files on top of them, and :func:`to_config`
+turns the result into these dataclasses, running every section's checks before any model
+is loaded. Each default lives here, once: the YAML files set only what differs.
+Code below the entry points only ever sees these dataclasses, never a ``DictConfig``.
+
+A refused setting is named by its full dotted key as the user typed it: a section's
+checks name its own fields, and :func:`to_config` prefixes them with the section's place
+in the tree (``roles.meta_judge.generator.batch_size``, not ``generator.batch_size``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
+
+# `accelerate launch` config files shipped with metareward (train.accelerate_config); not Hydra options.
+ACCELERATE_CONFIGS = Path(__file__).parent / "accelerate_configs"
+DEFAULT_ACCELERATE_CONFIG = ACCELERATE_CONFIGS / "deepspeed_zero3.yaml"
 
 MODEL_KINDS = ("smollm2_135m", "hf", "tiny")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -30,46 +41,83 @@ SCORE_SOURCES = ("text", "text_or_expected")
 WINNER_SOURCES = ("text", "text_or_probs")
 
 
+NO_VALUE = object()  # a refusal that names a key but no value (e.g. an unknown key)
+
+
 class ConfigError(ValueError):
-    """A setting has a value metareward cannot run with; the message names the setting."""
+    """A setting has a value metareward cannot run with; the message names the setting.
+
+    ``key`` is the setting's dotted key within the section that refused it (``batch_size``),
+    ``where`` the section's place in the whole config (``roles.judge.generator.``)."""
+
+    def __init__(self, key: str, value: Any = NO_VALUE, why: str = "", where: str = ""):
+        self.key, self.value, self.why, self.where = key, value, why, where
+        shown = f"{where}{key}" if value is NO_VALUE else f"{where}{key}={value!r}"
+        super().__init__(f"{shown}: {why}")
+
+    def at(self, where: str) -> ConfigError:
+        """The same refusal, named from another place in the tree."""
+        return ConfigError(self.key, self.value, self.why, where)
 
 
-def _require(ok: bool, setting: str, value: Any, why: str) -> None:
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
-        raise ConfigError(f"{setting}={value!r}: {why}")
+        raise ConfigError(key, value, why)
 
 
-def _check_sampling(prefix: str, temperature: float, top_p: float, max_new_tokens: int) -> None:
-    _require(temperature >= 0, f"{prefix}.temperature", temperature, "must be >= 0")
-    _require(0 < top_p <= 1, f"{prefix}.top_p", top_p, "must be in (0, 1]")
-    _require(max_new_tokens >= 1, f"{prefix}.max_new_tokens", max_new_tokens, "must be >= 1")
+class Section:
+    """A group of settings. ``check`` names its own fields; ``where`` is the section's usual place in
+    :class:`Config`, used when the section is built directly (``GeneratorConfig(batch_size=0)``)."""
+
+    where: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        try:
+            self.check()
+        except ConfigError as error:
+            raise error.at(self.where) from None
+
+    def check(self) -> None:
+        pass
 
 
-def _check_template(setting: str, path: str | None) -> None:
-    _require(not path or Path(path).is_file(), setting, path, "no such file")
+def _check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    _require(temperature >= 0, "temperature", temperature, "must be >= 0")
+    _require(0 < top_p <= 1, "top_p", top_p, "must be in (0, 1]")
+    _require(max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "must be >= 1")
+
+
+def _check_template(key: str, path: str | None) -> None:
+    _require(not path or Path(path).is_file(), key, path, "no such file")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Which seed model M_0 is: the embedded SmolLM2, any Hugging Face model, or a tiny random one."""
+
+    where: ClassVar[str] = "model."
 
     kind: str = "smollm2_135m"
     # For kind=hf: a local directory or a hub id (hub ids need network access).
     path: str | None = None
-    # Generation dtype; auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (training's is
-    # train.dpo.precision).
-    dtype: str = "float32"
+    # Generation dtype; auto: bf16 on GPUs and on CPUs that multiply bf16 natively (AVX512-BF16, AMX;
+    # about 2x fp32 there), else fp32 (training's is train.dpo.precision).
+    dtype: str = "auto"
     trust_remote_code: bool = False
 
-    def __post_init__(self) -> None:
-        _require(self.kind in MODEL_KINDS, "model.kind", self.kind, f"must be one of {MODEL_KINDS}")
-        _require(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {DTYPES}")
-        _require(self.kind != "hf" or bool(self.path), "model.path", self.path, "is required with model=hf")
+    def check(self) -> None:
+        _require(self.kind in MODEL_KINDS, "kind", self.kind, f"must be one of {MODEL_KINDS}")
+        _require(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
+        _require(
+            self.kind != "hf" or bool(self.path), "path", self.path, "is required with kind=hf (model=hf)"
+        )
 
 
 @dataclass
-class VLLMSettings:
+class VLLMSettings(Section):
     """vLLM engine settings (``generator=vllm``, needs ``pip install metareward[vllm]`` and a GPU)."""
+
+    where: ClassVar[str] = "generator.vllm."
 
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
@@ -80,31 +128,33 @@ class VLLMSettings:
     # Log-probabilities returned per scored position; a score or verdict token outside them counts as 0.
     max_logprobs: int = 20
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _require(
             self.tensor_parallel_size >= 1,
-            "generator.vllm.tensor_parallel_size",
+            "tensor_parallel_size",
             self.tensor_parallel_size,
             "must be >= 1",
         )
         _require(
             0 < self.gpu_memory_utilization <= 1,
-            "generator.vllm.gpu_memory_utilization",
+            "gpu_memory_utilization",
             self.gpu_memory_utilization,
             "must be in (0, 1]",
         )
         _require(
             self.max_model_len is None or self.max_model_len >= 16,
-            "generator.vllm.max_model_len",
+            "max_model_len",
             self.max_model_len,
             "must be >= 16",
         )
-        _require(self.max_logprobs >= 1, "generator.vllm.max_logprobs", self.max_logprobs, "must be >= 1")
+        _require(self.max_logprobs >= 1, "max_logprobs", self.max_logprobs, "must be >= 1")
 
 
 @dataclass
-class OpenAISettings:
+class OpenAISettings(Section):
     """An OpenAI-compatible chat endpoint, or a pool of them (``generator=openai``)."""
+
+    where: ClassVar[str] = "generator.openai."
 
     # One or more base URLs ending in /v1; requests are spread over them (e.g. a pool of vLLM servers).
     base_urls: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
@@ -123,31 +173,31 @@ class OpenAISettings:
     prompt_price_per_mtok: float | None = None
     completion_price_per_mtok: float | None = None
 
-    def __post_init__(self) -> None:
-        _require(bool(self.base_urls), "generator.openai.base_urls", self.base_urls, "needs at least one URL")
+    def check(self) -> None:
+        _require(bool(self.base_urls), "base_urls", self.base_urls, "needs at least one URL")
         for url in self.base_urls:
             _require(
                 url.startswith(("http://", "https://")),
-                "generator.openai.base_urls",
+                "base_urls",
                 url,
                 "must start with http:// or https://",
             )
-        _require(bool(self.api_key_env), "generator.openai.api_key_env", self.api_key_env, "must be a name")
+        _require(bool(self.api_key_env), "api_key_env", self.api_key_env, "must be a name")
         for name in ("max_concurrency",):
-            _require(
-                getattr(self, name) >= 1, f"generator.openai.{name}", getattr(self, name), "must be >= 1"
-            )
-        _require(self.max_retries >= 0, "generator.openai.max_retries", self.max_retries, "must be >= 0")
-        _require(self.backoff_s >= 0, "generator.openai.backoff_s", self.backoff_s, "must be >= 0")
-        _require(self.timeout_s > 0, "generator.openai.timeout_s", self.timeout_s, "must be > 0")
+            _require(getattr(self, name) >= 1, f"{name}", getattr(self, name), "must be >= 1")
+        _require(self.max_retries >= 0, "max_retries", self.max_retries, "must be >= 0")
+        _require(self.backoff_s >= 0, "backoff_s", self.backoff_s, "must be >= 0")
+        _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be > 0")
         for name in ("prompt_price_per_mtok", "completion_price_per_mtok"):
             value = getattr(self, name)
-            _require(value is None or value >= 0, f"generator.openai.{name}", value, "must be >= 0")
+            _require(value is None or value >= 0, f"{name}", value, "must be >= 0")
 
 
 @dataclass
-class GeneratorConfig:
+class GeneratorConfig(Section):
     """The generation backend shared by the actor, judge and meta-judge."""
+
+    where: ClassVar[str] = "generator."
 
     backend: str = "hf"
     # Sequences decoded together; the transformers backend sorts requests by length first.
@@ -161,20 +211,22 @@ class GeneratorConfig:
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
     openai: OpenAISettings = field(default_factory=OpenAISettings)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _require(
             self.backend in GENERATOR_BACKENDS,
-            "generator.backend",
+            "backend",
             self.backend,
             f"must be one of {GENERATOR_BACKENDS}",
         )
         for name in ("batch_size", "score_batch_size", "chunk_size"):
-            _require(getattr(self, name) >= 1, f"generator.{name}", getattr(self, name), "must be >= 1")
+            _require(getattr(self, name) >= 1, f"{name}", getattr(self, name), "must be >= 1")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where actor prompts come from: the bundled set, a JSONL file or a Hugging Face dataset."""
+
+    where: ClassVar[str] = "data."
 
     # bundled: the Self-Instruct seed tasks shipped with metareward; jsonl: `path`; hf: `hf_name`.
     # A `path`, when given, is read whatever the kind (except hf).
@@ -191,49 +243,49 @@ class DataConfig:
     max_prompt_tokens: int | None = None
     long_prompts: str = "skip"
 
-    def __post_init__(self) -> None:
-        _require(self.kind in DATA_KINDS, "data.kind", self.kind, f"must be one of {DATA_KINDS}")
-        _require(
-            self.kind != "jsonl" or bool(self.path), "data.path", self.path, "is required with data=jsonl"
-        )
+    def check(self) -> None:
+        _require(self.kind in DATA_KINDS, "kind", self.kind, f"must be one of {DATA_KINDS}")
+        _require(self.kind != "jsonl" or bool(self.path), "path", self.path, "is required with data=jsonl")
         if self.path:
-            _require(Path(self.path).is_file(), "data.path", self.path, "no such file")
+            _require(Path(self.path).is_file(), "path", self.path, "no such file")
         if self.kind == "hf":
-            _require(bool(self.hf_name), "data.hf_name", self.hf_name, "is required with data=hf_dataset")
+            _require(bool(self.hf_name), "hf_name", self.hf_name, "is required with data=hf_dataset")
         _require(
             self.prompts_per_iteration >= 1,
-            "data.prompts_per_iteration",
+            "prompts_per_iteration",
             self.prompts_per_iteration,
             "must be >= 1",
         )
         _require(
             self.max_prompt_tokens is None or self.max_prompt_tokens >= 8,
-            "data.max_prompt_tokens",
+            "max_prompt_tokens",
             self.max_prompt_tokens,
             "must be >= 8",
         )
         _require(
             self.long_prompts in LONG_PROMPTS,
-            "data.long_prompts",
+            "long_prompts",
             self.long_prompts,
             f"one of {LONG_PROMPTS}",
         )
 
 
 @dataclass
-class ActorConfig:
+class ActorConfig(Section):
+    where: ClassVar[str] = "actor."
     num_responses: int = 4
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 512
 
-    def __post_init__(self) -> None:
-        _require(self.num_responses >= 2, "actor.num_responses", self.num_responses, "must be >= 2")
-        _check_sampling("actor", self.temperature, self.top_p, self.max_new_tokens)
+    def check(self) -> None:
+        _require(self.num_responses >= 2, "num_responses", self.num_responses, "must be >= 2")
+        _check_sampling(self.temperature, self.top_p, self.max_new_tokens)
 
 
 @dataclass
-class JudgeConfig:
+class JudgeConfig(Section):
+    where: ClassVar[str] = "judge."
     num_judgements: int = 3
     temperature: float = 0.8
     top_p: float = 0.95
@@ -245,17 +297,16 @@ class JudgeConfig:
     # (fields: {question}, {response}).
     template: str | None = None
 
-    def __post_init__(self) -> None:
-        _require(self.num_judgements >= 1, "judge.num_judgements", self.num_judgements, "must be >= 1")
-        _check_sampling("judge", self.temperature, self.top_p, self.max_new_tokens)
-        _require(
-            self.score_from in SCORE_SOURCES, "judge.score_from", self.score_from, f"one of {SCORE_SOURCES}"
-        )
-        _check_template("judge.template", self.template)
+    def check(self) -> None:
+        _require(self.num_judgements >= 1, "num_judgements", self.num_judgements, "must be >= 1")
+        _check_sampling(self.temperature, self.top_p, self.max_new_tokens)
+        _require(self.score_from in SCORE_SOURCES, "score_from", self.score_from, f"one of {SCORE_SOURCES}")
+        _check_template("template", self.template)
 
 
 @dataclass
-class MetaJudgeConfig:
+class MetaJudgeConfig(Section):
+    where: ClassVar[str] = "meta_judge."
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 512
@@ -266,31 +317,32 @@ class MetaJudgeConfig:
     # {judgement_a}, {judgement_b}).
     template: str | None = None
 
-    def __post_init__(self) -> None:
-        _check_sampling("meta_judge", self.temperature, self.top_p, self.max_new_tokens)
+    def check(self) -> None:
+        _check_sampling(self.temperature, self.top_p, self.max_new_tokens)
         _require(
             self.winner_from in WINNER_SOURCES,
-            "meta_judge.winner_from",
+            "winner_from",
             self.winner_from,
             f"one of {WINNER_SOURCES}",
         )
-        _check_template("meta_judge.template", self.template)
+        _check_template("template", self.template)
 
 
 @dataclass
-class PairsConfig:
+class PairsConfig(Section):
+    where: ClassVar[str] = "pairs."
     # Length-control strength in [0, 0.5): a number, or one number per iteration (the last repeats).
     rho: Any = 0.0
     # L2 strength of the Elo (Bradley-Terry) fit over judgements.
     elo_l2: float = 0.01
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         values = list(self.rho) if isinstance(self.rho, list | tuple) else [self.rho]
-        _require(bool(values), "pairs.rho", self.rho, "needs at least one value")
+        _require(bool(values), "rho", self.rho, "needs at least one value")
         for value in values:
             ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 0.5
-            _require(ok, "pairs.rho", self.rho, "every value must be a number in [0, 0.5)")
-        _require(self.elo_l2 > 0, "pairs.elo_l2", self.elo_l2, "must be > 0")
+            _require(ok, "rho", self.rho, "every value must be a number in [0, 0.5)")
+        _require(self.elo_l2 > 0, "elo_l2", self.elo_l2, "must be > 0")
 
     def rho_for(self, iteration: int) -> float:
         """The rho of 1-based ``iteration``; a list's last value repeats."""
@@ -299,8 +351,10 @@ class PairsConfig:
 
 
 @dataclass
-class DPOSettings:
+class DPOSettings(Section):
     """Our DPO settings; ``training.py`` turns them into ``trl.DPOConfig``."""
+
+    where: ClassVar[str] = "train.dpo."
 
     beta: float = 0.1
     learning_rate: float = 5e-7
@@ -320,68 +374,76 @@ class DPOSettings:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
 
-    def __post_init__(self) -> None:
-        _require(self.beta > 0, "train.dpo.beta", self.beta, "must be > 0")
-        _require(self.learning_rate > 0, "train.dpo.learning_rate", self.learning_rate, "must be > 0")
-        _require(self.num_epochs > 0, "train.dpo.num_epochs", self.num_epochs, "must be > 0")
-        _require(self.batch_size >= 1, "train.dpo.batch_size", self.batch_size, "must be >= 1")
+    def check(self) -> None:
+        _require(self.beta > 0, "beta", self.beta, "must be > 0")
+        _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
+        _require(self.num_epochs > 0, "num_epochs", self.num_epochs, "must be > 0")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _require(
             self.gradient_accumulation_steps >= 1,
-            "train.dpo.gradient_accumulation_steps",
+            "gradient_accumulation_steps",
             self.gradient_accumulation_steps,
             "must be >= 1",
         )
-        _require(self.max_length >= 16, "train.dpo.max_length", self.max_length, "must be >= 16")
-        _require(0 <= self.warmup_ratio < 1, "train.dpo.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
-        _require(self.lora_r >= 1, "train.dpo.lora_r", self.lora_r, "must be >= 1")
-        _require(self.precision in PRECISIONS, "train.dpo.precision", self.precision, f"one of {PRECISIONS}")
+        _require(self.max_length >= 16, "max_length", self.max_length, "must be >= 16")
+        _require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _require(self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1")
+        _require(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
+    where: ClassVar[str] = "train."
     # Iterations whose DPO data also holds the judge pairs (the paper: 1 and 2).
     judge_iterations: list[int] = field(default_factory=lambda: [1, 2])
     dpo: DPOSettings = field(default_factory=DPOSettings)
     # inline: train in this process; accelerate: `accelerate launch --config_file <accelerate_config>`
-    # (multi-GPU, DeepSpeed ZeRO-3 with the shipped conf/accelerate/deepspeed_zero3.yaml).
+    # (multi-GPU, DeepSpeed ZeRO-3 with the shipped accelerate_configs/deepspeed_zero3.yaml).
     launcher: str = "inline"
-    # Empty: conf/accelerate/deepspeed_zero3.yaml from the installed package.
+    # Empty: metareward/accelerate_configs/deepspeed_zero3.yaml from the installed package.
     accelerate_config: str | None = None
     # When an iteration yields no preference pairs: stop the run (saying why), or carry M_{t-1}
     # forward unchanged as M_t and go on.
     on_no_pairs: str = "stop"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         for value in self.judge_iterations:
-            _require(value >= 1, "train.judge_iterations", self.judge_iterations, "iterations count from 1")
-        _require(self.launcher in LAUNCHERS, "train.launcher", self.launcher, f"must be one of {LAUNCHERS}")
-        _check_template("train.accelerate_config", self.accelerate_config)
-        _require(
-            self.on_no_pairs in ON_NO_PAIRS, "train.on_no_pairs", self.on_no_pairs, f"one of {ON_NO_PAIRS}"
-        )
+            _require(value >= 1, "judge_iterations", self.judge_iterations, "iterations count from 1")
+        _require(self.launcher in LAUNCHERS, "launcher", self.launcher, f"must be one of {LAUNCHERS}")
+        _check_template("accelerate_config", self.accelerate_config)
+        _require(self.on_no_pairs in ON_NO_PAIRS, "on_no_pairs", self.on_no_pairs, f"one of {ON_NO_PAIRS}")
 
 
 @dataclass
-class RoleModelConfig:
+class RoleModelConfig(Section):
     """A fixed model for one role instead of the model being trained, e.g. a stronger meta-judge
     behind an API: ``roles.meta_judge.own_model=true roles.meta_judge.generator.backend=openai``."""
 
-    # false (the paper): the role is played by M_{t-1} through the run's `generator`.
+    where: ClassVar[str] = "roles.<role>."
+
+    # false (the paper): the role is played by M_{t-1} through the run's `generator` (for
+    # eval.evaluator: by the seed model M_0).
     own_model: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
 @dataclass
-class RolesConfig:
+class RolesConfig(Section):
+    """Which model plays each role; by default M_{t-1} plays all three (the paper)."""
+
+    where: ClassVar[str] = "roles."
+
     actor: RoleModelConfig = field(default_factory=RoleModelConfig)
     judge: RoleModelConfig = field(default_factory=RoleModelConfig)
     meta_judge: RoleModelConfig = field(default_factory=RoleModelConfig)
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(Section):
     """Where numbers go besides metrics.json: W&B online, W&B offline (in the run directory), or nowhere."""
+
+    where: ClassVar[str] = "tracking."
 
     # wandb: online (needs `wandb login`); offline: a W&B offline run under <run_dir>/wandb, syncable
     # later with `wandb sync`; none: metrics.json only.
@@ -392,14 +454,16 @@ class TrackingConfig:
     # Rows of sample actor and judge pairs logged as W&B Tables each iteration.
     table_rows: int = 8
 
-    def __post_init__(self) -> None:
-        _require(self.mode in TRACKING_MODES, "tracking.mode", self.mode, f"must be one of {TRACKING_MODES}")
-        _require(self.table_rows >= 0, "tracking.table_rows", self.table_rows, "must be >= 0")
+    def check(self) -> None:
+        _require(self.mode in TRACKING_MODES, "mode", self.mode, f"must be one of {TRACKING_MODES}")
+        _require(self.table_rows >= 0, "table_rows", self.table_rows, "must be >= 0")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """Judge skill against human preferences, and the actor's win rate against M_0."""
+
+    where: ClassVar[str] = "eval."
 
     # Run before iteration 1 (on M_0) and after each iteration (on M_t).
     enabled: bool = True
@@ -418,23 +482,26 @@ class EvalConfig:
     heldout_prompts: str | None = None
     num_heldout: int = 16
     response_max_new_tokens: int = 256
-    # The fixed evaluator: empty means M_0 (the seed model).
-    evaluator: ModelConfig | None = None
+    # The fixed evaluator of win rates: M_0 (the seed model), or with own_model=true any model and
+    # backend, e.g. eval.evaluator.own_model=true eval.evaluator.model.kind=hf eval.evaluator.model.path=...
+    evaluator: RoleModelConfig = field(default_factory=RoleModelConfig)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         counts = ("num_pairs", "num_judgements", "max_new_tokens", "num_heldout", "response_max_new_tokens")
         for name in counts:
-            _require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), "must be >= 1")
-        _require(self.temperature >= 0, "eval.temperature", self.temperature, "must be >= 0")
-        _require(self.bootstrap_samples >= 10, "eval.bootstrap_samples", self.bootstrap_samples, ">= 10")
+            _require(getattr(self, name) >= 1, f"{name}", getattr(self, name), "must be >= 1")
+        _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
+        _require(self.bootstrap_samples >= 10, "bootstrap_samples", self.bootstrap_samples, ">= 10")
         for name in ("human_pairs", "heldout_prompts"):
             path = getattr(self, name)
-            _require(not path or Path(path).is_file(), f"eval.{name}", path, "no such file")
+            _require(not path or Path(path).is_file(), f"{name}", path, "no such file")
 
 
 @dataclass
-class Config:
+class Config(Section):
     """A whole run. ``metareward --cfg job`` prints it resolved."""
+
+    where: ClassVar[str] = ""
 
     run_name: str = "default"
     runs_dir: str = "runs"
@@ -456,7 +523,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _require(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
         _require(bool(self.run_name) and "/" not in self.run_name, "run_name", self.run_name, "a plain name")
 
@@ -466,19 +533,80 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="metareward_schema", node=Config)
 
 
+def _build(cls: type, values: dict, where: str):
+    """``cls`` from plain ``values``, sections inside it first, each refusal named at its place."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        value = values[f.name]
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
+            value = _build(hints[f.name], value, f"{where}{f.name}.")
+        kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise error.at(where) from None
+
+
 def to_config(cfg: DictConfig) -> Config:
     """Turn a composed Hydra config into :class:`Config`, validating every setting.
 
-    Raises :class:`ConfigError` naming the setting; no model is loaded here.
+    Raises :class:`ConfigError` naming the setting by its full key; no model is loaded here.
     """
     if "hydra" in cfg:  # a callback's view: Hydra's own node holds values only set once the job runs
         cfg = cfg.copy()
         with open_dict(cfg):
             cfg.pop("hydra")
-    container = OmegaConf.to_container(cfg, resolve=True)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), container)
-        return OmegaConf.to_object(merged)
+        # Merging onto the schema checks every key and type (OmegaConf names the full key).
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=True))
+        values = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "config"
-        raise ConfigError(f"{key}: {error.msg if hasattr(error, 'msg') else error}".splitlines()[0]) from None
+        message = getattr(error, "msg", None) or str(error)
+        raise ConfigError(key, why=message.splitlines()[0]) from None
+    return _build(Config, values, "")
+
+
+def load_config(run_config: Path | None, overrides: list[str]) -> Config:
+    """The defaults (or a run's saved ``config.yaml``) with ``key=value`` overrides, validated.
+
+    For the commands that are not Hydra apps (``metareward-pairs``, ``metareward-eval-judge``) and
+    for scripts and tests; raises :class:`ConfigError` naming the setting."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+
+    register_configs()
+    try:
+        if run_config is not None and run_config.is_file():
+            base = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_config))
+            cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        else:
+            with initialize_config_module("metareward.conf", version_base="1.3"):
+                cfg = compose("config", overrides=overrides)
+    except (OmegaConfBaseException, HydraException) as error:
+        raise override_error(error) from None
+    return to_config(cfg)
+
+
+def override_error(error: Exception) -> ConfigError:
+    """One line for an override Hydra or OmegaConf refused: the key as typed and why."""
+    cause = error.__cause__ or error
+    key = getattr(cause, "full_key", None) or getattr(error, "full_key", None)
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    why = next(
+        (line for line in lines if not line.startswith(("full_key:", "object_type=", "Could not"))), ""
+    )
+    if key is None and "Could not find '" in str(cause):  # a group option that does not exist
+        group, option = str(cause).split("Could not find '", 1)[1].split("'", 1)[0].rsplit("/", 1)
+        options = [line for line in lines if not line.endswith(":") and " " not in line]
+        return ConfigError(
+            group, option, "no such option" + (f" (options: {', '.join(options)})" if options else "")
+        )
+    if getattr(error, "override", None):  # a malformed override, e.g. an unclosed bracket
+        return ConfigError(error.override, why=f"not a valid override ({lines[0] if lines else 'syntax'})")
+    if key is None:  # anything else: Hydra's first line says what
+        key, why = "override", lines[0] if lines else type(error).__name__
+    if re.search(r"Key '[^']*' (is )?not in", why):
+        why = "no such setting"
+    return ConfigError(key, why=why)

@@ -151,3 +151,22 @@ def fit_prompts(prompts: list[dict], tokenizer, max_tokens: int, mode: str) -> t
         counts["truncated"] += 1
     counts["kept"] = len(kept)
     return kept, counts
+
+
+def fit_to_model(
+    prompts: list[dict], model_dir: str, cfg: DataConfig, max_new_tokens: int, trust_remote_code: bool
+) -> tuple[list[dict], dict]:
+    """Leave out (or truncate, ``data.long_prompts``) prompts too long for the model in ``model_dir``:
+    longer than ``data.max_prompt_tokens``, or than its context minus the actor's ``max_new_tokens``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    limit = cfg.max_prompt_tokens
+    if limit is None:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        # Text models keep it at the top; some multimodal configs only in their text part.
+        context = getattr(config.get_text_config(), "max_position_embeddings", None)
+        if context is None:  # the model states no context length: nothing to check against
+            return prompts, {"kept": len(prompts), "skipped_too_long": 0, "truncated": 0}
+        limit = max(context - max_new_tokens, 1)
+    return fit_prompts(prompts, tokenizer, limit, cfg.long_prompts)

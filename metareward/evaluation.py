@@ -3,30 +3,30 @@
 - Judge skill: ``load_human_pairs`` then ``judge_human_agreement``, which scores both responses of
   each human preference pair with the judge prompt and reports how often the judge agrees with
   the human choice, with a bootstrap confidence interval. ``metareward-eval-judge [overrides]``
-  runs it from the command line and prints the result as JSON.
+  (cli.py) runs it from the command line and prints the result as JSON.
 - Actor skill: ``load_heldout_prompts``, ``generate_responses`` (for M_t and M_0), then
   ``win_rate``, where a fixed evaluator compares the two models' answers in both orders.
 
-Everything here takes a :class:`~metareward.generation.Generator`, so tests can pass stand-ins.
+- ``evaluate_model``: both, for one model of a run (what the loop runs on M_0 and after each iteration).
+
+Everything but ``evaluate_model`` takes a :class:`~metareward.generation.Generator`, so tests can pass
+stand-ins.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from metareward import stages
-from metareward.config import ConfigError, EvalConfig
+from metareward.config import Config, EvalConfig
 from metareward.data import bundled_path, to_prompt_rows
-from metareward.generation import Generator, SamplingParams
+from metareward.generation import Generator, SamplingParams, make_generator
 from metareward.metrics import mean_or_none
 from metareward.prompts import Templates
-from metareward.records import RecordError, read_jsonl_numbered, write_json, write_jsonl
+from metareward.records import RecordError, read_jsonl_numbered
 
 BUNDLED_HUMAN_PAIRS = "hh_rlhf_helpful_dev.jsonl"
 BUNDLED_HELDOUT = "vicuna_bench_questions.jsonl"
@@ -237,53 +237,48 @@ def win_rate(
     }
 
 
-# ------------------------------------------------------------------ command line
+# ------------------------------------------------------------------ one model, as the loop evaluates it
 
 
-def _fail(message: str, code: int) -> None:
-    print(f"metareward-eval-judge: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
+def evaluate_model(
+    cfg: Config,
+    model_dir: str,
+    iteration: int,
+    evaluator_dir: str,
+    templates: Templates,
+    cache_dir: Path,
+    baseline: list | None = None,
+) -> dict:
+    """Judge-human agreement of M_``iteration`` in ``model_dir`` and its greedy answers to the held-out
+    prompts; with ``baseline`` (M_0's answers) also its actor's win rate against them, judged by the
+    fixed evaluator in ``evaluator_dir`` (``eval.evaluator``: M_0 unless it has a model of its own).
 
-
-def eval_judge_main(argv: list[str] | None = None) -> None:
-    """``metareward-eval-judge [--out PATH] [overrides]``: agreement of the configured model-as-judge
-    with human preference pairs (``eval.*``, ``judge.score_from``, ``judge.template`` apply).
-
-    Prints the result as JSON and writes it to PATH (default ./eval_judge.json), with the per-pair
-    outcomes in ``<stem>_pairs.jsonl`` beside it."""
-    from hydra.errors import HydraException
-
-    from metareward.allocator import keep_freed_memory
-    from metareward.cli import load_config
-    from metareward.generation import make_generator
-    from metareward.models import resolve_model
-
-    keep_freed_memory()
-    parser = argparse.ArgumentParser(prog="metareward-eval-judge", description=eval_judge_main.__doc__)
-    parser.add_argument("--out", type=Path, default=Path("eval_judge.json"), help="result JSON file")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny eval.num_pairs=32")
-    args = parser.parse_intermixed_args(argv)
+    Returns ``{"judge": summary, "per_pair": rows, "heldout_responses": rows[, "actor": win rate]}``."""
+    human_pairs = load_human_pairs(cfg.eval.human_pairs, cfg.eval.num_pairs, cfg.eval.seed)
+    heldout = load_heldout_prompts(cfg.eval.heldout_prompts, cfg.eval.num_heldout)
+    generator = make_generator(model_dir, cfg.model, cfg.generator, cache_dir=cache_dir)
     try:
-        config = load_config(None, args.overrides)
-    except (ConfigError, HydraException) as error:
-        # Hydra hides the useful part ("abc is not an int") in the cause of "Error merging override".
-        cause = f" ({str(error.__cause__).splitlines()[0]})" if error.__cause__ else ""
-        _fail(str(error).splitlines()[0] + cause, code=2)
-    try:
-        # Pairs first: a bad file should fail before minutes of model loading.
-        pairs = load_human_pairs(config.eval.human_pairs, config.eval.num_pairs, config.eval.seed)
-        templates = Templates.load(config.judge.template, config.meta_judge.template)
-        model_dir = resolve_model(config.model)
-    except (RecordError, OSError) as error:
-        _fail(str(error), code=1)
-    generator = make_generator(model_dir, config.model, config.generator)
-    try:
-        result = judge_human_agreement(
-            generator, templates, pairs, config.eval, config.judge.score_from, config.eval.seed
+        judge = judge_human_agreement(
+            generator, templates, human_pairs, cfg.eval, cfg.judge.score_from, seed=cfg.eval.seed
         )
+        responses = []
+        if cfg.eval.win_rate:
+            responses = generate_responses(
+                generator, heldout, cfg.eval.response_max_new_tokens, cfg.eval.seed
+            )
     finally:
         generator.close()
-    per_pair = result.pop("per_pair")
-    write_json(args.out, result)
-    write_jsonl(args.out.with_name(f"{args.out.stem}_pairs.jsonl"), per_pair)
-    print(json.dumps(result, indent=2))
+    per_pair = judge.pop("per_pair")
+    result = {"judge": judge, "per_pair": per_pair, "heldout_responses": responses}
+    if baseline is not None and cfg.eval.win_rate:
+        spec = cfg.eval.evaluator
+        model, settings = (spec.model, spec.generator) if spec.own_model else (cfg.model, cfg.generator)
+        evaluator = make_generator(evaluator_dir, model, settings, cache_dir=cache_dir)
+        try:
+            seed = cfg.eval.seed + iteration
+            result["actor"] = win_rate(
+                evaluator, templates, heldout, responses, baseline, cfg.eval, seed=seed
+            )
+        finally:
+            evaluator.close()
+    return result

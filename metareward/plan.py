@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from metareward.config import Config
+from metareward.config import DEFAULT_ACCELERATE_CONFIG, Config
 
 COLUMNS = ("iteration", "stage", "requests", "samples", "scored_texts", "max_generated_tokens")
 
@@ -45,9 +45,7 @@ def training_processes(cfg: Config) -> int:
         return 1
     from omegaconf import OmegaConf
 
-    from metareward.training import default_accelerate_config
-
-    launch = OmegaConf.load(cfg.train.accelerate_config or default_accelerate_config())
+    launch = OmegaConf.load(cfg.train.accelerate_config or DEFAULT_ACCELERATE_CONFIG)
     return int(launch.get("num_processes", 1)) * int(launch.get("num_machines", 1))
 
 

@@ -27,6 +27,11 @@ JUDGE_PAIRS = "judge_pairs.jsonl"
 METRICS = "metrics.json"
 MODEL = "model"
 CONFIG = "config.yaml"
+# Judge skill of the seed model M_0 (before iteration 1), and of M_t in iter_<t>/.
+EVAL_0 = "eval_0.json"
+EVAL = "eval.json"
+# Saved inside the model directory, so that a model and its training log appear together or not at all.
+TRAINING_LOG = "training_log.json"
 
 
 class RecordError(ValueError):
@@ -139,3 +144,35 @@ class ChunkedFile:
 
     def discard_chunks(self) -> None:
         shutil.rmtree(self.parts, ignore_errors=True)
+
+
+# Each stage file's rows point at rows of the file before it: (file, key, file it points into, key there).
+STAGE_LINKS = [
+    (RESPONSES, "prompt_id", PROMPTS, "prompt_id"),
+    (JUDGEMENTS, "response_id", RESPONSES, "response_id"),
+    (META_JUDGEMENTS, "first_id", JUDGEMENTS, "judgement_id"),
+    (META_JUDGEMENTS, "second_id", JUDGEMENTS, "judgement_id"),
+]
+ROW_IDS = {RESPONSES: "response_id", JUDGEMENTS: "judgement_id"}
+
+
+def check_stage_files(directory: Path) -> None:
+    """Refuse stage files that no longer fit together (e.g. edited by hand): every row must point at
+    an existing row of the stage before it, and ids must be unique. The error names file and line."""
+    for name, key, parent, parent_key in STAGE_LINKS:
+        known = {row.get(parent_key) for row in read_jsonl(directory / parent)}
+        for line, row in read_jsonl_numbered(directory / name):
+            if row.get(key) not in known:
+                raise RecordError(
+                    f"{directory / name}:{line}: {key} {row.get(key)!r} is not in {parent}; the stage "
+                    f"files of {directory.name} no longer match (delete {name} and later files to redo them)"
+                )
+    for name, key in ROW_IDS.items():
+        first_line: dict = {}
+        for line, row in read_jsonl_numbered(directory / name):
+            value = row.get(key)
+            if value in first_line:
+                raise RecordError(
+                    f"{directory / name}:{line}: {key} {value!r} already on line {first_line[value]}"
+                )
+            first_line[value] = line

@@ -1,4 +1,5 @@
-"""Look at a run: a per-iteration table and sample pairs in the terminal, or an HTML report with plots.
+"""Look at a run: a per-iteration table and sample pairs in the terminal, an HTML report with plots,
+and the console summary the loop prints after each iteration. The commands (in cli.py):
 
     metareward-inspect RUN_DIR [--json]                 # one row per iteration (+ unfinished iterations)
     metareward-inspect RUN_DIR --iter 2 --role judge -n 5   # sample pairs of iter_2 (--json: as JSON)
@@ -10,7 +11,6 @@ is skipped with a note in the HTML. Iteration 0 is the seed model M_0, from RUN_
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
@@ -22,7 +22,6 @@ from pathlib import Path
 
 from metareward import records
 
-EVAL_0 = "eval_0.json"
 CLIP = 600
 # fmt: off
 # (summary-row key, column header, format, dotted paths into metrics.json: the first found wins)
@@ -94,7 +93,7 @@ def _iterations(run_dir: Path) -> list[tuple[int, Path]]:
 def load_summary(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(summary rows, unfinished iterations) of a run directory."""
     rows, unfinished = [], []
-    data = records.read_json(run_dir / EVAL_0) if (run_dir / EVAL_0).is_file() else None
+    data = records.read_json(run_dir / records.EVAL_0) if (run_dir / records.EVAL_0).is_file() else None
     if isinstance(data, dict):  # the loop writes {"judge": {...}, ...}; a bare eval dict works too
         rows.append(_row(0, {"eval": data["judge"] if isinstance(data.get("judge"), dict) else data}))
     for t, directory in _iterations(run_dir):
@@ -180,47 +179,39 @@ def format_pairs(pairs: list[dict], iteration: int, width: int) -> str:
     return "\n".join(lines)
 
 
-def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
-    parser.add_argument("run_dir", metavar="RUN_DIR")
-    args = parser.parse_args(argv)
-    if not (run := Path(args.run_dir)).is_dir() or not ((run / records.CONFIG).is_file() or _iterations(run)):
-        parser.error(f"{run} is not a run directory (no {records.CONFIG} and no iter_* directories)")
-    return args, run.resolve()  # resolved: "." has a name too
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / records.CONFIG).is_file() or bool(_iterations(path)))
 
 
-def inspect_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="metareward-inspect", description="Summary table and sample pairs.")
-    parser.add_argument("--iter", type=int, dest="iteration", metavar="K", help="sample pairs of iter_K")
-    parser.add_argument("--role", choices=["actor", "judge"], default="actor", help="default: actor")
-    parser.add_argument("-n", type=int, default=3, help="number of sample pairs (default 3)")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    args, run = _parse(parser, argv)
-    try:
-        if args.iteration is None:
-            rows, unfinished = load_summary(run)
-            if args.json:
-                print(json.dumps({"run": run.name, "iterations": rows, "unfinished": unfinished}, indent=2))
-                return
-            table = format_table(rows) if rows else "(no finished iteration)"
-            print(f"run {run.name} ({run})", table, textwrap.fill(LEGEND, 100), sep="\n")
-            for u in unfinished:
-                print(f"iter_{u['iteration']}: unfinished (no metrics.json): {', '.join(u['files']) or '-'}")
-            return
-        directory = records.iter_dir(run, args.iteration)
-        if not directory.is_dir():
-            known = ", ".join(str(t) for t, _ in _iterations(run)) or "none"
-            parser.error(f"iteration {args.iteration} does not exist in {run} (iterations: {known})")
-        name = records.ACTOR_PAIRS if args.role == "actor" else records.JUDGE_PAIRS
-        if not (directory / name).is_file():
-            parser.error(f"{directory / name} does not exist (that stage has not finished)")
-        pairs = sample_pairs(directory, args.role, max(args.n, 1))
-    except records.RecordError as error:
-        parser.error(str(error))
-    if args.json:
-        print(json.dumps({"run": run.name, "iteration": args.iteration, "pairs": pairs}, indent=2))
-    else:
-        width = max(40, min(shutil.get_terminal_size((100, 24)).columns, 120))
-        print(format_pairs(pairs, args.iteration, width) if pairs else f"no {args.role} pairs in {name}")
+def inspect_run(run: Path, as_json: bool) -> str:
+    """The per-iteration table of a run (and its unfinished iterations), as text or JSON."""
+    rows, unfinished = load_summary(run)
+    if as_json:
+        return json.dumps({"run": run.name, "iterations": rows, "unfinished": unfinished}, indent=2)
+    table = format_table(rows) if rows else "(no finished iteration)"
+    lines = [f"run {run.name} ({run})", table, textwrap.fill(LEGEND, 100)]
+    lines += [
+        f"iter_{u['iteration']}: unfinished (no metrics.json): {', '.join(u['files']) or '-'}"
+        for u in unfinished
+    ]
+    return "\n".join(lines)
+
+
+def inspect_pairs(run: Path, iteration: int, role: str, n: int, as_json: bool) -> str:
+    """Sample ``role`` pairs of ``iter_<iteration>``, for a terminal or as JSON; ValueError says what is
+    missing."""
+    directory = records.iter_dir(run, iteration)
+    if not directory.is_dir():
+        known = ", ".join(str(t) for t, _ in _iterations(run)) or "none"
+        raise ValueError(f"iteration {iteration} does not exist in {run} (iterations: {known})")
+    name = records.ACTOR_PAIRS if role == "actor" else records.JUDGE_PAIRS
+    if not (directory / name).is_file():
+        raise ValueError(f"{directory / name} does not exist (that stage has not finished)")
+    pairs = sample_pairs(directory, role, max(n, 1))
+    if as_json:
+        return json.dumps({"run": run.name, "iteration": iteration, "pairs": pairs}, indent=2)
+    width = max(40, min(shutil.get_terminal_size((100, 24)).columns, 120))
+    return format_pairs(pairs, iteration, width) if pairs else f"no {role} pairs in {name}"
 
 
 def _draw_lines(ax, rows: list[dict], ylabel: str, reference: float | None, lines: list) -> None:
@@ -325,17 +316,11 @@ def render_html(run: str, rows: list[dict], unfinished: list[dict], figures: lis
     return "\n".join(parts) + "\n</body></html>\n"
 
 
-def report_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="metareward-report", description="HTML report with plots of a run.")
-    parser.add_argument("--out", metavar="FILE", help="HTML file to write (default RUN_DIR/report.html)")
-    args, run = _parse(parser, argv)
-    out = Path(args.out) if args.out else run / "report.html"
-    try:
-        rows, unfinished = load_summary(run)
-        done = [(t, d) for t, d in _iterations(run) if (d / records.ACTOR_PAIRS).is_file()]
-        at, pairs = (done[-1][0], sample_pairs(done[-1][1], "actor", 2)) if done else (None, [])
-    except records.RecordError as error:
-        parser.error(str(error))
+def write_report(run: Path, out: Path) -> str:
+    """``out`` (HTML) with the PNG plots in ``run/report/``; returns a line saying what was written."""
+    rows, unfinished = load_summary(run)
+    done = [(t, d) for t, d in _iterations(run) if (d / records.ACTOR_PAIRS).is_file()]
+    at, pairs = (done[-1][0], sample_pairs(done[-1][1], "actor", 2)) if done else (None, [])
     plot_dir = run / "report"
     plot_dir.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -346,4 +331,74 @@ def report_main(argv: list[str] | None = None) -> None:
         src = Path(os.path.relpath(path, out.resolve().parent)).as_posix() if made else None
         figures.append((src, title, caption))
     records.write_text(out, render_html(run.name, rows, unfinished, figures, pairs, at))
-    print(f"wrote {out} and {sum(src is not None for src, _, _ in figures)} plots in {plot_dir}")
+    return f"wrote {out} and {sum(src is not None for src, _, _ in figures)} plots in {plot_dir}"
+
+
+# ------------------------------------------------------------------ the loop's console summary
+
+
+def _number(value, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def summary(metrics: dict) -> str:
+    """A one-screen account of one iteration."""
+    actor, judge, meta = metrics["actor"], metrics["judge"], metrics["meta_judge"]
+    pair, train = metrics["pairs"], metrics["train"]
+    agreement, actor_eval = metrics.get("eval") or {}, metrics.get("eval_actor") or {}
+    tokens, score = _number(actor["mean_response_tokens"], ".0f"), _number(actor.get("mean_response_score"))
+    judge_failures, meta_failures = (
+        _number(judge["parse_failure_rate"], ".0%"),
+        _number(meta["parse_failure_rate"], ".0%"),
+    )
+    first_wins = _number(meta["first_position_win_share"], ".0%")
+    losses = f"{_number(train.get('first_loss'), '.4f')} -> {_number(train.get('loss'), '.4f')}"
+    lines = [
+        f"== iteration {metrics['iteration']} ==",
+        f"actor      {metrics['prompts']} prompts -> {actor['responses']} responses, "
+        f"mean {tokens} tokens, mean score {score}",
+        f"judge      {judge['judgements']} judgements, {judge['scored']} scored, "
+        f"parse failures {judge_failures}, mean score {_number(judge['mean_score'])}",
+        f"meta-judge {meta['verdicts']} verdicts, parse failures {meta_failures}, "
+        f"first-position wins {first_wins}",
+        f"pairs      actor {pair['actor']['pairs']}, judge {pair['judge']['pairs']} "
+        f"(rho {pair['rho']}, judge pairs trained: {pair['trained_on_judge_pairs']})",
+        f"DPO        {train.get('steps', 0)} steps, loss {losses}, "
+        f"reward margin {_number(train.get('rewards_margins'), '.4f')}",
+    ]
+    if agreement:
+        lines.append(
+            f"eval       judge-human agreement {agreement['judge_human_agreement']:.2f} "
+            f"[{agreement['ci_low']:.2f}, {agreement['ci_high']:.2f}]"
+            + (f", actor win rate vs M_0 {actor_eval['win_rate']:.2f}" if actor_eval else "")
+        )
+    return "\n".join(lines)
+
+
+def _clip_line(text: str, width: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def sample(directory: Path) -> str:
+    """One actor pair and one judgement of the iteration, for a person to read."""
+    actor = records.read_jsonl(directory / records.ACTOR_PAIRS)
+    judge = records.read_jsonl(directory / records.JUDGE_PAIRS)
+    lines = []
+    if actor:
+        pair = actor[0]
+        lines += [
+            f"  prompt    {_clip_line(pair['prompt'][-1]['content'])}",
+            f"  chosen    [{pair['chosen_score']:.2f}] {_clip_line(pair['chosen'][0]['content'])}",
+            f"  rejected  [{pair['rejected_score']:.2f}] {_clip_line(pair['rejected'][0]['content'])}",
+        ]
+    if judge:
+        pair = judge[0]
+        lines.append(
+            f"  judgement [elo {pair['chosen_elo']:+.2f}] {_clip_line(pair['chosen'][0]['content'])}"
+        )
+    else:
+        judgement = next(iter(records.read_jsonl(directory / records.JUDGEMENTS)), None)
+        if judgement is not None:
+            lines.append(f"  judgement [{_number(judgement['score'])}] {_clip_line(judgement['text'])}")
+    return "\n".join(lines)

@@ -1,12 +1,17 @@
 """Where numbers go besides ``metrics.json``: a W&B run (online or offline) or nowhere.
 
 :func:`make_tracker` always returns an object with the same methods (``log``, ``log_table``,
-``finish``; also a context manager), so no caller branches on whether tracking is on.
+``log_dpo_step``, ``finish``; also a context manager), so no caller branches on whether tracking is on.
 
 One metareward run is one W&B run: its id is made once and kept in ``<run_dir>/wandb_run_id``;
 a resumed metareward run reads it and continues that W&B run (``resume="allow"``). Offline data
 lands in ``<run_dir>/wandb/offline-run-<time>-<id>/`` (one folder per process, all with the same
 run id); ``wandb sync <run_dir>/wandb`` uploads them, the files of one run in order of start time.
+
+Two x-axes share the run, as W&B custom step metrics (``define_metric``): iteration-level numbers
+and tables are logged with ``iteration`` (0 = before iteration 1), DPO's per-step rows as
+``dpo/<name>`` with ``dpo/global_step`` (optimiser steps counted across iterations) and
+``dpo/iteration``. No explicit W&B ``step`` is passed: ``_step`` is W&B's own row counter.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from metareward.metrics import flatten
 from metareward.records import write_text
 
 RUN_ID_FILE = "wandb_run_id"
+# The step metrics (x-axes) of iteration-level and of DPO-step rows.
+ITERATION = "iteration"
+DPO_PREFIX = "dpo/"
+DPO_STEP = DPO_PREFIX + "global_step"
 WANDB_MODES = {"offline": "offline", "wandb": "online"}
 # Config keys that name a credential are never sent, whatever the caller passes ("max_new_tokens" is fine).
 SECRET_KEY = re.compile(r"(^|[_.-])(api_?key|token|secret|password|passwd|credentials?)([_.-]|$)", re.I)
@@ -32,6 +41,8 @@ class Tracker(Protocol):
     def log(self, metrics: dict, step: int) -> None: ...
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None: ...
+
+    def log_dpo_step(self, iteration: int, global_step: int, row: dict) -> None: ...
 
     def finish(self) -> None: ...
 
@@ -47,6 +58,9 @@ class NullTracker:
         pass
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        pass
+
+    def log_dpo_step(self, iteration: int, global_step: int, row: dict) -> None:
         pass
 
     def finish(self) -> None:
@@ -102,7 +116,8 @@ class TrackingError(RuntimeError):
 
 
 class WandbTracker:
-    """A W&B run: ``log`` flattens nested metrics to ``"judge/mean_score"`` keys at ``step``."""
+    """A W&B run: ``log`` flattens nested metrics to ``"judge/mean_score"`` keys at an iteration,
+    ``log_dpo_step`` logs one DPO optimiser step as ``"dpo/loss"``... at a global step."""
 
     def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, config: dict):
         import wandb
@@ -118,6 +133,10 @@ class WandbTracker:
                 f"W&B refused to start ({error}); log in with `wandb login`, or use tracking=offline"
             ) from None
         self._finished = False
+        # Each key's step metric, defined (once per process: a resumed run defines them again) before
+        # the key is first logged. Keys are named one by one, not by glob, so no two definitions overlap.
+        self._step_metric: dict[str, str | None] = {}
+        self._define([ITERATION, DPO_STEP], None)
 
     def _init(self, cfg: TrackingConfig, run_dir: Path, run_name: str, config: dict):
         wandb = self._wandb
@@ -137,24 +156,50 @@ class WandbTracker:
             reinit="create_new",
         )
 
+    def _define(self, keys, step_metric: str | None) -> None:
+        for key in keys:
+            if key not in self._step_metric:
+                self._step_metric[key] = step_metric
+                if step_metric is None or key == step_metric:
+                    self.run.define_metric(key)
+                else:
+                    self.run.define_metric(key, step_metric=step_metric)
+
     def log(self, metrics: dict, step: int) -> None:
-        """Log every number in ``metrics`` (nested dicts allowed) at ``step`` (0 = before iteration 1).
+        """Log every number in ``metrics`` (nested dicts allowed) at iteration ``step`` (0 = before
+        iteration 1), which is logged as ``iteration``.
 
         A list under a key containing "histogram" is bin counts over unit bins from 0 (the judge's
         score bins) and is logged as a ``wandb.Histogram``. Numbers also go into the run summary.
         """
-        flat = flatten(metrics)
+        flat = {**flatten(metrics), ITERATION: step}
         payload: dict[str, Any] = dict(flat)
         for key, counts in _histograms(metrics).items():
             edges = list(range(len(counts) + 1))
             payload[key] = self._wandb.Histogram(np_histogram=(list(counts), edges))
-        self.run.log(payload, step=step)
+        self._define(payload, ITERATION)
+        self.run.log(payload)
         self.run.summary.update(flat)
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
-        self.run.log(
-            {name: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step
-        )
+        """A table of ``rows`` at iteration ``step``."""
+        self._define([name], ITERATION)
+        table = self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+        self.run.log({name: table, ITERATION: step})
+
+    def log_dpo_step(self, iteration: int, global_step: int, row: dict) -> None:
+        """One DPO optimiser step: every number in ``row`` (TRL's log row: ``loss``, ``rewards/margins``,
+        ..., ``step_seconds``) as ``dpo/<name>``, at ``dpo/global_step`` = ``global_step`` (steps of
+        all iterations so far, this one included), with ``dpo/iteration``. The row's ``step`` (within
+        the iteration) becomes ``dpo/iteration_step``."""
+        flat = flatten(row)
+        if "step" in flat:
+            flat["iteration_step"] = flat.pop("step")
+        payload = {DPO_PREFIX + key: value for key, value in flat.items()}
+        payload[DPO_STEP] = global_step
+        payload[DPO_PREFIX + "iteration"] = iteration
+        self._define(payload, DPO_STEP)
+        self.run.log(payload)
 
     def finish(self, exit_code: int | None = None) -> None:
         if not self._finished:

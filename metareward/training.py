@@ -2,22 +2,27 @@
 
 This is the only module that imports ``trl``. The loop calls::
 
-    result = train_dpo(str(prev_model_dir), pair_rows, cfg.train.dpo, next_model_dir, seed=cfg.seed)
+    result = train_dpo(str(prev_model_dir), pair_rows, cfg.train.dpo, next_model_dir, seed=cfg.seed,
+                       on_log=lambda row: ...)
 
 ``pair_rows`` are TRL conversational preference rows (``prompt`` / ``chosen`` / ``rejected`` message
 lists, plus provenance keys that are dropped here). The reference policy is M_{t-1} itself, the
 directory being trained from. ``out_dir`` receives a plain, full (LoRA-merged) safetensors model
 with its tokenizer and chat template, written atomically; the returned dict (TRL's log history,
-pair count, optimiser steps) is JSON-serialisable.
+pair count, optimiser steps, seconds per step) is JSON-serialisable and saved beside the model as
+``training_log.json``. ``on_log`` receives each optimiser step's row as it is logged (see
+:func:`step_rows`, which gives the same rows from a finished training log).
 
 Across GPUs (``train.launcher=accelerate``) the loop calls :func:`launch_dpo` instead, which writes
-the pairs and settings into a job directory and runs this module under ``accelerate launch``::
+the pairs and settings into a job directory and runs this module under ``accelerate launch``
+(``CONFIG``: ``train.accelerate_config``, by default ``metareward/accelerate_configs/deepspeed_zero3.yaml``)::
 
-    accelerate launch --config_file conf/accelerate/deepspeed_zero3.yaml -m metareward.training JOB_DIR
+    accelerate launch --config_file CONFIG -m metareward.training JOB_DIR
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -27,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,28 +42,41 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from metareward import faults
-from metareward.config import DPOSettings
+from metareward.config import DEFAULT_ACCELERATE_CONFIG, DPOSettings
 from metareward.hardware import bf16_is_native
+from metareward.metrics import flatten
+from metareward.records import TRAINING_LOG
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
-# Saved inside the model directory so that the log and the model appear together, or not at all.
-TRAINING_LOG = "training_log.json"
 
 
-def _score_completions_only() -> None:
-    """TRL's fused LM head projects only completion positions where Triton runs, and every position
-    (prompt and padding too) elsewhere, to keep tile shapes fixed for compilers we do not use. On CPU
-    that is a quarter of a DPO step for nothing: let it leave them out there too (same results)."""
+@contextlib.contextmanager
+def _completions_only_on_cpu() -> Iterator[None]:
+    """While our trainer is built and trained, let TRL's fused LM head score only completion positions
+    on CPU too.
+
+    TRL (1.16, ``trl.trainer.utils``) projects only the completion positions where Triton runs and
+    every position (prompt and padding too) elsewhere, to keep tile shapes fixed for compilers we do
+    not use; on CPU that is about a quarter of a DPO step for nothing, with the same results. It
+    decides through the module global ``_use_triton``, looked up on each forward, so the only switch
+    is that global: replaced here for the trainer's lifetime (the reference log-probs are precomputed
+    when it is built) and restored afterwards, whatever happens, so nothing else in the process sees it.
+    """
     import trl.trainer.utils as trl_utils
 
     original = getattr(trl_utils, "_use_triton", None)
-    if original is not None and not getattr(original, "cpu_compacts", False):
+    if original is None:  # a TRL without this switch: nothing to do
+        yield
+        return
 
-        def use_compact(device: torch.device) -> bool:
-            return device.type == "cpu" or original(device)
+    def use_compact(device: torch.device) -> bool:
+        return device.type == "cpu" or original(device)
 
-        use_compact.cpu_compacts = True
-        trl_utils._use_triton = use_compact
+    trl_utils._use_triton = use_compact
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
 
 
 def _dpo_config(
@@ -139,6 +158,36 @@ class _StepClock(TrainerCallback):
         self._last = now
 
 
+def _step_row(entry: dict, step_seconds: list[float]) -> dict:
+    row = dict(flatten(entry))
+    step = int(entry["step"])
+    row["step"] = step
+    if 0 < step <= len(step_seconds):
+        row["step_seconds"] = step_seconds[step - 1]
+    return row
+
+
+def step_rows(log: dict) -> list[dict]:
+    """One row per optimiser step of a training log (:func:`train_dpo`'s result, ``training_log.json``):
+    TRL's numbers for the step (``loss``, ``rewards/margins``, ...), ``step`` (1.. within this
+    training) and ``step_seconds``; the rows ``on_log`` received while it trained."""
+    seconds = log.get("step_seconds", [])
+    return [_step_row(entry, seconds) for entry in log.get("log_history", []) if "loss" in entry]
+
+
+class _OnLog(TrainerCallback):
+    """Hands each optimiser step's row to ``on_log`` as TRL logs it, on the main process only
+    (the end-of-training summary row, with ``train_runtime``, is not a step and is left out)."""
+
+    def __init__(self, forward: Callable[[dict], None], clock: _StepClock):
+        self.forward = forward
+        self.clock = clock
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs and state.log_history:
+            self.forward(_step_row(state.log_history[-1], self.clock.seconds))
+
+
 def _save_atomically(model, tokenizer, out_dir: Path, log: dict) -> None:
     """Write into a sibling temp dir, then rename it into place: a killed run leaves no half model."""
     tmp = out_dir.parent / (out_dir.name + ".tmp")
@@ -181,14 +230,18 @@ def train_dpo(
     trust_remote_code: bool = False,
     work_dir: Path | None = None,
     report_to: str = "none",
+    on_log: Callable[[dict], None] | None = None,
 ) -> dict:
-    """DPO-train ``model_dir`` on ``rows`` with itself as the reference; save the result to ``out_dir``."""
+    """DPO-train ``model_dir`` on ``rows`` with itself as the reference; save the result to ``out_dir``.
+
+    ``on_log``, if given, is called on the main process with each optimiser step's row (see
+    :func:`step_rows`) right after TRL logs it. ``report_to`` stays "none" for metareward runs: their
+    W&B run gets these rows through ``on_log`` and the tracker, so TRL starts no run of its own."""
     if not rows:
         raise ValueError("train_dpo needs at least one preference pair; rows is empty")
     # Provenance columns (ids, scores) would be carried through TRL's dataset maps, and mixed types
     # in them can break Arrow; only the three pair columns are training data.
     dataset = Dataset.from_list([{key: row[key] for key in PAIR_KEYS} for row in rows])
-    _score_completions_only()
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
@@ -207,16 +260,19 @@ def train_dpo(
         # ref_model=None: without LoRA, TRL loads a frozen copy of model.config._name_or_path (= model_dir,
         # i.e. M_{t-1}); with LoRA it disables the adapter, which is again M_{t-1}. With
         # precompute_ref_log_probs it scores the pairs with the untrained policy before step one.
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=None,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[_KillPoint(), clock := _StepClock()],
-        )
-        trainer.train()
+        clock = _StepClock()
+        callbacks = [_KillPoint(), clock] + ([_OnLog(on_log, clock)] if on_log is not None else [])
+        with _completions_only_on_cpu():
+            trainer = DPOTrainer(
+                model=model,
+                ref_model=None,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                callbacks=callbacks,
+            )
+            trainer.train()
 
     log = {
         "log_history": list(trainer.state.log_history),
@@ -252,11 +308,6 @@ JOB = "job.json"
 JOB_PAIRS = "pairs.jsonl"
 
 
-def default_accelerate_config() -> Path:
-    """The DeepSpeed ZeRO-3 accelerate config shipped with metareward."""
-    return Path(__file__).parent / "conf" / "accelerate" / "deepspeed_zero3.yaml"
-
-
 def launch_dpo(
     model_dir: str,
     rows: list[dict],
@@ -282,7 +333,7 @@ def launch_dpo(
     }
     write_jsonl(job_dir / JOB_PAIRS, [{key: row[key] for key in PAIR_KEYS} for row in rows])
     write_json(job_dir / JOB, job)
-    config = accelerate_config or str(default_accelerate_config())
+    config = accelerate_config or str(DEFAULT_ACCELERATE_CONFIG)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
     command += ["-m", "metareward.training", str(job_dir)]
     log_path = job_dir / "launch.log"

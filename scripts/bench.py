@@ -16,7 +16,9 @@ Sections of the report:
   (tokens/s x 2 x parameters / fp32 matmul rate) for both; ``decode_mfu_vs_own_dtype`` divides by
   the matmul rate of the dtype the model computes in instead (``model.dtype: auto`` is bf16 on CPUs
   with native bf16). The two are timed in turns after one uncounted warm-up turn each, so a busy
-  machine slows both alike; compare the ratio, not the absolute rates, across machines.
+  machine slows both alike; compare the ratio, not the absolute rates, across machines. ``engine``
+  says which engine of the backend served the model ("fast": its own decode loop; "transformers":
+  ``model.generate``, for architectures the fast one is not proven on) and ``engine_reason`` why.
 - ``dpo``: DPO training MFU: (6 x parameters x trained tokens + 2 x parameters x tokens for the
   reference forward, unless it is precomputed before the first step, as the demo does) / training
   time / fp32 matmul rate, over the optimiser steps after the first
@@ -141,6 +143,8 @@ def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_si
         "batch_size": batch_size,
         "dtype": model_cfg.dtype,
         "computes_in": str(gen.model.dtype).removeprefix("torch."),
+        "engine": gen.engine,
+        "engine_reason": gen.engine_reason,
         "rounds": rounds,
         "parameters": count_parameters(gen.model),
     }
@@ -239,6 +243,7 @@ def add_dpo_mfu(report: dict, rates: dict) -> None:
 def instrument(stats: dict) -> None:
     """Wrap the loop's stage functions so that each adds its seconds and generator usage to ``stats``."""
     import metareward.loop as loop
+    import metareward.pairs as pairs
     import metareward.stages as stages
     import metareward.training as training
 
@@ -265,7 +270,8 @@ def instrument(stats: dict) -> None:
     for name in ("actor", "judge", "meta_judge"):
         wrap(stages, name, name, has_ctx=True)
     wrap(loop, "make_generator", "load_model", has_ctx=False)
-    wrap(loop, "build_pairs", "pairs", has_ctx=False)
+    # The loop calls the pair builder as pairs.build_pairs, or under its own name if it imports it.
+    wrap(loop if hasattr(loop, "build_pairs") else pairs, "build_pairs", "pairs", has_ctx=False)
     wrap(training, "train_dpo", "dpo", has_ctx=False)
 
 

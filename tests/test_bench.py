@@ -12,6 +12,9 @@ import pytest
 
 from tests.conftest import REPO
 
+# Whole runs of the loop (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def bench():
@@ -38,6 +41,8 @@ def test_quick_report_on_the_tiny_model(bench, tiny_model_dir, tmp_path):
 
     generation = report["generation"]
     assert positive(generation["parameters"]) and positive(generation["backend_vs_plain"])
+    # The tiny model is a Llama: the backend's own decode loop served it, and the report says so.
+    assert generation["engine"] == "fast" and "LlamaForCausalLM" in generation["engine_reason"]
     # The tiny model computes in fp32, so both yardsticks are the fp32 matmul rate.
     assert generation["computes_in"] == "float32"
     assert generation["backend"]["decode_mfu"] == generation["backend"]["decode_mfu_vs_own_dtype"]

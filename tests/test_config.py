@@ -3,21 +3,33 @@ with a message naming the setting, and the console script fails before loading a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
+import zipfile
+from importlib import resources
 from pathlib import Path
 
 import pytest
 import yaml
 from hydra import compose, initialize_config_module
 
-import metareward
-from metareward.config import Config, ConfigError, PairsConfig, register_configs, to_config
+from metareward.config import (
+    ACCELERATE_CONFIGS,
+    Config,
+    ConfigError,
+    GeneratorConfig,
+    PairsConfig,
+    load_config,
+    register_configs,
+    to_config,
+)
 
-CONF = Path(metareward.__file__).resolve().parent / "conf"
-# conf/accelerate holds `accelerate launch` config files (train.accelerate_config), not Hydra options.
-NOT_GROUPS = ("experiment", "accelerate", "__pycache__")
+REPO = Path(__file__).resolve().parents[1]
+# The configs as the installed package finds them (the top-level conf/ in an editable install).
+CONF = Path(str(resources.files("metareward.conf")))
+NOT_GROUPS = ("experiment", "__pycache__")
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in NOT_GROUPS)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SCRIPT = Path(sys.executable).parent / "metareward"
@@ -96,7 +108,7 @@ def test_every_group_option_composes_and_validates(group: str, option: str, tmp_
     assert isinstance(config, Config)
     # Every value the option's file sets reaches the typed config (unless an extra override set it).
     overridden = {extra.split("=", 1)[0] for extra in extras}
-    values = yaml.safe_load((CONF / group / f"{option}.yaml").read_text(encoding="utf-8"))
+    values = yaml.safe_load((CONF / group / f"{option}.yaml").read_text(encoding="utf-8")) or {}
     for key, value in leaves(values, f"{group}."):
         if key in overridden:
             continue
@@ -157,17 +169,143 @@ BAD = [
     (["iterations=0"], "iterations", "0"),
     (["model.kind=gpt5"], "model.kind", "gpt5"),
     (["train.dpo.precision=fp16"], "train.dpo.precision", "fp16"),
+    # Nested role and evaluator specs are named where the user set them, not where the section
+    # usually sits.
+    (["roles.meta_judge.generator.batch_size=0"], "roles.meta_judge.generator.batch_size", "0"),
+    (["roles.judge.model.dtype=fp8"], "roles.judge.model.dtype", "fp8"),
+    (["roles.actor.model.kind=hf"], "roles.actor.model.path", "None"),
+    (["roles.judge.generator.vllm.max_model_len=8"], "roles.judge.generator.vllm.max_model_len", "8"),
+    (
+        ["roles.meta_judge.generator.openai.base_urls=[ftp://x]"],
+        "roles.meta_judge.generator.openai.base_urls",
+        "ftp://x",
+    ),
+    (["roles.judge.generator.backend=tgi"], "roles.judge.generator.backend", "tgi"),
+    (["eval.evaluator.model.kind=gpt5"], "eval.evaluator.model.kind", "gpt5"),
+    (["eval.evaluator.generator.chunk_size=0"], "eval.evaluator.generator.chunk_size", "0"),
+    (["eval.evaluator.generator.openai.timeout_s=0"], "eval.evaluator.generator.openai.timeout_s", "0"),
+    (["eval.evaluator.kind=tiny"], "eval.evaluator.kind", "no such setting"),
+    (["roles.meta_judge.generator.batch_sise=2"], "roles.meta_judge.generator.batch_sise", "no such setting"),
+    (["roles.judge.generator.batch_size=abc"], "roles.judge.generator.batch_size", "abc"),
+    (["foo=1"], "foo", "no such setting"),
+    (["model=gpt5"], "model", "gpt5"),
 ]
 
 
 @pytest.mark.parametrize(("overrides", "setting", "value"), BAD, ids=[" ".join(b[0]) for b in BAD])
 def test_bad_values_raise_config_error_naming_setting_and_value(overrides, setting, value):
     with pytest.raises(ConfigError) as info:
-        build(overrides)
+        load_config(None, overrides)
     message = str(info.value)
-    assert setting in message
+    # The full key starts the message: no shorter key (generator.batch_size) stands in for it.
+    assert message.startswith(setting), message
     assert value in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(("overrides", "setting", "value"), BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_cli_names_every_bad_setting_in_one_line(overrides, setting, value, tmp_path: Path):
+    cache = tmp_path / "cache"
+    result = run_cli(overrides, tmp_path, cache)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"metareward: error: {setting}") and value in lines[0], lines[0]
+    assert not (tmp_path / "runs").exists()
+    assert_no_model_loaded(cache)
+
+
+def test_a_section_built_directly_is_named_at_its_usual_place():
+    with pytest.raises(ConfigError, match=r"^generator\.batch_size=0: must be >= 1$"):
+        GeneratorConfig(batch_size=0)
+
+
+def test_the_evaluator_is_set_like_a_roles_model(tmp_path: Path):
+    config = load_config(None, ["eval.evaluator.own_model=true", "eval.evaluator.model.kind=tiny"])
+    assert config.eval.evaluator.own_model and config.eval.evaluator.model.kind == "tiny"
+    assert load_config(None, []).eval.evaluator.own_model is False  # the default: M_0 judges
+
+
+# ---------------------------------------------------------------- each default once
+
+
+def _schema_defaults(section, prefix: str = "") -> dict:
+    values = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            values.update(_schema_defaults(value, f"{prefix}{f.name}."))
+        else:
+            values[f"{prefix}{f.name}"] = value
+    return values
+
+
+SCHEMA_DEFAULTS = _schema_defaults(Config())
+SETTING_FILES = [p for p in sorted(CONF.rglob("*.yaml")) if p.name != "config.yaml"]
+
+
+@pytest.mark.parametrize("path", SETTING_FILES, ids=lambda p: str(p.relative_to(CONF)))
+def test_yaml_files_set_only_what_differs_from_the_schema(path: Path):
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    values.pop("defaults", None)
+    prefix = "" if path.parent.name == "experiment" else f"{path.parent.name}."
+    for key, value in leaves(values, prefix):
+        assert key in SCHEMA_DEFAULTS, f"{path.name}: {key} is not a setting of the schema"
+        assert value != SCHEMA_DEFAULTS[key], f"{path.name}: {key}={value!r} repeats the schema default"
+
+
+def test_a_roles_own_model_gets_the_same_defaults_as_the_run_model():
+    config = load_config(None, ["model=hf", f"model.path={REPO}"])
+    assert config.model.dtype == config.roles.judge.model.dtype == config.eval.evaluator.model.dtype == "auto"
+
+
+# ---------------------------------------------------------------- installed as a wheel
+
+
+def test_a_built_wheel_carries_the_configs_and_composes_the_default(tmp_path: Path):
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("metareward-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in CONF.rglob("*.yaml"):
+        assert f"metareward/conf/{path.relative_to(CONF).as_posix()}" in names
+    assert "metareward/accelerate_configs/deepspeed_zero3.yaml" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    # From the unpacked wheel alone (not the source tree): compose the default config and an experiment.
+    code = (
+        "import metareward, metareward.conf; from metareward.config import load_config; "
+        "c = load_config(None, ['experiment=demo']); "
+        "print(metareward.__file__); print(metareward.conf.__file__); print(c.run_name, c.model.kind)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {code}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    package, conf, composed = done.stdout.splitlines()
+    assert package.startswith(str(site)) and conf.startswith(str(site))
+    assert composed == "demo smollm2_135m"
 
 
 def test_config_error_is_a_value_error():
@@ -265,10 +403,10 @@ def test_cli_cfg_job_prints_the_resolved_config(tmp_path: Path):
 def test_shipped_accelerate_configs_are_valid_launch_configs():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from metareward.training import default_accelerate_config
+    from metareward.config import DEFAULT_ACCELERATE_CONFIG
 
-    zero3 = load_config_from_file(str(default_accelerate_config()))
+    zero3 = load_config_from_file(str(DEFAULT_ACCELERATE_CONFIG))
     assert zero3.distributed_type == "DEEPSPEED" and zero3.deepspeed_config["zero_stage"] == 3
     assert zero3.deepspeed_config["zero3_save_16bit_model"] is True
-    single = load_config_from_file(str(CONF / "accelerate" / "single_process.yaml"))
+    single = load_config_from_file(str(ACCELERATE_CONFIGS / "single_process.yaml"))
     assert single.num_processes == 1

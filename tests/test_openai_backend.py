@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from metareward import records
-from metareward.cli import load_config
-from metareward.config import GeneratorConfig, ModelConfig, OpenAISettings
+from metareward.config import GeneratorConfig, ModelConfig, OpenAISettings, load_config
 from metareward.generation import SamplingParams, make_generator
 from metareward.generation.openai import OpenAIError, OpenAIGenerator, sample_seed
 from metareward.prompts import SCORE_TOKENS, WINNER_TOKENS

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from metareward.report import inspect_main, report_main
+from metareward.cli import inspect_main, report_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCRIPT = "<script>alert(1)</script>"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from metareward import loop, records
-from metareward.cli import load_config
+from metareward.config import load_config
 from metareward.generation import Completion, Usage
 from metareward.loop import Run, RunStopped
 

@@ -260,6 +260,7 @@ SECRETS_RUN = [
 ]
 
 
+@pytest.mark.slow
 def test_secrets_in_the_environment_never_reach_the_run_directory_or_the_logs(tmp_path, tiny_model_dir):
     env = {key: value for key, value in os.environ.items() if key != "WANDB_MODE"}
     env.update(SECRETS)

@@ -1,4 +1,5 @@
-"""Tracking: W&B offline runs read back from the files W&B writes, and the do-nothing tracker.
+"""Tracking: W&B offline runs read back from the files W&B writes (iteration rows, DPO step rows, a
+resumed run, a one-iteration loop), and the do-nothing tracker.
 
 wandb 0.31 writes no ``files/wandb-summary.json`` (nor config.yaml) offline; everything is in the
 run's ``.wandb`` transaction log: a 7-byte header (":W&B", magic 0xBEE1, version) and then LevelDB-log records
@@ -15,7 +16,7 @@ import pytest
 
 from metareward.config import TrackingConfig
 from metareward.tracking import RUN_ID_FILE, NullTracker, make_tracker, wandb_mode
-from tests.wandb_files import offline_files, read_run
+from tests.wandb_files import offline_files, read_run, rows_at, series
 
 os.environ["WANDB_MODE"] = "offline"
 
@@ -44,13 +45,18 @@ def test_offline_run_is_written_and_resumed(tmp_path, cfg):
     assert {"iterations", "actor"} <= config_keys and "WANDB_API_KEY" not in config_keys
     assert got["summary"]["judge/mean_score"] == 3.5
     assert got["summary"]["iteration"] == 1
-    assert got["history"][0]["judge/mean_score"] == 2.5
-    assert got["history"][1]["judge/mean_score"] == 3.5
-    assert got["history"][0]["actor/score_histogram/_type"] == "histogram"
-    assert got["history"][0]["actor/score_histogram/values"] == [0, 1, 0, 2, 1]
-    assert got["history"][0]["actor/score_histogram/bins"] == [0, 1, 2, 3, 4, 5]
-    assert got["history"][1]["actor_pairs/_type"] == "table-file"
-    table_file = first.parent / "files" / got["history"][1]["actor_pairs/path"]
+    # Iteration-level keys are plotted against "iteration", logged in each of their rows.
+    for key in ("judge/mean_score", "actor/score_histogram", "actor_pairs"):
+        assert got["metrics"][key] == "iteration", key
+    assert [row["iteration"] for row in got["rows"]] == [0, 1, 1]  # metrics, metrics, table
+    at_0, at_1 = rows_at(got, "iteration", 0), rows_at(got, "iteration", 1)
+    assert at_0["judge/mean_score"] == 2.5
+    assert at_1["judge/mean_score"] == 3.5
+    assert at_0["actor/score_histogram/_type"] == "histogram"
+    assert at_0["actor/score_histogram/values"] == [0, 1, 0, 2, 1]
+    assert at_0["actor/score_histogram/bins"] == [0, 1, 2, 3, 4, 5]
+    assert at_1["actor_pairs/_type"] == "table-file"
+    table_file = first.parent / "files" / at_1["actor_pairs/path"]
     assert json.loads(table_file.read_text()) == {
         "columns": ["prompt", "chosen"],
         "data": [["q?", "a."], ["q2", "b"]],
@@ -69,7 +75,39 @@ def test_offline_run_is_written_and_resumed(tmp_path, cfg):
     resumed = read_run(second)
     assert resumed["run"].run_id == run_id
     assert resumed["summary"]["judge/mean_score"] == 4.0
-    assert resumed["history"][2]["judge/mean_score"] == 4.0
+    assert resumed["metrics"]["judge/mean_score"] == "iteration"
+    assert rows_at(resumed, "iteration", 2)["judge/mean_score"] == 4.0
+
+
+def test_dpo_steps_are_a_series_of_their_own_across_iterations(tmp_path, cfg):
+    run_dir = tmp_path / "run"
+    losses = {1: [0.69, 0.6], 2: [0.65, 0.5, 0.4]}
+    with make_tracker(cfg, run_dir, "dpo-run", {}) as tracker:
+        tracker.log({"judge": {"mean_score": 2.0}}, step=0)
+        offset = 0
+        for t, iteration_losses in losses.items():
+            for step, loss in enumerate(iteration_losses, start=1):
+                row = {"loss": loss, "rewards/margins": 0.1 * step, "step": step, "step_seconds": 0.5}
+                tracker.log_dpo_step(t, offset + step, row)
+            offset += len(iteration_losses)
+            tracker.log({"judge": {"mean_score": 2.0 + t}, "train": {"loss": iteration_losses[-1]}}, step=t)
+    [wandb_file] = offline_files(run_dir)
+    got = read_run(wandb_file)
+    # Iteration 2's steps continue after iteration 1's on the DPO x-axis.
+    assert series(got, "dpo/loss", "dpo/global_step") == [(1, 0.69), (2, 0.6), (3, 0.65), (4, 0.5), (5, 0.4)]
+    assert series(got, "dpo/iteration", "dpo/global_step") == [(1, 1), (2, 1), (3, 2), (4, 2), (5, 2)]
+    assert series(got, "dpo/iteration_step", "dpo/global_step") == [(1, 1), (2, 2), (3, 1), (4, 2), (5, 3)]
+    assert series(got, "dpo/rewards/margins", "dpo/global_step")[-1] == (5, pytest.approx(0.3))
+    assert series(got, "dpo/step_seconds", "dpo/global_step") == [(g, 0.5) for g in range(1, 6)]
+    for key in ("dpo/loss", "dpo/rewards/margins", "dpo/step_seconds", "dpo/iteration"):
+        assert got["metrics"][key] == "dpo/global_step", key
+    assert got["metrics"]["dpo/global_step"] == "" and got["metrics"]["iteration"] == ""
+    # Iteration rows stay on their own axis, with none of the DPO keys, and vice versa.
+    assert series(got, "judge/mean_score", "iteration") == [(0, 2.0), (1, 3.0), (2, 4.0)]
+    assert got["metrics"]["train/loss"] == "iteration"
+    for row in got["rows"]:
+        assert ("iteration" in row) != ("dpo/global_step" in row), row
+        assert ("iteration" in row) == (not any(key.startswith("dpo/") for key in row)), row
 
 
 def test_null_tracker_does_nothing(tmp_path):
@@ -78,6 +116,7 @@ def test_null_tracker_does_nothing(tmp_path):
     with tracker as same:
         same.log({"judge": {"mean_score": 1.0}}, step=0)
         same.log_table("t", ["a"], [[1]], step=0)
+        same.log_dpo_step(1, 1, {"loss": 0.5, "step": 1})
     tracker.finish()
     assert list(tmp_path.iterdir()) == []
 
@@ -95,3 +134,49 @@ def test_null_tracker_does_nothing(tmp_path):
 def test_wandb_mode(monkeypatch, mode, env, expected):
     monkeypatch.setenv("WANDB_MODE", env)
     assert wandb_mode(mode) == expected
+
+
+# One iteration, tracked offline, small enough for seconds; the probability fallbacks give scores and
+# verdicts although the random model writes neither. Batches of one pair: one optimiser step a pair.
+TRACKED_RUN = [
+    "model=tiny",
+    "iterations=1",
+    "data.prompts_per_iteration=3",
+    "actor.num_responses=2",
+    "actor.max_new_tokens=8",
+    "judge.num_judgements=2",
+    "judge.max_new_tokens=8",
+    "judge.score_from=text_or_expected",
+    "meta_judge.max_new_tokens=8",
+    "meta_judge.winner_from=text_or_probs",
+    "generator.progress=false",
+    "train.dpo.batch_size=1",
+    "train.dpo.learning_rate=1e-3",
+    "tracking=offline",
+    "eval.enabled=false",
+]
+
+
+def test_a_tracked_run_logs_every_dpo_step_of_its_iteration(tmp_path, tiny_model_dir):
+    """Needs the loop to pass ``on_log`` to train_dpo (or log ``step_rows`` of the training log)."""
+    from metareward.cli import load_config
+    from metareward.loop import Run
+    from metareward.records import TRAINING_LOG
+    from metareward.training import step_rows
+
+    Run(load_config(None, [*TRACKED_RUN, f"runs_dir={tmp_path}", "run_name=dpo-steps"])).run()
+    run_dir = tmp_path / "dpo-steps"
+    log = json.loads((run_dir / "iter_1" / "model" / TRAINING_LOG).read_text())
+    steps = log["global_steps"]
+    assert steps >= 2 and len(step_rows(log)) == steps
+    [wandb_file] = offline_files(run_dir)
+    got = read_run(wandb_file)
+    losses = series(got, "dpo/loss", "dpo/global_step")
+    assert [global_step for global_step, _ in losses] == list(range(1, steps + 1))
+    assert [loss for _, loss in losses] == pytest.approx([row["loss"] for row in step_rows(log)])
+    assert [g for g, _ in series(got, "dpo/rewards/margins", "dpo/global_step")] == list(range(1, steps + 1))
+    assert {t for _, t in series(got, "dpo/iteration", "dpo/global_step")} == {1}
+    assert got["metrics"]["dpo/loss"] == "dpo/global_step"
+    # The iteration's own row, on the iteration axis, ends where the DPO series ends.
+    assert rows_at(got, "iteration", 1)["train/loss"] == pytest.approx(losses[-1][1])
+    assert got["metrics"]["train/loss"] == "iteration"

@@ -1,7 +1,9 @@
-"""DPO training on the tiny random Llama: weights move, and out_dir is a plain, loadable model."""
+"""DPO training on the tiny random Llama: weights move, out_dir is a plain, loadable model, each step's
+log row reaches ``on_log``, and TRL's completion-only scoring on CPU stays inside our trainer."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -9,9 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from metareward.config import DPOSettings
+import metareward.training as training
+from metareward.config import ACCELERATE_CONFIGS, DPOSettings
 from metareward.models import build_tiny_model
-from metareward.training import autocasts_bf16, train_dpo
+from metareward.records import TRAINING_LOG
+from metareward.training import autocasts_bf16, step_rows, train_dpo
 
 
 def _settings(**overrides) -> DPOSettings:
@@ -74,6 +78,86 @@ def test_full_dpo_moves_weights_and_logs_rewards(tiny_model, tmp_path):
     assert result["computes_in"] == ("bfloat16" if autocasts_bf16(_settings()) else "float32")
 
 
+def test_on_log_gets_each_optimiser_step_as_it_is_logged(tiny_model, tmp_path):
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    rows, compact_on_cpu = [], []
+
+    def on_log(row):
+        rows.append(row)
+        compact_on_cpu.append(trl_utils._use_triton(torch.device("cpu")))
+
+    out_dir = tmp_path / "m1"
+    result = train_dpo(tiny_model, _pairs(6), _settings(), out_dir, seed=0, on_log=on_log)
+    assert result["global_steps"] == 3
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        for key in ("loss", "rewards/margins", "rewards/chosen", "learning_rate", "epoch", "step_seconds"):
+            assert isinstance(row[key], float), key
+        assert "train_runtime" not in row  # the end-of-training summary is not a step
+    assert [row["step_seconds"] for row in rows] == result["step_seconds"]
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3) and rows[-1]["rewards/margins"] > 0
+    # The same rows, from the log saved with the model (which the accelerate launcher returns).
+    saved = json.loads((out_dir / TRAINING_LOG).read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert step_rows(saved) == rows
+    assert [e["step"] for e in saved["log_history"] if "loss" in e] == [1, 2, 3]
+    assert "train_runtime" in saved["log_history"][-1]
+    # TRL scored completions only on CPU while our trainer ran, and nowhere else afterwards.
+    assert compact_on_cpu == [True, True, True]
+    assert trl_utils._use_triton is original
+    assert original(torch.device("cpu")) is False
+
+
+def test_trl_switch_is_restored_when_training_fails(tiny_model, tmp_path):
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+
+    def on_log(row):
+        raise RuntimeError("tracker down")
+
+    with pytest.raises(RuntimeError, match="tracker down"):
+        train_dpo(tiny_model, _pairs(2), _settings(), tmp_path / "m1", seed=0, on_log=on_log)
+    assert trl_utils._use_triton is original
+    assert not (tmp_path / "m1").exists()
+
+
+def test_completion_only_scoring_on_cpu_gives_the_same_losses(tiny_model, tmp_path, monkeypatch):
+    """Scoring only completion positions (fewer rows through the LM head) changes no number."""
+    import trl.trainer.utils as trl_utils
+
+    chunked = trl_utils._ChunkedLogProbFunction
+    scored_rows: list[int] = []
+
+    class CountingRows:
+        @staticmethod
+        def apply(hidden, *args):
+            scored_rows.append(hidden.shape[0])
+            return chunked.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", CountingRows)
+    settings = _settings(precision="fp32")
+
+    def run(name: str) -> tuple[list[dict], int]:
+        scored_rows.clear()
+        result = train_dpo(tiny_model, _pairs(), settings, tmp_path / name, seed=0)
+        return [e for e in result["log_history"] if "loss" in e], sum(scored_rows)
+
+    compact, compact_rows = run("compact")
+    monkeypatch.setattr(training, "_completions_only_on_cpu", contextlib.nullcontext)
+    every, every_rows = run("every")
+    assert 0 < compact_rows < every_rows
+    assert len(compact) == len(every) == 2
+    for ours, theirs in zip(compact, every, strict=True):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "grad_norm"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
+    assert _state(tmp_path / "compact").keys() == _state(tmp_path / "every").keys()
+    for key, value in _state(tmp_path / "compact").items():
+        torch.testing.assert_close(value, _state(tmp_path / "every")[key], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_precision_setting_decides_the_compute_dtype(tiny_model, tmp_path, precision):
     settings = _settings(precision=precision)
@@ -124,11 +208,12 @@ def test_stale_tmp_and_existing_out_dir_are_replaced(tiny_model, tmp_path):
     AutoModelForCausalLM.from_pretrained(str(out_dir))
 
 
+@pytest.mark.slow
 def test_accelerate_launch_trains_in_a_separate_process(tiny_model, tmp_path):
     """train.launcher=accelerate: a real `accelerate launch` (one CPU process) runs the DPO step."""
     from metareward.training import launch_dpo
 
-    config = Path(__file__).parents[1] / "metareward" / "conf" / "accelerate" / "single_process.yaml"
+    config = ACCELERATE_CONFIGS / "single_process.yaml"
     out_dir = tmp_path / "m1"
     result = launch_dpo(
         tiny_model,
@@ -147,10 +232,11 @@ def test_accelerate_launch_trains_in_a_separate_process(tiny_model, tmp_path):
     assert (tmp_path / "job" / "launch.log").is_file()
 
 
+@pytest.mark.slow
 def test_accelerate_launch_failure_names_the_log(tiny_model, tmp_path):
     from metareward.training import launch_dpo
 
-    config = Path(__file__).parents[1] / "metareward" / "conf" / "accelerate" / "single_process.yaml"
+    config = ACCELERATE_CONFIGS / "single_process.yaml"
     with pytest.raises(RuntimeError, match="launch.log"):
         launch_dpo(
             str(tmp_path / "no_such_model"),

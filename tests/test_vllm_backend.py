@@ -13,8 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from metareward import records
-from metareward.cli import load_config
-from metareward.config import GeneratorConfig, ModelConfig, VLLMSettings
+from metareward.config import GeneratorConfig, ModelConfig, VLLMSettings, load_config
 from metareward.generation import Completion, SamplingParams, make_generator
 from metareward.prompts import SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
 
@@ -98,7 +97,7 @@ def test_engine_gets_the_settings(tiny_model_dir, standin):
     sent = {
         "model": tiny_model_dir,
         "tokenizer": tiny_model_dir,
-        "dtype": "float32",
+        "dtype": "auto",  # model.dtype's default: vLLM's own choice for the checkpoint
         "trust_remote_code": False,
         "tensor_parallel_size": 4,
         "gpu_memory_utilization": 0.5,

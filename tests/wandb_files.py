@@ -63,8 +63,10 @@ def _key(item) -> str:
 
 
 def read_run(wandb_file: Path) -> dict:
-    """run record, final summary {key: value} and history {step: {key: value}} of one .wandb file."""
-    run, summary, history = None, {}, {}
+    """One .wandb file: its run record, final summary {key: value}, history {_step: {key: value}},
+    rows (the history rows in the order logged) and metrics {name: step metric, "" for none}, from
+    the run's ``define_metric`` calls."""
+    run, summary, history, metrics = None, {}, {}, {}
     for record in finished_records(wandb_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -74,7 +76,25 @@ def read_run(wandb_file: Path) -> dict:
         elif kind == "history":
             row = history.setdefault(record.history.step.num, {})
             row.update({_key(i): json.loads(i.value_json) for i in record.history.item})
-    return {"run": run, "summary": summary, "history": history}
+        elif kind == "metric":
+            metrics[record.metric.name or record.metric.glob_name] = record.metric.step_metric
+    rows = [history[step] for step in sorted(history)]
+    return {"run": run, "summary": summary, "history": history, "rows": rows, "metrics": metrics}
+
+
+def rows_at(logged: dict, step_metric: str, value) -> dict:
+    """Every key logged where ``step_metric`` was ``value``, merged (e.g. an iteration's metrics
+    and tables, which are separate rows)."""
+    merged: dict = {}
+    for row in logged["rows"]:
+        if row.get(step_metric) == value:
+            merged.update(row)
+    return merged
+
+
+def series(logged: dict, key: str, step_metric: str) -> list[tuple]:
+    """``(step metric, value)`` of each row that logged ``key``, in the order logged."""
+    return [(row.get(step_metric), row[key]) for row in logged["rows"] if key in row]
 
 
 def offline_files(run_dir: Path) -> list[Path]:

@@ -19,29 +19,58 @@ How a ``generate`` call spends its compute (the judge and meta-judge prompts sha
   (the judge's "Score: ") runs only the tokens after the cached part.
 
 ``model.dtype: auto`` computes in bf16 on CPUs with native bf16 (AVX512-BF16, AMX), about twice as
-fast as fp32 there. Models outside the Llama family (other attention layouts) fall back to
-``model.generate`` and plain forward passes, with the global torch RNG seeded once per batch.
+fast as fp32 there.
+
+The decode loop and prefill above are a forward pass of their own (the "fast" engine), rebuilt from the
+model's modules. It serves only what it is proven equal on (tests/test_architectures.py): transformers'
+Llama, Qwen2 (q/k/v biases) and Mistral, with a RoPE whose frequencies are fixed, and no layer that
+attends through a sliding window shorter than the model's context. Anything else (another
+architecture, remote code, a sliding window, dynamic or long-context RoPE, quantized weights) goes
+through transformers' own ``model.generate`` and plain forward passes, under the same contract: each
+sample draws with the same sampler and its own uniforms (a logits processor hands the drawn token to
+greedy decoding), finish reasons, the memo and usage counts. ``HFGenerator.engine`` says which engine
+serves the model ("fast" or "transformers") and ``engine_reason`` why; both are logged at load.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 from metareward.config import GeneratorConfig, ModelConfig
-from metareward.generation import Completion, Messages, SamplingParams, Usage
+from metareward.generation.base import Completion, Messages, SamplingParams, Usage
 from metareward.generation.tokens import encode, next_token_query, stop_token_ids
 from metareward.hardware import bf16_is_native
 
-# Architectures whose layers are Llama's (q/k/v/o projections, RoPE, pre-norm, gated MLP).
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
+logger = logging.getLogger(__name__)
+
+# The model classes the fast engine computes exactly, by model_type: Llama's layers (q/k/v/o projections,
+# RoPE, pre-norm RMSNorm, gated MLP; optional attention and MLP biases), Qwen2's (q/k/v biases) and
+# Mistral's (Llama's, plus a sliding window, see sliding_window).
+FAST_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+# RoPE types whose frequencies are fixed (the engine takes cos/sin from the model's own rotary embedding).
+# "dynamic" and "longrope" recompute them from the longest position of each forward pass, which the
+# engine's prefill slices and decode steps do not reproduce.
+FAST_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Top-p ranks only the tokens above the first of these probabilities whose tokens hold top_p.
 NUCLEUS_FLOORS = (1e-3, 1e-4, 1e-5)
 # Tokens per prefill forward pass: bounds the attention scores and activations held at once.
@@ -159,7 +188,7 @@ class Linear:
         self.weight, self.out_features = weight, weight.shape[0]
         self.bias = None if bias is None else bias.detach()
         self.packed = None
-        if weight.device.type == "cpu" and cpu_packs_weights():
+        if weight.device.type == "cpu" and cpu_packs_weights(weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,14 +200,18 @@ class Linear:
 
 
 @functools.cache
-def cpu_packs_weights() -> bool:
-    """Whether this torch build has oneDNN's pre-packed linear (the ops torch.compile's CPU freezing
-    uses; private, so checked once on a small matrix, with a plain linear as the fallback)."""
+def cpu_packs_weights(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build has oneDNN's pre-packed linear for ``dtype`` on this CPU (the ops
+    torch.compile's CPU freezing uses; private, so checked once per dtype on a small matrix, with a
+    plain linear as the fallback; bf16 needs AVX512 or AVX-NE-CONVERT)."""
     try:
-        w, x = torch.randn(8, 4), torch.randn(3, 4)
+        w, x = torch.randn(8, 4, dtype=dtype), torch.randn(3, 4, dtype=dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
         out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        return torch.backends.mkldnn.is_available() and torch.allclose(out, x @ w.T, atol=1e-5)
+        tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+        return torch.backends.mkldnn.is_available() and torch.allclose(
+            out.float(), (x @ w.T).float(), atol=tolerance, rtol=tolerance
+        )
     except (AttributeError, RuntimeError):
         return False
 
@@ -283,6 +316,59 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if len(differ) else n
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of a Llama-family config where it could matter, else None: Mistral attends
+    through ``sliding_window`` in every layer; Qwen2 only with ``use_sliding_window``, in the layers
+    ``layer_types`` marks "sliding_attention" (from ``max_window_layers``); Llama has none. A window at
+    least ``max_position_embeddings`` long never cuts anything off."""
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "llama" or not window:
+        return None
+    if config.model_type == "qwen2" and (
+        not getattr(config, "use_sliding_window", False)
+        or "sliding_attention" not in (getattr(config, "layer_types", None) or [])
+    ):
+        return None
+    if window >= getattr(config, "max_position_embeddings", window + 1):
+        return None
+    return int(window)
+
+
+def choose_engine(model) -> tuple[str, str]:
+    """("fast", why) where the fast engine computes ``model`` exactly, else ("transformers", why not)."""
+    config, cls = model.config, type(model)
+    expected = FAST_ARCHITECTURES.get(config.model_type)
+    if expected is None:
+        served = ", ".join(FAST_ARCHITECTURES)
+        return "transformers", f"model_type {config.model_type!r} is none of the fast engine's ({served})"
+    if cls.__name__ != expected or not cls.__module__.startswith("transformers.models."):
+        return "transformers", f"{cls.__module__}.{cls.__name__} is not transformers' {expected}"
+    if getattr(config, "quantization_config", None) is not None:
+        return "transformers", "quantized weights"
+    rope = getattr(config, "rope_parameters", None) or {}
+    if not isinstance(rope.get("rope_type", "default"), str):
+        return "transformers", "RoPE parameters per layer type"
+    if rope.get("rope_type", "default") not in FAST_ROPE_TYPES:
+        return "transformers", f"RoPE type {rope['rope_type']!r} (frequencies that change with the sequence)"
+    window = sliding_window(config)
+    if window is not None:
+        return "transformers", f"sliding-window attention ({window} tokens; the fast engine attends to all)"
+    return "fast", f"{expected} with full attention"
+
+
+class SeededSampler(LogitsProcessor):
+    """For ``model.generate``: draws each row's next token with :func:`sample` and the row's own uniforms
+    (``uniforms[row, step]``, as the fast engine does) and leaves greedy decoding only that token."""
+
+    def __init__(self, params: SamplingParams, uniforms: torch.Tensor, prompt_width: int):
+        self.params, self.uniforms, self.prompt_width = params, uniforms, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_width
+        tokens = sample(scores.float(), self.params, self.uniforms[:, step])
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens.long()[:, None], 0.0)
+
+
 class HFGenerator:
     def __init__(self, model_dir: str, model: ModelConfig, settings: GeneratorConfig):
         self.settings = settings
@@ -300,14 +386,26 @@ class HFGenerator:
         ).to(self.device)
         self.model.eval()
         self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
+        # model.generate fills what a call leaves unset from the model's generation config (a
+        # checkpoint's repetition_penalty, say); the fast engine applies none of it, so neither does it.
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=self.model.generation_config.bos_token_id,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        self.engine, self.engine_reason = choose_engine(self.model)
+        logger.info("generation engine for %s: %s (%s)", model_dir, self.engine, self.engine_reason)
         config = self.model.config
-        self.llama_like = config.model_type in LLAMA_LIKE and not getattr(config, "use_sliding_window", False)
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        heads = getattr(config, "num_attention_heads", None) or 1
+        self.head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        # Bytes of keys and values per position, which decides how much padding a batch may hold.
+        layers = getattr(config, "num_hidden_layers", 1)
+        self.key_bytes = layers * 2 * self.kv_heads * self.head_dim * self.model.dtype.itemsize
         # The fused q/k/v output splits into q and k (rotated together) and v.
-        self.qk_v_heads = [config.num_attention_heads + self.kv_heads, self.kv_heads]
+        self.qk_v_heads = [heads + self.kv_heads, self.kv_heads]
         self.linears, self.lm_head = [], None
-        if self.llama_like:
+        if self.engine == "fast":
             rows = max(1, settings.batch_size)
             self.linears = [self._layer_linears(layer, rows) for layer in self.model.model.layers]
             head = self.model.lm_head
@@ -355,7 +453,8 @@ class HFGenerator:
         with bar:
             for batch in self._batches(todo, params.n):
                 ids = [list(key[0]) for key in batch]
-                decoded = self._decode(ids, params) if self.llama_like else self._generate_plain(ids, params)
+                fast = self.engine == "fast"
+                decoded = self._decode(ids, params) if fast else self._generate_plain(ids, params)
                 for key, completions in zip(batch, decoded, strict=True):
                     self.memo[key] = completions
                     self.usage.generated_tokens += sum(c.num_tokens for c in completions)
@@ -366,8 +465,7 @@ class HFGenerator:
         """Prompts (longest first) in batches of ``batch_size // n``, cut early where padding every row to
         the batch's longest prompt would make decoding read more padded keys per step than weights."""
         per_batch = max(1, self.settings.batch_size // n)
-        config = self.model.config
-        key_bytes = config.num_hidden_layers * 2 * self.kv_heads * self.head_dim * self.model.dtype.itemsize
+        key_bytes = self.key_bytes
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         batches: list[list[tuple]] = []
         for key in todo:
@@ -394,13 +492,7 @@ class HFGenerator:
         levels, logits = self._prefill(prompts)
         rows = len(prompts) * n
         logits = logits.repeat_interleave(n, 0)
-        uniforms = torch.stack(
-            [
-                torch.rand(steps, generator=torch.Generator().manual_seed(sample_seed(params.seed, p, j)))
-                for p in prompts
-                for j in range(n)
-            ]
-        ).to(self.device)
+        uniforms = self._uniforms(prompts, params)
         start = torch.tensor([len(p) for p in prompts], device=self.device).repeat_interleave(n)
         stops = torch.tensor(self.stop_ids, device=self.device)
         tokens = torch.zeros(rows, steps, dtype=torch.long, device=self.device)
@@ -441,6 +533,20 @@ class HFGenerator:
         completions = [self._completion(g) for g in generated]
         self._keep(levels + [Level(k_all[:, :, :, :t], v_all[:, :, :, :t])], prompts, n, generated, t)
         return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _uniforms(self, prompts: list[list[int]], params: SamplingParams) -> torch.Tensor:
+        """(prompts x n, max_new_tokens): each sample's uniforms, from its own generator seeded by (seed,
+        prompt, sample index), so that a completion does not depend on what else is in its batch."""
+        return torch.stack(
+            [
+                torch.rand(
+                    params.max_new_tokens,
+                    generator=torch.Generator().manual_seed(sample_seed(params.seed, p, j)),
+                )
+                for p in prompts
+                for j in range(params.n)
+            ]
+        ).to(self.device)
 
     def _keep(self, levels: list[Level], prompts: list[list[int]], n: int, generated, cached: int) -> None:
         """Keep a decoded batch's caches (within KEEP_BYTES) for a scoring call on its completions;
@@ -606,12 +712,13 @@ class HFGenerator:
         self.usage.scored_texts += len(texts)
         contexts = sorted({tuple(ctx) for per_text in queries for ctx, _ in per_text}, key=len, reverse=True)
         probs_of: dict[tuple[int, ...], torch.Tensor] = {}
-        if self.llama_like:
+        fast = self.engine == "fast"
+        if fast:
             contexts = self._score_on_kept(contexts, probs_of)
         size = self.settings.score_batch_size
         for start in range(0, len(contexts), size):
             batch = contexts[start : start + size]
-            if self.llama_like:
+            if fast:
                 logits = self._prefill([list(c) for c in batch])[1]
             else:
                 logits = self._plain_logits([list(c) for c in batch])
@@ -679,18 +786,37 @@ class HFGenerator:
         return ids, mask
 
     def _generate_plain(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        config = generation_config(params, self.tokenizer.pad_token_id, self.stop_ids)
-        torch.manual_seed(sample_seed(params.seed, prompts[0], 0))
+        """``params.n`` samples of each prompt by ``model.generate``, left-padded in one batch. Decoding is
+        greedy over the scores :class:`SeededSampler` leaves: the token that :func:`sample` draws with
+        the sample's own uniforms, as in the fast engine."""
+        config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.stop_ids,
+        )
         ids, mask = self._left_pad([p for p in prompts for _ in range(params.n)])
-        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        sampler = SeededSampler(params, self._uniforms(prompts, params), ids.shape[1])
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([sampler]),
+        )
         completions = [self._completion(g) for g in out[:, ids.shape[1] :].tolist()]
         return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     def _plain_logits(self, contexts: list[list[int]]) -> torch.Tensor:
+        """Logits after each context, by the model's own forward pass, left-padded in one batch."""
+        accepts = inspect.signature(self.model.forward).parameters
+        if "position_ids" not in accepts:  # padding would shift its positions (remote code): one at a time
+            alone = [torch.tensor([c], device=self.device) for c in contexts]
+            return torch.stack([self.model(input_ids=ids).logits[0, -1] for ids in alone]).float()
         ids, mask = self._left_pad(contexts)
         # Positions count from each row's first real token, as in an unpadded forward pass.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **keep)
         return out.logits[:, -1, :].float()
 
     def close(self) -> None:

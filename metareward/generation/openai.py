@@ -38,7 +38,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from metareward.config import GeneratorConfig, ModelConfig
-from metareward.generation import Completion, Messages, SamplingParams, Usage
+from metareward.generation.base import Completion, Messages, SamplingParams, Usage
 from metareward.records import read_json, write_json
 
 # Top log-probabilities asked for per scored position (vLLM's default limit).

@@ -20,7 +20,7 @@ from vllm import SamplingParams as VLLMSamplingParams
 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
 from metareward.config import GeneratorConfig, ModelConfig
-from metareward.generation import Completion, Messages, SamplingParams, Usage
+from metareward.generation.base import Completion, Messages, SamplingParams, Usage
 from metareward.generation.tokens import encode, next_token_query, stop_token_ids
 
 

@@ -1,0 +1,71 @@
+"""What every generation backend shares: the request and answer types, usage counts, the protocol.
+
+Backends import this module, never the package ``metareward.generation`` (which imports them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+Messages = list[dict]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int
+    # "stop": the model ended its turn; "length": cut off at max_new_tokens.
+    finish_reason: str
+
+
+@dataclass
+class Usage:
+    """What a generator has spent so far; the loop records the difference over each stage."""
+
+    generate_calls: int = 0
+    # Sampled completions asked for (requests x n), and how many came from a cache instead of the model.
+    samples: int = 0
+    cached_samples: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    # Texts whose next-token probabilities were read (score and verdict fallbacks).
+    scored_texts: int = 0
+    http_requests: int = 0
+    # US dollars, when the backend has prices (the OpenAI-compatible backend); else 0.
+    cost_usd: float = 0.0
+
+    def since(self, before: Usage) -> dict:
+        """The counts spent between ``before`` (a copy taken earlier) and now."""
+        now, then = asdict(self), asdict(before)
+        return {key: now[key] - then[key] for key in now}
+
+    def copy(self) -> Usage:
+        return Usage(**asdict(self))
+
+
+class Generator(Protocol):
+    usage: Usage
+
+    def render(self, messages: Messages) -> str:
+        """The prompt text the model sees for ``messages`` (chat template, generation prompt added)."""
+
+    def generate(
+        self, requests: list[Messages], params: SamplingParams, desc: str = ""
+    ) -> list[list[Completion]]:
+        """``params.n`` completions for each request, in request order; same seed, same outputs."""
+
+    def next_token_probs(self, texts: list[str], candidates: list[str]) -> list[list[float]]:
+        """For each text, the probability that the model continues it with each candidate."""
+
+    def close(self) -> None:
+        """Release the model (and accelerator memory) before training starts."""
