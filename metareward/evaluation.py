@@ -18,12 +18,11 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import numpy as np
-
 from metareward import stages
 from metareward.config import Config, EvalConfig
 from metareward.data import bundled_path, to_prompt_rows
 from metareward.generation import Generator, SamplingParams, make_generator
+from metareward.judge_metrics import agreement_stats
 from metareward.metrics import mean_or_none
 from metareward.prompts import Templates
 from metareward.records import RecordError, read_jsonl_numbered
@@ -82,27 +81,6 @@ def load_human_pairs(path: str | None, num_pairs: int, seed: int) -> list[dict]:
     # Sorted indices keep file order, so a larger sample reads like the file, not a shuffle.
     keep = sorted(random.Random(seed).sample(range(len(pairs)), num_pairs))
     return [pairs[i] for i in keep]
-
-
-def agreement_stats(outcomes: list[float], bootstrap_samples: int, seed: int) -> dict:
-    """Mean of per-item outcomes (1, 0.5 or 0, or any value in [0, 1]), its 95% percentile
-    bootstrap interval over items, and the share of 0.5 outcomes (ties).
-
-    Returns ``{"mean", "ci_low", "ci_high", "tie_rate", "n"}``; same seed, same interval."""
-    if not outcomes:
-        raise ValueError("agreement_stats needs at least one outcome")
-    values = np.asarray(outcomes, dtype=float)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(values), size=(bootstrap_samples, len(values)))
-    means = values[draws].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {
-        "mean": float(values.mean()),
-        "ci_low": float(low),
-        "ci_high": float(high),
-        "tie_rate": float(np.mean(values == 0.5)),
-        "n": len(values),
-    }
 
 
 def judge_human_agreement(
@@ -218,7 +196,9 @@ def win_rate(
     params = SamplingParams(
         n=1, temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens, seed=seed
     )
-    verdicts = stages.verdict_requests(evaluator, requests, params, "text_or_probs", desc="eval win rate")
+    verdicts = stages.verdict_requests(
+        evaluator, requests, params, "text_or_probs", desc="eval win rate", pairwise=True
+    )
     winners = [v["winner"] for v in verdicts]
 
     # The candidate is "A" in the first order and "B" in the second; no verdict counts 0.5.

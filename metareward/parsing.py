@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-__all__ = ["SCORE_KEY", "WINNER_KEY", "parse_score", "parse_winner"]
+__all__ = ["SCORE_KEY", "WINNER_KEY", "parse_pairwise_winner", "parse_score", "parse_winner"]
 
 MAX_SCORE = 5.0
 
@@ -43,6 +43,8 @@ _SCORE_VALUE = re.compile(
 # "Judgement A", "Judgment b", a bare "A"; a trailing period is tolerated. The format line's echo
 # ("Judgement A | Judgement B", "Judgement A|B") cannot match, so it reads as no verdict.
 _WINNER_VALUE = re.compile(r"(?:judge?ment ?)?(?P<who>[ab]) ?\.?", re.IGNORECASE)
+# The pairwise judge's "Response A", "response b", a bare "A"; the echo "Response A | Response B" is none.
+_PAIRWISE_VALUE = re.compile(r"(?:response ?)?(?P<who>[ab]) ?\.?", re.IGNORECASE)
 
 
 def _last_value(key: re.Pattern[str], text: str) -> str | None:
@@ -90,12 +92,22 @@ def parse_winner(text: str) -> Literal["A", "B"] | None:
     Accepts "Judgement"/"Judgment", any case and spacing, markdown, brackets, a trailing period
     and a bare "Winner: A". An echo of the format line or anything other than A or B gives None.
     """
+    return _winner(text, _WINNER_VALUE)
+
+
+def parse_pairwise_winner(text: str) -> Literal["A", "B"] | None:
+    """The pairwise judge's verdict from the last "Winner: Response A|B" in ``text`` (the same
+    tolerances as :func:`parse_winner`, "Response" in place of "Judgement")."""
+    return _winner(text, _PAIRWISE_VALUE)
+
+
+def _winner(text: str, value_pattern: re.Pattern[str]) -> Literal["A", "B"] | None:
     if not isinstance(text, str):
         return None
     value = _last_value(WINNER_KEY, text)
     if value is None:
         return None
-    match = _WINNER_VALUE.fullmatch(value)
+    match = value_pattern.fullmatch(value)
     if match is None:
         return None
     return "A" if match.group("who").upper() == "A" else "B"

@@ -66,6 +66,8 @@ SCORE_CUE = "Score: "
 SCORE_TOKENS = ["0", "1", "2", "3", "4", "5"]
 # Appended after a meta-judgement to read the model's preference between A and B.
 WINNER_CUE = "Winner: Judgement "
+# Where the pairwise judge's verdict token follows (see PAIRWISE_TEMPLATE).
+PAIRWISE_CUE = "Winner: Response "
 WINNER_TOKENS = ["A", "B"]
 
 
@@ -116,11 +118,9 @@ class Templates:
         return [{"role": "user", "content": content}]
 
 
-# The evaluator's pairwise prompt for win rates (evaluation.win_rate). It asks for "Winner: A" /
-# "Winner: B", which parse_winner reads. A verdict the text does not give is read, as for the
-# meta-judge, from the probabilities of "A"/"B" after stages.WINNER_CUE ("Winner: Judgement "); that
-# cue's wording does not match this prompt exactly, but the next token still chooses between the two
-# labelled responses, so it remains a meaningful A/B preference (and stages.py stays shared).
+# The pairwise judge's prompt (the win-rate evaluator, and judging preference suites pairwise). It asks
+# for "Winner: Response A" / "Winner: Response B", which parse_pairwise_winner reads; a verdict the text
+# does not give is read from the probabilities of "A"/"B" after PAIRWISE_CUE, the same words.
 PAIRWISE_TEMPLATE = """\
 Review the user's question and two responses to it, Response A and Response B. Determine which response \
 is better: more helpful, accurate and relevant to what the user asked, and well-written. Do not prefer a \
@@ -137,4 +137,4 @@ Response B:
 
 After examining the user's question and both responses:
 - Briefly explain which response is better and why, up to 100 words.
-- Conclude with the winner using exactly the format: "Winner: A" or "Winner: B\""""
+- Conclude with the winner using exactly the format: "Winner: Response A" or "Winner: Response B\""""

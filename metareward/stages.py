@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from metareward import faults, pairs
 from metareward.config import ActorConfig, JudgeConfig, MetaJudgeConfig
 from metareward.generation import Generator, Messages, SamplingParams
-from metareward.parsing import SCORE_KEY, WINNER_KEY, parse_score, parse_winner
-from metareward.prompts import SCORE_CUE, SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS, Templates
+from metareward.parsing import SCORE_KEY, WINNER_KEY, parse_pairwise_winner, parse_score, parse_winner
+from metareward.prompts import PAIRWISE_CUE, SCORE_CUE, SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS, Templates
 from metareward.records import ChunkedFile, read_jsonl
 
 
@@ -98,10 +98,11 @@ def score_cue_text(judgement: str) -> str:
     return head + SCORE_CUE
 
 
-def winner_cue_text(verdict: str) -> str:
+def winner_cue_text(verdict: str, cue: str = WINNER_CUE) -> str:
+    """The verdict up to its last "Winner:", followed by ``cue`` (the meta-judge's, or PAIRWISE_CUE)."""
     matches = list(WINNER_KEY.finditer(verdict))
     head = verdict[: matches[-1].start()] if matches else verdict.rstrip() + "\n"
-    return head + WINNER_CUE
+    return head + cue
 
 
 def judge_requests(
@@ -202,19 +203,26 @@ def comparisons(responses: list[dict], judgements: list[dict]) -> list[tuple[str
 
 
 def verdict_requests(
-    generator: Generator, requests: list[Messages], params: SamplingParams, winner_from: str, desc: str = ""
+    generator: Generator,
+    requests: list[Messages],
+    params: SamplingParams,
+    winner_from: str,
+    desc: str = "",
+    pairwise: bool = False,
 ) -> list[dict]:
-    """One pairwise verdict per request: text, winner "A" | "B" | None and where it came from.
+    """One verdict per request: text, winner "A" | "B" | None and where it came from. The meta-judge
+    answers "Winner: Judgement A|B"; with ``pairwise`` the pairwise judge, "Winner: Response A|B".
 
     With ``winner_from="text_or_probs"`` a verdict the text does not give is drawn from the model's
-    probabilities of A and B after the winner cue, at ``params.temperature``."""
+    probabilities of A and B after the same words (the cue), at ``params.temperature``."""
+    parse, cue = (parse_pairwise_winner, PAIRWISE_CUE) if pairwise else (parse_winner, WINNER_CUE)
     outputs = [c[0] for c in generator.generate(requests, params, desc=desc)]
-    winners = [parse_winner(c.text) for c in outputs]
+    winners = [parse(c.text) for c in outputs]
     sources = ["text" if w else None for w in winners]
     if winner_from == "text_or_probs":
         # Only verdicts the text does not give need the extra forward pass.
         missing = [i for i, w in enumerate(winners) if w is None]
-        cue_texts = [generator.render(requests[i]) + winner_cue_text(outputs[i].text) for i in missing]
+        cue_texts = [generator.render(requests[i]) + winner_cue_text(outputs[i].text, cue) for i in missing]
         rng = random.Random(params.seed)
         for i, probs in zip(missing, generator.next_token_probs(cue_texts, WINNER_TOKENS), strict=True):
             winner = sample_verdict(probs, params.temperature, rng)

@@ -11,7 +11,6 @@ import pytest
 
 from metareward.config import EvalConfig, GeneratorConfig, ModelConfig
 from metareward.evaluation import (
-    agreement_stats,
     generate_responses,
     judge_human_agreement,
     load_heldout_prompts,
@@ -19,8 +18,9 @@ from metareward.evaluation import (
     win_rate,
 )
 from metareward.generation import Completion, make_generator
-from metareward.parsing import parse_winner
-from metareward.prompts import Templates
+from metareward.judge_metrics import agreement_stats
+from metareward.parsing import parse_pairwise_winner
+from metareward.prompts import PAIRWISE_CUE, Templates
 from metareward.records import RecordError
 
 
@@ -56,7 +56,7 @@ class MarkerPickingEvaluatorStandIn(_StandInGenerator):
 
     def reply(self, content):
         response_a = re.search(r"<response_a>(.*)</response_a>", content, re.DOTALL).group(1)
-        return "Winner: A" if "MARKER" in response_a else "Winner: B"
+        return "Winner: Response A" if "MARKER" in response_a else "Winner: Response B"
 
 
 SHORT, LONG = "Short answer.", "A much longer answer that goes on and on about the topic."
@@ -222,7 +222,10 @@ def test_pairwise_prompt_shows_both_responses_and_asks_for_a_parseable_verdict()
     content = Templates().pairwise_messages(QUESTION, "first one", "second one")[0]["content"]
     assert "User: Question?" in content
     assert content.index("<response_a>first one</response_a>") < content.index("<response_b>second one")
-    assert parse_winner("Winner: A") == "A" and "Winner: A" in content and "Winner: B" in content
+    assert '"Winner: Response A" or "Winner: Response B"' in content
+    assert parse_pairwise_winner("Winner: Response B") == "B"
+    # The verdict's words are the probability fallback's cue, so the next token chooses A or B.
+    assert content.rstrip().endswith(f'"{PAIRWISE_CUE}A" or "{PAIRWISE_CUE}B"')
 
 
 @pytest.mark.parametrize("marked, expected", [("candidate", 1.0), ("baseline", 0.0)])
@@ -239,6 +242,33 @@ def test_win_rate_follows_the_evaluator_in_both_orders(marked, expected):
     assert result["first_position_win_share"] == 0.5
     assert result["num_prompts"] == 3
     assert result["candidate_mean_tokens"] == (4 if marked == "candidate" else 2)
+
+
+class SilentEvaluatorStandIn(_StandInGenerator):
+    """Stand-in pairwise evaluator that never writes a verdict; it prefers "A" by its probabilities and
+    records the texts it was asked to continue."""
+
+    def __init__(self):
+        self.cue_texts = []
+
+    def reply(self, content):
+        return "Both are fine."
+
+    def next_token_probs(self, texts, candidates):
+        self.cue_texts += texts
+        return [[0.9, 0.1] for _ in texts]
+
+
+def test_win_rate_reads_a_missing_verdict_after_the_pairwise_judges_own_words():
+    prompts = [{"prompt_id": "0", "messages": QUESTION}]
+    mine = [{"prompt_id": "0", "text": "mine", "num_tokens": 1}]
+    theirs = [{"prompt_id": "0", "text": "theirs", "num_tokens": 1}]
+    evaluator = SilentEvaluatorStandIn()
+    result = win_rate(evaluator, Templates(), prompts, mine, theirs, _eval_cfg(), 0)
+    assert len(evaluator.cue_texts) == 2
+    assert all(text.endswith("Both are fine.\n" + PAIRWISE_CUE) for text in evaluator.cue_texts)
+    # "A" in both orders: the candidate wins shown first and loses shown second.
+    assert result["win_rate"] == 0.5 and result["first_position_win_share"] == 1.0
 
 
 # ------------------------------------------------------------------ the tiny real model

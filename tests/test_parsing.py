@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metareward.parsing import parse_score, parse_winner
+from metareward.parsing import parse_pairwise_winner, parse_score, parse_winner
 
 # ---------------------------------------------------------------- parse_score
 
@@ -145,6 +145,24 @@ def test_parse_winner_accepts(text: str, expected: str) -> None:
 )
 def test_parse_winner_rejects(text: str) -> None:
     assert parse_winner(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("Winner: Response A", "A", id="plain-A"),
+        pytest.param("Reasons.\n**Winner:** response b.", "B", id="markdown-lowercase-period"),
+        pytest.param("Winner: [Response B]", "B", id="brackets"),
+        pytest.param("Winner: A", "A", id="bare"),
+        pytest.param("Winner: Response A\nOn reflection, Winner: Response B", "B", id="last-wins"),
+        pytest.param("Winner: Response A | Response B", None, id="format-echo"),
+        pytest.param("Winner: Judgement A", None, id="the-meta-judges-words"),
+        pytest.param("Winner: Response C", None, id="other-letter"),
+        pytest.param("Response A is better.", None, id="no-key"),
+    ],
+)
+def test_parse_pairwise_winner(text: str, expected: str | None) -> None:
+    assert parse_pairwise_winner(text) == expected
 
 
 def test_parse_winner_last_occurrence_wins() -> None:

@@ -1,0 +1,365 @@
+"""Preference suites: pairwise human (or gold) verdicts in the field's formats, read into one row type.
+
+``load_suite(entry, num_pairs=None, seed=0) -> (name, [SuitePair, ...])``, where ``entry`` is
+
+- a bundled suite's name (:data:`BUNDLED_SUITES`: ``hh_rlhf``, ``llmbar_natural``, ``pandalm``; see
+  metareward/data/README.md for sources and licences); a bundled name wins over a file of that name;
+- a path to a JSONL file (the suite is named after the file's stem); or
+- a dict ``{"path": ..., "name": ..., "format": ...}`` (``name`` and ``format`` optional): a given format
+  is checked against every row instead of detected.
+
+With ``num_pairs``, a seeded sample of that many rows is returned, in file order (all rows when the file
+has fewer); every row is read and checked whatever the sample.
+
+Formats, detected from each row's fields (../shared/CONTRACT.md, "Preference suites"):
+
+========  =====================================================  ==========================================
+format    fields                                                 label
+========  =====================================================  ==========================================
+pairs     ``prompt`` (string or chat turns), ``chosen``,         always A (A = chosen, B = rejected)
+          ``rejected``, optional ``subset``, ``id``
+ab        ``question``, ``response_A``, ``response_B``,          ``A>B``/``A>>B`` A, ``B>A``/``B>>A`` B,
+          ``label``, optional ``source`` (the subset)            ``A=B`` tie
+llmbar    ``input``, ``output_1``, ``output_2``, ``label``       1 or 2 = the better output
+pandalm   ``instruction``, ``input``, ``response1``,             each annotator 0 = tie, 1, 2
+          ``response2``, ``annotator1``..``annotatorK``
+autoj     ``prompt``, ``response 1``, ``response 2``, ``label``,  0 = response 1 better, 1 = response 2,
+          ``scenario`` (the subset)                              2 = tie
+========  =====================================================  ==========================================
+
+Details:
+
+- ``pairs``: ``chosen``/``rejected`` are strings, or lists of one assistant turn (TRL conversational).
+  Without ``prompt`` (TRL's implicit-prompt rows) they must be whole conversations that agree up to
+  their last turn, an assistant turn: the shared turns are the prompt.
+- Integer labels (and annotator votes) may be JSON integers or strings of them (``"1"``); anything else
+  is refused.
+- PandaLM: the prompt is ``instruction + "\\n\\n" + input`` (a blank part is left out). ``human`` is the
+  share of annotator mass on (A, B), a tie vote giving half to each; ``label`` is the value (1, 2 or 0)
+  with the most votes, "tie" when that is 0 or when two values share the most votes. So votes
+  [1, 1, 2] give A and (2/3, 1/3); [1, 2, 0] tie and (1/2, 1/2); [0, 0, 2] tie and (1/3, 2/3). A row
+  with a single annotator gets ``human = None``. PandaLM testset-v1 ships six responses as JSON
+  ``true`` (the model's text "True" turned into a boolean upstream); this format reads a boolean
+  response as "True"/"False".
+- A response may be the empty string (a model that said nothing is still a response to judge; the
+  bundled HH-RLHF and PandaLM files hold such rows); a missing or non-string response is refused, as is
+  a prompt whose last user turn is empty.
+- A pair's id is its ``pair_id``, ``id`` or ``idx`` when present, else ``p<row index>``; ids must be
+  unique.
+
+Every refusal is a :class:`~metareward.records.RecordError` naming ``file:line`` (the file alone for an
+empty one): a row of no format or of two, a file mixing formats (naming the earlier rows' format), a
+row not of the declared format, missing or empty fields, bad labels (with the value), duplicate ids.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from metareward.data import bundled_path
+from metareward.records import RecordError, read_jsonl_numbered
+
+BUNDLED_SUITES = {
+    "hh_rlhf": "hh_rlhf_helpful_dev.jsonl",
+    "llmbar_natural": "llmbar_natural_100.jsonl",
+    "pandalm": "pandalm_testset_v1_3annotators.jsonl",
+}
+
+# Fields whose presence names a row's format (any one of them), then the fields the format needs.
+_SIGNATURES = {
+    "pairs": ("chosen", "rejected"),
+    "ab": ("response_A", "response_B"),
+    "llmbar": ("output_1", "output_2"),
+    "pandalm": ("response1", "response2"),
+    "autoj": ("response 1", "response 2"),
+}
+FORMATS = tuple(_SIGNATURES)
+_REQUIRED = {
+    "pairs": ("chosen", "rejected"),
+    "ab": ("question", "response_A", "response_B", "label"),
+    "llmbar": ("input", "output_1", "output_2", "label"),
+    "pandalm": ("instruction", "response1", "response2"),
+    "autoj": ("prompt", "response 1", "response 2", "label"),
+}
+_AB_LABELS = {"A>B": "A", "A>>B": "A", "B>A": "B", "B>>A": "B", "A=B": "tie"}
+_ID_KEYS = ("pair_id", "id", "idx")
+_ANNOTATOR = re.compile(r"annotator(\d+)")
+_ENTRY_KEYS = {"path", "name", "format"}
+
+
+@dataclass(frozen=True)
+class SuitePair:
+    """One judged pair: which of ``response_a`` / ``response_b`` answers ``prompt`` better.
+
+    ``label`` is "A", "B" or "tie"; ``human`` the annotators' verdict distribution over (A, B) where a
+    row has several annotators (a tie vote splits its mass), else None."""
+
+    pair_id: str
+    prompt: list[dict]
+    response_a: str
+    response_b: str
+    label: str
+    human: tuple[float, float] | None
+    subset: str | None
+    suite: str
+
+
+def detect_format(row: dict, where: str) -> str:
+    """The format a row's fields name; refuses a row of none or of several."""
+    found = [name for name, keys in _SIGNATURES.items() if any(key in row for key in keys)]
+    if not found:
+        raise RecordError(
+            f"{where}: the row matches no suite format (fields: {', '.join(sorted(row)) or 'none'}); "
+            f"expected one of {', '.join(FORMATS)} (see metareward/suites.py)"
+        )
+    if len(found) > 1:
+        raise RecordError(
+            f"{where}: the row has fields of several suite formats ({', '.join(found)}); declare the "
+            'format with {"path": ..., "format": ...}'
+        )
+    return found[0]
+
+
+def _messages(value, field: str, where: str) -> list[dict]:
+    if isinstance(value, str):
+        value = [{"role": "user", "content": value}]
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in value)
+        and value[-1]["role"] == "user"
+        and value[-1]["content"].strip()
+    )
+    if not ok:
+        raise RecordError(
+            f"{where}: `{field}` must be a non-empty string or a list of {{role, content}} ending with a "
+            "non-empty user turn"
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _text(row: dict, field: str, where: str, allow_bool: bool = False) -> str:
+    value = row[field]
+    if allow_bool and isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise RecordError(f"{where}: `{field}` must be a string, got {type(value).__name__}")
+    return value
+
+
+def _int_label(value, allowed: tuple[int, ...], field: str, where: str) -> int:
+    """An integer, or a string of one, among ``allowed``."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        number = int(value)
+    if number not in allowed:
+        raise RecordError(
+            f"{where}: `{field}` must be one of {', '.join(map(str, allowed))} (an integer or a string of "
+            f"one), got {value!r}"
+        )
+    return number
+
+
+def _turn_content(turn, field: str, where: str) -> str:
+    if not (
+        isinstance(turn, dict) and turn.get("role") == "assistant" and isinstance(turn.get("content"), str)
+    ):
+        raise RecordError(f"{where}: `{field}` must end with an assistant turn {{role, content}}")
+    return turn["content"]
+
+
+def _pairs(row: dict, where: str) -> tuple[list[dict], str, str]:
+    chosen, rejected = row["chosen"], row["rejected"]
+    if "prompt" in row:
+        prompt = _messages(row["prompt"], "prompt", where)
+        answers = []
+        for field, value in (("chosen", chosen), ("rejected", rejected)):
+            if isinstance(value, str):
+                answers.append(value)
+            elif isinstance(value, list) and len(value) == 1:
+                answers.append(_turn_content(value[0], field, where))
+            else:
+                raise RecordError(
+                    f"{where}: with `prompt` given, `{field}` must be a string or a list of one "
+                    "assistant turn"
+                )
+        return prompt, answers[0], answers[1]
+    # TRL implicit prompt: two whole conversations, alike but for the last (assistant) turn.
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if not (isinstance(value, list) and len(value) >= 2):
+            raise RecordError(
+                f"{where}: a pairs row without `prompt` needs `{field}` as a conversation (a list of "
+                "turns ending with the assistant's answer)"
+            )
+    head = _messages(chosen[:-1], "chosen", where)
+    if head != _messages(rejected[:-1], "rejected", where):
+        raise RecordError(f"{where}: `chosen` and `rejected` differ before their last turn")
+    return head, _turn_content(chosen[-1], "chosen", where), _turn_content(rejected[-1], "rejected", where)
+
+
+def _pandalm(row: dict, where: str) -> tuple[list[dict], str, str, str, tuple[float, float] | None]:
+    extra = row.get("input")
+    if extra is None:
+        extra = ""
+    if not isinstance(row["instruction"], str) or not isinstance(extra, str):
+        raise RecordError(f"{where}: `instruction` and `input` must be strings")
+    content = "\n\n".join(part for part in (row["instruction"], extra) if part.strip())
+    if not content:
+        raise RecordError(f"{where}: `instruction` and `input` are both empty")
+    numbers = sorted(int(m.group(1)) for key in row if (m := _ANNOTATOR.fullmatch(key)))
+    if not numbers or numbers != list(range(1, len(numbers) + 1)):
+        raise RecordError(
+            f"{where}: a pandalm row needs annotator1..annotatorK (K >= 1), got "
+            f"{', '.join(f'annotator{n}' for n in numbers) or 'none'}"
+        )
+    votes = [_int_label(row[f"annotator{n}"], (0, 1, 2), f"annotator{n}", where) for n in numbers]
+    counts = {value: votes.count(value) for value in (1, 2, 0)}
+    top = max(counts.values())
+    leaders = [value for value, count in counts.items() if count == top]
+    label = {1: "A", 2: "B", 0: "tie"}[leaders[0]] if len(leaders) == 1 else "tie"
+    human = None
+    if len(votes) > 1:
+        half = 0.5 * counts[0]
+        human = ((counts[1] + half) / len(votes), (counts[2] + half) / len(votes))
+    a = _text(row, "response1", where, allow_bool=True)
+    b = _text(row, "response2", where, allow_bool=True)
+    return [{"role": "user", "content": content}], a, b, label, human
+
+
+def _subset(row: dict, field: str, where: str) -> str | None:
+    value = row.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise RecordError(f"{where}: `{field}` must be a non-empty string when given, got {value!r}")
+    return value
+
+
+def suite_pair(row: dict, fmt: str, suite: str, pair_id: str, where: str) -> SuitePair:
+    """One row of format ``fmt`` as a :class:`SuitePair`; errors name ``where``."""
+    missing = [field for field in _REQUIRED[fmt] if field not in row or row[field] is None]
+    if missing:
+        raise RecordError(f"{where}: a {fmt} row needs {', '.join(f'`{f}`' for f in missing)}")
+    human, subset = None, None
+    if fmt == "pairs":
+        prompt, a, b = _pairs(row, where)
+        label, subset = "A", _subset(row, "subset", where)
+    elif fmt == "ab":
+        prompt = _messages(row["question"], "question", where)
+        a, b = _text(row, "response_A", where), _text(row, "response_B", where)
+        raw = row["label"]
+        if not isinstance(raw, str) or raw.strip() not in _AB_LABELS:
+            raise RecordError(f"{where}: `label` must be one of {', '.join(_AB_LABELS)}, got {raw!r}")
+        label, subset = _AB_LABELS[raw.strip()], _subset(row, "source", where)
+    elif fmt == "llmbar":
+        prompt = _messages(row["input"], "input", where)
+        a, b = _text(row, "output_1", where), _text(row, "output_2", where)
+        label = {1: "A", 2: "B"}[_int_label(row["label"], (1, 2), "label", where)]
+    elif fmt == "pandalm":
+        prompt, a, b, label, human = _pandalm(row, where)
+    else:  # autoj
+        prompt = _messages(row["prompt"], "prompt", where)
+        a, b = _text(row, "response 1", where), _text(row, "response 2", where)
+        label = {0: "A", 1: "B", 2: "tie"}[_int_label(row["label"], (0, 1, 2), "label", where)]
+        subset = _subset(row, "scenario", where)
+    return SuitePair(pair_id, prompt, a, b, label, human, subset, suite)
+
+
+def read_suite_file(path: str | os.PathLike, suite: str, fmt: str | None = None) -> list[SuitePair]:
+    """Every row of a suite file (all of one format: ``fmt``, or the first row's)."""
+    if fmt is not None and fmt not in _SIGNATURES:
+        raise RecordError(f"{path}: unknown suite format {fmt!r}; known: {', '.join(FORMATS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{path}: no such suite file")
+    pairs, seen = [], {}
+    first: tuple[str, int] | None = None  # (format, line) of the first row, when detected
+    for index, (number, row) in enumerate(read_jsonl_numbered(path)):
+        where = f"{path}:{number}"
+        if fmt is not None:
+            if not any(key in row for key in _SIGNATURES[fmt]):
+                try:
+                    other = f"the fields of format {detect_format(row, where)}"
+                except RecordError:
+                    other = f"fields {', '.join(sorted(row)) or 'none'}"
+                raise RecordError(f"{where}: the entry declares format {fmt}, but the row has {other}")
+            row_fmt = fmt
+        else:
+            row_fmt = detect_format(row, where)
+            if first is None:
+                first = (row_fmt, number)
+            elif row_fmt != first[0]:
+                raise RecordError(
+                    f"{where}: the row is of format {row_fmt}, but the rows before it are of format "
+                    f"{first[0]} (from line {first[1]}); a suite file holds one format"
+                )
+        raw_id = next((row[key] for key in _ID_KEYS if row.get(key) is not None), None)
+        pair_id = str(raw_id) if raw_id is not None else f"p{index}"
+        if not pair_id.strip():
+            raise RecordError(f"{where}: the pair id is empty")
+        if pair_id in seen:
+            raise RecordError(f"{where}: duplicate pair id {pair_id!r}, already at line {seen[pair_id]}")
+        seen[pair_id] = number
+        pairs.append(suite_pair(row, row_fmt, suite, pair_id, where))
+    if not pairs:
+        raise RecordError(f"{path}: no pairs (the file is empty or holds only blank lines)")
+    return pairs
+
+
+def _resolve(entry) -> tuple[str, Path, str | None]:
+    """(name, path, declared format) of a suite entry."""
+    if isinstance(entry, str) and entry in BUNDLED_SUITES:
+        return entry, bundled_path(BUNDLED_SUITES[entry]), None
+    if isinstance(entry, (str, os.PathLike)):
+        path = Path(entry).expanduser()
+        if not path.is_file():
+            raise RecordError(
+                f"suite {str(entry)!r}: neither a bundled suite ({', '.join(BUNDLED_SUITES)}) nor a file"
+            )
+        return path.stem, path, None
+    if isinstance(entry, dict):
+        unknown = sorted(set(entry) - _ENTRY_KEYS)
+        if unknown:
+            raise RecordError(
+                f"suite entry {entry!r}: unknown keys {', '.join(unknown)} (known: path, name, format)"
+            )
+        raw_path = entry.get("path")
+        if not isinstance(raw_path, (str, os.PathLike)) or not str(raw_path).strip():
+            raise RecordError(f"suite entry {entry!r}: `path` must name a JSONL file")
+        path = Path(raw_path).expanduser()
+        name = entry.get("name")
+        if name is None:
+            name = path.stem
+        if not isinstance(name, str) or not name.strip():
+            raise RecordError(f"suite entry {entry!r}: `name` must be a non-empty string")
+        fmt = entry.get("format")
+        if fmt is not None and fmt not in _SIGNATURES:
+            raise RecordError(f"suite entry {entry!r}: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+        return name, path, fmt
+    raise RecordError(
+        f"suite entry {entry!r}: expected a bundled suite name, a file path or {{path, name, format}}"
+    )
+
+
+def load_suite(entry, num_pairs: int | None = None, seed: int = 0) -> tuple[str, list[SuitePair]]:
+    """(suite name, pairs) of a bundled suite name, a JSONL path, or ``{"path", "name"?, "format"?}``.
+
+    With ``num_pairs``, a seeded sample of that many pairs in file order (all pairs if there are fewer);
+    every row is checked whatever the sample. Errors are RecordErrors naming file:line."""
+    if num_pairs is not None and (
+        isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1
+    ):
+        raise ValueError(f"num_pairs must be a positive integer or None, got {num_pairs!r}")
+    name, path, fmt = _resolve(entry)
+    pairs = read_suite_file(path, name, fmt)
+    if num_pairs is None or num_pairs >= len(pairs):
+        return name, pairs
+    # Sorted indices keep file order, so a larger sample reads like the file, not a shuffle.
+    keep = sorted(random.Random(seed).sample(range(len(pairs)), num_pairs))
+    return name, [pairs[i] for i in keep]
