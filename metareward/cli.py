@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import re
 import sys
@@ -228,13 +227,15 @@ def report_main(argv: list[str] | None = None) -> None:
 
 
 def eval_judge_main(argv: list[str] | None = None) -> None:
-    """``metareward-eval-judge [--out PATH] [overrides]``: agreement of the configured model-as-judge
-    with human preference pairs (``eval.*``, ``judge.score_from``, ``judge.template`` apply).
+    """``metareward-eval-judge [--out PATH] [overrides]``: the configured judge on the preference suites
+    ``eval.suites`` under the protocols ``eval.protocols`` (``eval.*``, ``judge.score_from``,
+    ``judge.template`` apply). The judge is the configured model, or an endpoint with no local model
+    at all: ``generator=openai generator.openai.base_urls=[URL] generator.openai.model=NAME``.
 
-    Prints the result as JSON and writes it to PATH (default ./eval_judge.json), with the per-pair
-    outcomes in ``<stem>_pairs.jsonl`` beside it."""
+    Prints a table per suite and protocol and writes the metrics as JSON to PATH (default
+    ./eval_judge.json), with the per-pair outcomes in ``<stem>_pairs.jsonl`` beside it."""
     from metareward.allocator import keep_freed_memory
-    from metareward.evaluation import judge_human_agreement, load_human_pairs
+    from metareward.evaluation import evaluate_suites, load_suites
     from metareward.generation import make_generator
     from metareward.models import resolve_model
     from metareward.prompts import Templates
@@ -246,24 +247,26 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(None, args.overrides)
+        # Suites first: a bad file should fail before minutes of model loading.
+        suites = load_suites(config.eval)
     except ConfigError as error:
         _fail(str(error), prog=prog)
+    except RecordError as error:
+        _fail(str(error), code=1, prog=prog)
     keep_freed_memory(cuda=_on_cuda(config.generator.device))
     try:
-        # Pairs first: a bad file should fail before minutes of model loading.
-        pairs = load_human_pairs(config.eval.human_pairs, config.eval.num_pairs, config.eval.seed)
         templates = Templates.load(config.judge.template, config.meta_judge.template)
-        model_dir = resolve_model(config.model)
+        # Behind an endpoint the model is a served name: nothing is loaded here.
+        endpoint = config.generator.backend == "openai"
+        model_dir = (config.model.path or "") if endpoint else resolve_model(config.model)
     except (RecordError, OSError) as error:
         _fail(str(error), code=1, prog=prog)
     generator = make_generator(model_dir, config.model, config.generator)
     try:
-        result = judge_human_agreement(
-            generator, templates, pairs, config.eval, config.judge.score_from, config.eval.seed
-        )
+        result, per_pair = evaluate_suites(generator, templates, suites, config.eval, config.judge.score_from)
     finally:
         generator.close()
-    per_pair = result.pop("per_pair")
     records.write_json(args.out, result)
     records.write_jsonl(args.out.with_name(f"{args.out.stem}_pairs.jsonl"), per_pair)
-    print(json.dumps(result, indent=2))
+    print(report.format_suite_table(result))
+    print(f"wrote {args.out} and {args.out.stem}_pairs.jsonl")

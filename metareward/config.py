@@ -38,6 +38,9 @@ LONG_PROMPTS = ("skip", "truncate")
 DATA_KINDS = ("bundled", "jsonl", "hf")
 TRACKING_MODES = ("wandb", "offline", "none")
 SCORE_SOURCES = ("text", "text_or_expected")
+# How a judge is asked about a preference pair: each response scored with the rubric, or both in one prompt.
+EVAL_PROTOCOLS = ("pointwise", "pairwise")
+SUITE_ENTRY_KEYS = ("path", "name", "format")
 WINNER_SOURCES = ("text", "text_or_probs")
 
 
@@ -482,6 +485,16 @@ class EvalConfig(Section):
     heldout_prompts: str | None = None
     num_heldout: int = 16
     response_max_new_tokens: int = 256
+    # Preference suites the judge is measured on (metareward-eval-judge): bundled suites (hh_rlhf,
+    # llmbar_natural, pandalm), JSONL files in any suite format, or {path, name, format} entries;
+    # num_pairs pairs of each (a seeded sample).
+    suites: list[Any] = field(default_factory=lambda: ["hh_rlhf"])
+    # pointwise: the rubric judge scores each response (num_judgements samples, judge.score_from), the
+    # higher mean wins; pairwise: one prompt shows both responses, judged in both orders.
+    protocols: list[str] = field(default_factory=lambda: ["pointwise"])
+    # Where a pairwise verdict comes from: text ("Winner: Response A|B"), or text_or_probs (otherwise the
+    # probabilities of A/B after "Winner: Response ", read for every verdict, for calibration).
+    winner_from: str = "text"
     # The fixed evaluator of win rates: M_0 (the seed model), or with own_model=true any model and
     # backend, e.g. eval.evaluator.own_model=true eval.evaluator.model.kind=hf eval.evaluator.model.path=...
     evaluator: RoleModelConfig = field(default_factory=RoleModelConfig)
@@ -495,6 +508,18 @@ class EvalConfig(Section):
         for name in ("human_pairs", "heldout_prompts"):
             path = getattr(self, name)
             _require(not path or Path(path).is_file(), f"{name}", path, "no such file")
+        _require(bool(self.suites), "suites", self.suites, "needs at least one suite")
+        for entry in self.suites:
+            ok = isinstance(entry, str) or (
+                isinstance(entry, dict) and "path" in entry and set(entry) <= set(SUITE_ENTRY_KEYS)
+            )
+            _require(ok, "suites", entry, "a bundled suite name, a JSONL path, or {path, name, format}")
+        _require(bool(self.protocols), "protocols", self.protocols, f"one or more of {EVAL_PROTOCOLS}")
+        for protocol in self.protocols:
+            _require(protocol in EVAL_PROTOCOLS, "protocols", protocol, f"one of {EVAL_PROTOCOLS}")
+        _require(
+            self.winner_from in WINNER_SOURCES, "winner_from", self.winner_from, f"one of {WINNER_SOURCES}"
+        )
 
 
 @dataclass

@@ -19,13 +19,14 @@ import random
 from pathlib import Path
 
 from metareward import stages
-from metareward.config import Config, EvalConfig
+from metareward.config import Config, ConfigError, EvalConfig
 from metareward.data import bundled_path, to_prompt_rows
 from metareward.generation import Generator, SamplingParams, make_generator
-from metareward.judge_metrics import agreement_stats
+from metareward.judge_metrics import JudgedPair, Verdict, agreement_stats, suite_metrics
 from metareward.metrics import mean_or_none
 from metareward.prompts import Templates
 from metareward.records import RecordError, read_jsonl_numbered
+from metareward.suites import SuiteEntryError, SuitePair, load_suite
 
 BUNDLED_HUMAN_PAIRS = "hh_rlhf_helpful_dev.jsonl"
 BUNDLED_HELDOUT = "vicuna_bench_questions.jsonl"
@@ -134,6 +135,165 @@ def judge_human_agreement(
         "length_preference": mean_or_none([float(x) for x in longer_preferred]),
         "per_pair": per_pair,
     }
+
+
+# ------------------------------------------------------------------ judge skill on preference suites
+
+
+def load_suites(cfg: EvalConfig) -> list[tuple[str, list[SuitePair]]]:
+    """(name, pairs) of every ``eval.suites`` entry, ``eval.num_pairs`` of each (a seeded sample). An
+    entry that names no suite is a :class:`ConfigError` on ``eval.suites``; a bad file's error names
+    file and line."""
+    loaded = []
+    for entry in cfg.suites:
+        try:
+            loaded.append(load_suite(entry, cfg.num_pairs, cfg.seed))
+        except SuiteEntryError as error:
+            raise ConfigError("suites", entry, str(error), where="eval.") from None
+    names = [name for name, _ in loaded]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(
+            "suites", cfg.suites, f"two suites named {duplicates[0]!r} (give one a name)", "eval."
+        )
+    return loaded
+
+
+def _sampling(cfg: EvalConfig, n: int, seed: int) -> SamplingParams:
+    return SamplingParams(
+        n=n, temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens, seed=seed
+    )
+
+
+def _prob_first_wins(a: list[float], b: list[float]) -> float:
+    """P(score A > score B) + half P(equal) for independent draws from two 0..5 distributions."""
+    below_b = [sum(b[:k]) for k in range(len(b))]
+    return sum(pa * (below_b[k] + b[k] / 2) for k, pa in enumerate(a))
+
+
+def _mean_distribution(rows: list[dict]) -> list[float] | None:
+    dists = [r["score_probs"] for r in rows if r.get("score_probs")]
+    return [sum(column) / len(dists) for column in zip(*dists, strict=True)] if dists else None
+
+
+def judge_pointwise(
+    generator: Generator,
+    templates: Templates,
+    pairs: list[SuitePair],
+    cfg: EvalConfig,
+    score_from: str,
+    seed: int,
+) -> list[JudgedPair]:
+    """The paper's judge on each pair: both responses scored with the rubric (``cfg.num_judgements``
+    samples each); the higher mean score wins. Where the judge gives 0..5 distributions
+    (``score_from=text_or_expected``), its probability that A wins is read from them."""
+    requests = [
+        templates.judge_messages(pair.prompt, response)
+        for pair in pairs
+        for response in (pair.response_a, pair.response_b)
+    ]
+    judged = stages.judge_requests(
+        generator, requests, _sampling(cfg, cfg.num_judgements, seed), score_from, "eval pointwise"
+    )
+    out = []
+    for index, pair in enumerate(pairs):
+        rows_a, rows_b = judged[2 * index], judged[2 * index + 1]
+        score_a = mean_or_none([r["score"] for r in rows_a if r["score"] is not None])
+        score_b = mean_or_none([r["score"] for r in rows_b if r["score"] is not None])
+        if score_a is None or score_b is None:
+            winner = None
+        else:
+            winner = "A" if score_a > score_b else "B" if score_b > score_a else "tie"
+        dist_a, dist_b = _mean_distribution(rows_a), _mean_distribution(rows_b)
+        prob_a = _prob_first_wins(dist_a, dist_b) if dist_a and dist_b else None
+        rows = rows_a + rows_b
+        out.append(_judged(pair, (Verdict(winner, prob_a=prob_a),), rows, "score_source"))
+    return out
+
+
+def judge_pairwise(
+    generator: Generator, templates: Templates, pairs: list[SuitePair], cfg: EvalConfig, seed: int
+) -> list[JudgedPair]:
+    """Both responses in one prompt ("Winner: Response A|B"), every pair in both orders; with
+    ``cfg.winner_from=text_or_probs`` the A/B probabilities after the cue back missing verdicts and give
+    the judge's probability that A wins."""
+    requests = []
+    for pair in pairs:
+        requests.append(templates.pairwise_messages(pair.prompt, pair.response_a, pair.response_b))
+        requests.append(templates.pairwise_messages(pair.prompt, pair.response_b, pair.response_a))
+    verdicts = stages.verdict_requests(
+        generator,
+        requests,
+        _sampling(cfg, 1, seed),
+        cfg.winner_from,
+        "eval pairwise",
+        pairwise=True,
+        all_probs=True,
+    )
+    out = []
+    for index, pair in enumerate(pairs):
+        shown_a_first, shown_b_first = verdicts[2 * index], verdicts[2 * index + 1]
+        # The second order shows B in position A: its position verdicts map back to the pair's sides.
+        swap = {"A": "B", "B": "A", None: None}
+        probs_1, probs_2 = shown_a_first.get("winner_probs"), shown_b_first.get("winner_probs")
+        answers = (
+            Verdict(shown_a_first["winner"], first="A", prob_a=probs_1[0] if probs_1 else None),
+            Verdict(swap[shown_b_first["winner"]], first="B", prob_a=probs_2[1] if probs_2 else None),
+        )
+        out.append(_judged(pair, answers, [shown_a_first, shown_b_first], "winner_source"))
+    return out
+
+
+def _judged(
+    pair: SuitePair, verdicts: tuple[Verdict, ...], answers: list[dict], source_key: str
+) -> JudgedPair:
+    """A judged pair; an answer counts as unparsed when its verdict or score did not come from its text."""
+    return JudgedPair(
+        label=pair.label,
+        len_a=len(pair.response_a),
+        len_b=len(pair.response_b),
+        verdicts=verdicts,
+        calls=len(answers),
+        unparsed=sum(a[source_key] != "text" for a in answers),
+        human=pair.human,
+        subset=pair.subset,
+        pair_id=pair.pair_id,
+    )
+
+
+def evaluate_suites(
+    generator: Generator,
+    templates: Templates,
+    suites: list[tuple[str, list[SuitePair]]],
+    cfg: EvalConfig,
+    score_from: str,
+) -> tuple[dict, list[dict]]:
+    """Every suite under every protocol of ``cfg.protocols``: ``({"suites": {name: {protocol:
+    metrics}}}, per-pair rows)``, metrics as :func:`~metareward.judge_metrics.suite_metrics` gives them."""
+    result: dict = {"suites": {}}
+    per_pair = []
+    for name, pairs in suites:
+        result["suites"][name] = {}
+        for protocol in cfg.protocols:
+            if protocol == "pointwise":
+                judged = judge_pointwise(generator, templates, pairs, cfg, score_from, cfg.seed)
+            else:
+                judged = judge_pairwise(generator, templates, pairs, cfg, cfg.seed)
+            result["suites"][name][protocol] = suite_metrics(judged, cfg.bootstrap_samples, cfg.seed)
+            per_pair += [
+                {
+                    "suite": name,
+                    "protocol": protocol,
+                    "pair_id": j.pair_id,
+                    "label": j.label,
+                    "outcome": j.outcome(),
+                    "verdicts": [v.winner for v in j.verdicts],
+                    "prob_a": j.prob_a(),
+                    "subset": j.subset,
+                }
+                for j in judged
+            ]
+    return result, per_pair
 
 
 # ------------------------------------------------------------------ actor win rate

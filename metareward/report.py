@@ -334,6 +334,39 @@ def write_report(run: Path, out: Path) -> str:
     return f"wrote {out} and {sum(src is not None for src, _, _ in figures)} plots in {plot_dir}"
 
 
+# ------------------------------------------------------------------ judge skill on suites
+
+
+METRIC_COLUMNS = [
+    ("accuracy", "acc", "{:.3f}"),
+    ("ci_low", "ci-low", "{:.3f}"),
+    ("ci_high", "ci-high", "{:.3f}"),
+    ("pairs", "pairs", "{}"),
+    ("label_ties", "l-ties", "{}"),
+    ("judge_tie_rate", "j-ties", "{:.0%}"),
+    ("position_consistency", "consist", "{:.0%}"),
+    ("first_position_preference", "1st-pref", "{:.0%}"),
+    ("longer_preference", "longer", "{:.0%}"),
+    ("human_longer_preference", "h-longer", "{:.0%}"),
+    ("parse_failure_rate", "unparsed", "{:.0%}"),
+    ("brier", "brier", "{:.3f}"),
+    ("ece", "ece", "{:.3f}"),
+    ("jsd", "jsd", "{:.3f}"),
+]
+
+
+def format_suite_table(result: dict) -> str:
+    """One row per suite and protocol, "-" where a metric does not apply."""
+    header = ["suite", "protocol", *(title for _, title, _ in METRIC_COLUMNS)]
+    lines = [header]
+    for name, protocols in result["suites"].items():
+        for protocol, m in protocols.items():
+            cells = ["-" if m[key] is None else fmt.format(m[key]) for key, _, fmt in METRIC_COLUMNS]
+            lines.append([name, protocol, *cells])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in lines)
+
+
 # ------------------------------------------------------------------ the loop's console summary
 
 

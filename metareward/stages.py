@@ -209,24 +209,28 @@ def verdict_requests(
     winner_from: str,
     desc: str = "",
     pairwise: bool = False,
+    all_probs: bool = False,
 ) -> list[dict]:
     """One verdict per request: text, winner "A" | "B" | None and where it came from. The meta-judge
     answers "Winner: Judgement A|B"; with ``pairwise`` the pairwise judge, "Winner: Response A|B".
 
     With ``winner_from="text_or_probs"`` a verdict the text does not give is drawn from the model's
-    probabilities of A and B after the same words (the cue), at ``params.temperature``."""
+    probabilities of A and B after the same words (the cue), at ``params.temperature``; with
+    ``all_probs`` too, those probabilities are read for every verdict and returned as ``winner_probs``
+    ([p(A), p(B)] renormalised, None where the model puts no mass on either)."""
     parse, cue = (parse_pairwise_winner, PAIRWISE_CUE) if pairwise else (parse_winner, WINNER_CUE)
     outputs = [c[0] for c in generator.generate(requests, params, desc=desc)]
     winners = [parse(c.text) for c in outputs]
     sources = ["text" if w else None for w in winners]
+    probs_of: dict[int, list[float]] = {}
     if winner_from == "text_or_probs":
-        # Only verdicts the text does not give need the extra forward pass.
-        missing = [i for i, w in enumerate(winners) if w is None]
-        cue_texts = [generator.render(requests[i]) + winner_cue_text(outputs[i].text, cue) for i in missing]
+        # Only verdicts the text does not give need the extra forward pass, unless all are asked for.
+        read = [i for i, w in enumerate(winners) if all_probs or w is None]
+        cue_texts = [generator.render(requests[i]) + winner_cue_text(outputs[i].text, cue) for i in read]
+        probs_of = dict(zip(read, generator.next_token_probs(cue_texts, WINNER_TOKENS), strict=True))
         rng = random.Random(params.seed)
-        for i, probs in zip(missing, generator.next_token_probs(cue_texts, WINNER_TOKENS), strict=True):
-            winner = sample_verdict(probs, params.temperature, rng)
-            if winner is not None:
+        for i in read:
+            if winners[i] is None and (winner := sample_verdict(probs_of[i], params.temperature, rng)):
                 winners[i], sources[i] = winner, "probs"
     return [
         {
@@ -235,9 +239,15 @@ def verdict_requests(
             "winner_source": source,
             "num_tokens": c.num_tokens,
             "finish_reason": c.finish_reason,
+            **({"winner_probs": _normalised(probs_of.get(i))} if all_probs else {}),
         }
-        for c, winner, source in zip(outputs, winners, sources, strict=True)
+        for i, (c, winner, source) in enumerate(zip(outputs, winners, sources, strict=True))
     ]
+
+
+def _normalised(probs: list[float] | None) -> list[float] | None:
+    mass = sum(probs) if probs else 0.0
+    return [p / mass for p in probs] if mass > 0 else None
 
 
 def meta_judge(

@@ -312,37 +312,43 @@ def read_suite_file(path: str | os.PathLike, suite: str, fmt: str | None = None)
     return pairs
 
 
-def _resolve(entry) -> tuple[str, Path, str | None]:
-    """(name, path, declared format) of a suite entry."""
+class SuiteEntryError(RecordError):
+    """A suite entry names no bundled suite or file, or is malformed (a setting, not a file's content)."""
+
+
+def resolve_entry(entry) -> tuple[str, Path, str | None]:
+    """(name, path, declared format) of a suite entry; :class:`SuiteEntryError` when it is not one."""
     if isinstance(entry, str) and entry in BUNDLED_SUITES:
         return entry, bundled_path(BUNDLED_SUITES[entry]), None
     if isinstance(entry, (str, os.PathLike)):
         path = Path(entry).expanduser()
         if not path.is_file():
-            raise RecordError(
+            raise SuiteEntryError(
                 f"suite {str(entry)!r}: neither a bundled suite ({', '.join(BUNDLED_SUITES)}) nor a file"
             )
         return path.stem, path, None
     if isinstance(entry, dict):
         unknown = sorted(set(entry) - _ENTRY_KEYS)
         if unknown:
-            raise RecordError(
+            raise SuiteEntryError(
                 f"suite entry {entry!r}: unknown keys {', '.join(unknown)} (known: path, name, format)"
             )
         raw_path = entry.get("path")
         if not isinstance(raw_path, (str, os.PathLike)) or not str(raw_path).strip():
-            raise RecordError(f"suite entry {entry!r}: `path` must name a JSONL file")
+            raise SuiteEntryError(f"suite entry {entry!r}: `path` must name a JSONL file")
         path = Path(raw_path).expanduser()
         name = entry.get("name")
         if name is None:
             name = path.stem
         if not isinstance(name, str) or not name.strip():
-            raise RecordError(f"suite entry {entry!r}: `name` must be a non-empty string")
+            raise SuiteEntryError(f"suite entry {entry!r}: `name` must be a non-empty string")
         fmt = entry.get("format")
         if fmt is not None and fmt not in _SIGNATURES:
-            raise RecordError(f"suite entry {entry!r}: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+            raise SuiteEntryError(
+                f"suite entry {entry!r}: unknown format {fmt!r}; known: {', '.join(FORMATS)}"
+            )
         return name, path, fmt
-    raise RecordError(
+    raise SuiteEntryError(
         f"suite entry {entry!r}: expected a bundled suite name, a file path or {{path, name, format}}"
     )
 
@@ -356,7 +362,7 @@ def load_suite(entry, num_pairs: int | None = None, seed: int = 0) -> tuple[str,
         isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1
     ):
         raise ValueError(f"num_pairs must be a positive integer or None, got {num_pairs!r}")
-    name, path, fmt = _resolve(entry)
+    name, path, fmt = resolve_entry(entry)
     pairs = read_suite_file(path, name, fmt)
     if num_pairs is None or num_pairs >= len(pairs):
         return name, pairs

@@ -322,12 +322,17 @@ def test_eval_judge_command_writes_json(tiny_model_dir, tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    assert 0 <= result["judge_human_agreement"] <= 1
-    assert "per_pair" not in result
-    assert json.loads(out.read_text()) == result
-    pair_rows = (tmp_path / "e_pairs.jsonl").read_text().splitlines()
-    assert len(pair_rows) == 2 and "outcome" in json.loads(pair_rows[0])
+    # The default suite (the bundled HH-RLHF pairs) under the default protocol (pointwise).
+    metrics = json.loads(out.read_text())["suites"]["hh_rlhf"]["pointwise"]
+    assert 0 <= metrics["ci_low"] <= metrics["accuracy"] <= metrics["ci_high"] <= 1
+    assert metrics["pairs"] == 2 and metrics["position_consistency"] is None
+    table = done.stdout.splitlines()
+    assert table[0].split()[:3] == ["suite", "protocol", "acc"] and table[1].split()[:2] == [
+        "hh_rlhf",
+        "pointwise",
+    ]
+    pair_rows = [json.loads(line) for line in (tmp_path / "e_pairs.jsonl").read_text().splitlines()]
+    assert len(pair_rows) == 2 and all(row["label"] == "A" and "outcome" in row for row in pair_rows)
 
 
 def test_eval_judge_command_rejects_a_bad_setting(tmp_path):

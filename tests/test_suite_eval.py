@@ -1,0 +1,182 @@
+"""Judging preference suites under both protocols, with crafted stand-in judges (named as such): their
+metrics are known by construction. One runs behind a real HTTP server on 127.0.0.1 through
+``generator=openai``, with no local model at all."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from metareward.cli import eval_judge_main
+from metareward.config import EvalConfig
+from metareward.evaluation import evaluate_suites, judge_pairwise, judge_pointwise, load_suites
+from metareward.generation import Completion
+from metareward.prompts import Templates
+from metareward.suites import SuitePair
+from tests.test_openai_backend import StandInServer, chat_answer
+
+GOOD = "GOOD"
+
+
+def pair(i: int, label: str, a: str, b: str) -> SuitePair:
+    return SuitePair(
+        f"p{i}", [{"role": "user", "content": f"Question {i}?"}], a, b, label, None, None, "crafted"
+    )
+
+
+# Humans prefer the shorter response, which carries the GOOD marker, on every pair; A and B alternate.
+SHORTER_BETTER = [
+    pair(0, "A", f"{GOOD} short", "a much longer answer that rambles on"),
+    pair(1, "B", "another much longer answer that rambles on", f"{GOOD} brief"),
+    pair(2, "A", f"{GOOD} tiny", "the longest answer of them all, rambling on and on"),
+    pair(3, "B", "a long answer that goes nowhere at all", f"{GOOD} ok"),
+]
+
+
+class StandInJudge:
+    """A Generator whose answer is ``reply(prompt text)``; it gives no probabilities."""
+
+    def __init__(self, reply):
+        self.reply = reply
+
+    def render(self, messages):
+        return "\n".join(m["content"] for m in messages)
+
+    def generate(self, requests, params, desc=""):
+        return [[Completion(self.reply(r[-1]["content"]), 3, "stop")] * params.n for r in requests]
+
+    def next_token_probs(self, texts, candidates):
+        return [[0.0] * len(candidates) for _ in texts]
+
+    def close(self):
+        pass
+
+
+def shown(content: str) -> tuple[str, str]:
+    a = re.search(r"<response_a>(.*)</response_a>", content, re.DOTALL).group(1)
+    b = re.search(r"<response_b>(.*)</response_b>", content, re.DOTALL).group(1)
+    return a, b
+
+
+def always_first(content: str) -> str:
+    return "Reasons.\nWinner: Response A"
+
+
+def prefers_longer(content: str) -> str:
+    a, b = shown(content)
+    return f"Winner: Response {'A' if len(a) > len(b) else 'B'}"
+
+
+def knows_the_labels(content: str) -> str:
+    if "<response_a>" in content:
+        a, _ = shown(content)
+        return f"Winner: Response {'A' if GOOD in a else 'B'}"
+    response = re.search(r"<response>(.*)</response>", content, re.DOTALL).group(1)
+    return "Score: 5" if GOOD in response else "Score: 1"
+
+
+CFG = EvalConfig(bootstrap_samples=100, num_judgements=2)
+
+
+def metrics_of(judged) -> dict:
+    from metareward.judge_metrics import suite_metrics
+
+    return suite_metrics(judged, 100, 0)
+
+
+def test_a_stand_in_judge_that_always_picks_the_first_position():
+    m = metrics_of(judge_pairwise(StandInJudge(always_first), Templates(), SHORTER_BETTER, CFG, seed=0))
+    assert m["position_consistency"] == 0.0 and m["first_position_preference"] == 1.0
+    assert m["judge_tie_rate"] == 1.0 and m["accuracy"] == 0.5
+    assert m["parse_failure_rate"] == 0.0
+
+
+def test_a_stand_in_judge_that_prefers_the_longer_response_where_humans_prefer_the_shorter():
+    m = metrics_of(judge_pairwise(StandInJudge(prefers_longer), Templates(), SHORTER_BETTER, CFG, seed=0))
+    assert m["accuracy"] == 0.0 and m["decided"] == 4
+    assert m["longer_preference"] == 1.0 and m["human_longer_preference"] == 0.0
+    assert m["position_consistency"] == 1.0 and m["first_position_preference"] == 0.5
+
+
+def test_a_stand_in_judge_that_answers_with_the_labels_is_right_in_both_protocols():
+    judge = StandInJudge(knows_the_labels)
+    pairwise = metrics_of(judge_pairwise(judge, Templates(), SHORTER_BETTER, CFG, seed=0))
+    pointwise = metrics_of(judge_pointwise(judge, Templates(), SHORTER_BETTER, CFG, "text", seed=0))
+    for m in (pairwise, pointwise):
+        assert m["accuracy"] == 1.0 and m["ci_low"] == m["ci_high"] == 1.0
+        assert m["parse_failure_rate"] == 0.0 and m["longer_preference"] == 0.0
+    assert pairwise["position_consistency"] == 1.0
+    assert pointwise["position_consistency"] is None and pointwise["brier"] is None
+
+
+def test_unparsable_answers_are_counted_never_scored():
+    m = metrics_of(
+        judge_pairwise(StandInJudge(lambda c: "I cannot decide."), Templates(), SHORTER_BETTER, CFG, 0)
+    )
+    assert m["parse_failure_rate"] == 1.0 and m["accuracy"] == 0.5 and m["decided"] == 0
+    assert m["position_consistency"] is None
+
+
+def test_suites_load_from_settings_and_a_bad_entry_names_eval_suites(tmp_path):
+    from metareward.config import ConfigError
+
+    loaded = load_suites(EvalConfig(suites=["llmbar_natural", "pandalm"], num_pairs=5))
+    assert [(name, len(pairs)) for name, pairs in loaded] == [("llmbar_natural", 5), ("pandalm", 5)]
+    with pytest.raises(ConfigError, match=r"^eval\.suites='nope'"):
+        load_suites(EvalConfig(suites=["nope"]))
+    with pytest.raises(ConfigError, match="two suites named 'pandalm'"):
+        load_suites(EvalConfig(suites=["pandalm", "pandalm"]))
+
+
+def test_every_suite_and_protocol_is_reported_with_its_per_pair_outcomes():
+    judge = StandInJudge(knows_the_labels)
+    cfg = EvalConfig(protocols=["pointwise", "pairwise"], bootstrap_samples=100, num_judgements=1)
+    result, per_pair = evaluate_suites(judge, Templates(), [("crafted", SHORTER_BETTER)], cfg, "text")
+    assert set(result["suites"]["crafted"]) == {"pointwise", "pairwise"}
+    assert len(per_pair) == 8
+    assert {row["outcome"] for row in per_pair} == {"A", "B"}
+    assert all(row["outcome"] == row["label"] for row in per_pair)
+
+
+def first_position_chat(body: dict) -> dict:
+    """The stand-in endpoint judge: always the first position shown."""
+    answer = chat_answer({**body, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+    answer["choices"][0]["message"]["content"] = "Both fine, but the first.\nWinner: Response A"
+    return answer
+
+
+def test_an_endpoint_judge_with_no_local_model_through_the_command(tmp_path, monkeypatch, capsys):
+    suite = tmp_path / "ab_suite.jsonl"
+    rows = [
+        {"question": f"Q{i}?", "response_A": "short", "response_B": "much longer answer", "label": label}
+        for i, label in enumerate(["A>B", "B>A", "A>>B", "A=B"])
+    ]
+    suite.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    server = StandInServer(answer_chat=first_position_chat)
+    # No embedded or local model may be touched: a cache with nothing in it, and a model path that is a name.
+    monkeypatch.setenv("METAREWARD_CACHE", str(tmp_path / "empty-cache"))
+    try:
+        eval_judge_main(
+            [
+                "--out",
+                str(tmp_path / "out.json"),
+                "generator=openai",
+                f"generator.openai.base_urls=[{server.url}]",
+                "generator.openai.model=strong-judge",
+                "generator.progress=false",
+                f"eval.suites=[{suite}]",
+                "eval.protocols=[pairwise]",
+                "eval.bootstrap_samples=50",
+            ]
+        )
+    finally:
+        server.close()
+    m = json.loads((tmp_path / "out.json").read_text())["suites"]["ab_suite"]["pairwise"]
+    assert m["position_consistency"] == 0.0 and m["first_position_preference"] == 1.0
+    assert m["pairs"] == 4 and m["label_ties"] == 1 and m["accuracy"] == 0.5
+    assert len(server.bodies) == 8 and {b["model"] for b in server.bodies} == {"strong-judge"}
+    assert not (tmp_path / "empty-cache").exists()
+    assert "ab_suite" in capsys.readouterr().out
+    assert len((tmp_path / "out_pairs.jsonl").read_text().splitlines()) == 4
