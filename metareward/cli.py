@@ -144,10 +144,16 @@ def main() -> None:
         for config in configs:
             print_plan(config)
         return
+    from metareward.evaluation import load_suites
+
     try:
         for config in configs:
+            if config.eval.enabled:
+                load_suites(config.eval)
             check_writable(Path(config.runs_dir) / config.run_name)
-    except RunStopped as error:
+    except ConfigError as error:
+        _fail(str(error))
+    except (RunStopped, RecordError) as error:
         _fail(str(error), code=1)
     _run()
 

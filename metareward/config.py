@@ -464,14 +464,12 @@ class TrackingConfig(Section):
 
 @dataclass
 class EvalConfig(Section):
-    """Judge skill against human preferences, and the actor's win rate against M_0."""
+    """Judge skill on human-labelled preference suites, and the actor's win rate against M_0."""
 
     where: ClassVar[str] = "eval."
 
     # Run before iteration 1 (on M_0) and after each iteration (on M_t).
     enabled: bool = True
-    # JSONL with `prompt` (string or chat turns), `chosen`, `rejected`; empty: the bundled HH-RLHF pairs.
-    human_pairs: str | None = None
     num_pairs: int = 64
     # Judgements per response; a response's score is their mean (judge.score_from applies).
     num_judgements: int = 1
@@ -495,6 +493,9 @@ class EvalConfig(Section):
     # Where a pairwise verdict comes from: text ("Winner: Response A|B"), or text_or_probs (otherwise the
     # probabilities of A/B after "Winner: Response ", read for every verdict, for calibration).
     winner_from: str = "text"
+    # The suite and protocol ("<suite>/<protocol>") whose accuracy names the best iteration (summary,
+    # runs/<name>/best.json); empty: the first suite under the first protocol.
+    select_by: str | None = None
     # The fixed evaluator of win rates: M_0 (the seed model), or with own_model=true any model and
     # backend, e.g. eval.evaluator.own_model=true eval.evaluator.model.kind=hf eval.evaluator.model.path=...
     evaluator: RoleModelConfig = field(default_factory=RoleModelConfig)
@@ -505,9 +506,8 @@ class EvalConfig(Section):
             _require(getattr(self, name) >= 1, f"{name}", getattr(self, name), "must be >= 1")
         _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
         _require(self.bootstrap_samples >= 10, "bootstrap_samples", self.bootstrap_samples, ">= 10")
-        for name in ("human_pairs", "heldout_prompts"):
-            path = getattr(self, name)
-            _require(not path or Path(path).is_file(), f"{name}", path, "no such file")
+        path = self.heldout_prompts
+        _require(not path or Path(path).is_file(), "heldout_prompts", path, "no such file")
         _require(bool(self.suites), "suites", self.suites, "needs at least one suite")
         for entry in self.suites:
             ok = isinstance(entry, str) or (

@@ -1,12 +1,12 @@
-"""Evaluation: how well the model judges (against human preferences) and how well it answers.
+"""Evaluation: how well the model judges (on the field's preference suites) and how well it answers.
 
-- Judge skill: ``load_human_pairs`` then ``judge_human_agreement``, which scores both responses of
-  each human preference pair with the judge prompt and reports how often the judge agrees with
-  the human choice, with a bootstrap confidence interval. ``metareward-eval-judge [overrides]``
-  (cli.py) runs it from the command line and prints the result as JSON.
+- Judge skill: ``load_suites`` (``eval.suites``, read by metareward/suites.py), then
+  ``evaluate_suites``, which judges every pair under each protocol of ``eval.protocols``
+  (``judge_pointwise``: the rubric judge scores each response; ``judge_pairwise``: both responses in
+  one prompt, both orders) and measures the verdicts with metareward/judge_metrics.py.
+  ``metareward-eval-judge [overrides]`` (cli.py) runs it from the command line.
 - Actor skill: ``load_heldout_prompts``, ``generate_responses`` (for M_t and M_0), then
   ``win_rate``, where a fixed evaluator compares the two models' answers in both orders.
-
 - ``evaluate_model``: both, for one model of a run (what the loop runs on M_0 and after each iteration).
 
 Everything but ``evaluate_model`` takes a :class:`~metareward.generation.Generator`, so tests can pass
@@ -15,7 +15,6 @@ stand-ins.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 from metareward import stages
@@ -28,113 +27,7 @@ from metareward.prompts import Templates
 from metareward.records import RecordError, read_jsonl_numbered
 from metareward.suites import SuiteEntryError, SuitePair, load_suite
 
-BUNDLED_HUMAN_PAIRS = "hh_rlhf_helpful_dev.jsonl"
 BUNDLED_HELDOUT = "vicuna_bench_questions.jsonl"
-
-
-# ------------------------------------------------------------------ judge vs humans
-
-
-def _pair_messages(prompt, where: str) -> list[dict]:
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    ok = (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in prompt)
-        and prompt[-1]["role"] == "user"
-        and prompt[-1]["content"].strip()
-    )
-    if not ok:
-        raise RecordError(
-            f"{where}: `prompt` must be a non-empty string or a list of {{role, content}} ending with a "
-            "non-empty user turn"
-        )
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
-
-
-def load_human_pairs(path: str | None, num_pairs: int, seed: int) -> list[dict]:
-    """Human preference pairs ``{"pair_id", "prompt": [messages], "chosen", "rejected"}``.
-
-    ``path`` is a JSONL file with ``prompt`` (a string or chat turns), ``chosen`` and ``rejected``
-    (strings), optionally ``pair_id`` or ``id``; None reads the bundled HH-RLHF helpful pairs.
-    Returns a seeded sample of ``num_pairs`` rows in file order (all rows if there are fewer).
-    Every row is checked, so a bad row fails the same way whatever the sample; errors name file:line.
-    """
-    source = Path(path) if path else bundled_path(BUNDLED_HUMAN_PAIRS)
-    pairs, seen = [], set()
-    for index, (number, row) in enumerate(read_jsonl_numbered(source)):
-        where = f"{source}:{number}"
-        for key in ("chosen", "rejected"):
-            if not isinstance(row.get(key), str):
-                raise RecordError(f"{where}: a human pair needs `{key}` as a string")
-        raw_id = row.get("pair_id", row.get("id"))
-        pair_id = str(raw_id) if raw_id is not None else f"p{index}"
-        if pair_id in seen:
-            raise RecordError(f"{where}: duplicate pair id {pair_id!r}")
-        seen.add(pair_id)
-        messages = _pair_messages(row.get("prompt"), where)
-        pairs.append({"pair_id": pair_id, "prompt": messages, **{k: row[k] for k in ("chosen", "rejected")}})
-    if not pairs:
-        raise RecordError(f"{source}: no human pairs")
-    if num_pairs >= len(pairs):
-        return pairs
-    # Sorted indices keep file order, so a larger sample reads like the file, not a shuffle.
-    keep = sorted(random.Random(seed).sample(range(len(pairs)), num_pairs))
-    return [pairs[i] for i in keep]
-
-
-def judge_human_agreement(
-    generator: Generator, templates: Templates, pairs: list[dict], cfg: EvalConfig, score_from: str, seed: int
-) -> dict:
-    """Agreement of the model-as-judge with human choices on ``pairs`` (from ``load_human_pairs``).
-
-    Both responses of a pair are judged separately with the judge prompt (``cfg.num_judgements``
-    samples each, mean of the parsed scores). A pair counts 1 if the chosen response scores higher,
-    0 if lower, 0.5 on a tie or when either response got no score. The result holds the summary
-    numbers plus ``per_pair`` rows, which the caller saves and removes before logging."""
-    requests = [
-        templates.judge_messages(pair["prompt"], response)
-        for pair in pairs
-        for response in (pair["chosen"], pair["rejected"])
-    ]
-    n, temperature, max_new = cfg.num_judgements, cfg.temperature, cfg.max_new_tokens
-    params = SamplingParams(n=n, temperature=temperature, top_p=1.0, max_new_tokens=max_new, seed=seed)
-    judged = stages.judge_requests(generator, requests, params, score_from, desc="eval judge")
-    scores = [mean_or_none([j["score"] for j in rows if j["score"] is not None]) for rows in judged]
-
-    per_pair, outcomes, longer_preferred = [], [], []
-    for index, pair in enumerate(pairs):
-        chosen, rejected = scores[2 * index], scores[2 * index + 1]
-        if chosen is None or rejected is None or chosen == rejected:
-            outcome = 0.5
-        else:
-            outcome = 1.0 if chosen > rejected else 0.0
-        outcomes.append(outcome)
-        row = {"pair_id": pair["pair_id"], "chosen_score": chosen, "rejected_score": rejected}
-        per_pair.append({**row, "outcome": outcome})
-        # Length bias: of the pairs the judge decided, how often did it pick the longer response?
-        # Equal lengths say nothing about it and are left out.
-        len_chosen, len_rejected = len(pair["chosen"]), len(pair["rejected"])
-        if outcome != 0.5 and len_chosen != len_rejected:
-            longer_preferred.append((outcome == 1.0) == (len_chosen > len_rejected))
-
-    stats = agreement_stats(outcomes, cfg.bootstrap_samples, cfg.seed)
-    chosen_scores = [r["chosen_score"] for r in per_pair if r["chosen_score"] is not None]
-    rejected_scores = [r["rejected_score"] for r in per_pair if r["rejected_score"] is not None]
-    scored = [r for r in per_pair if r["chosen_score"] is not None and r["rejected_score"] is not None]
-    return {
-        "judge_human_agreement": stats["mean"],
-        "ci_low": stats["ci_low"],
-        "ci_high": stats["ci_high"],
-        "tie_rate": stats["tie_rate"],
-        "unscored_rate": (len(pairs) - len(scored)) / len(pairs),
-        "num_pairs": len(pairs),
-        "mean_score_chosen": mean_or_none(chosen_scores),
-        "mean_score_rejected": mean_or_none(rejected_scores),
-        "length_preference": mean_or_none([float(x) for x in longer_preferred]),
-        "per_pair": per_pair,
-    }
 
 
 # ------------------------------------------------------------------ judge skill on preference suites
@@ -156,6 +49,9 @@ def load_suites(cfg: EvalConfig) -> list[tuple[str, list[SuitePair]]]:
         raise ConfigError(
             "suites", cfg.suites, f"two suites named {duplicates[0]!r} (give one a name)", "eval."
         )
+    if cfg.select_by and cfg.select_by.partition("/")[0] not in names:
+        why = f"names no suite of eval.suites ({', '.join(names)})"
+        raise ConfigError("select_by", cfg.select_by, why, "eval.")
     return loaded
 
 
@@ -389,18 +285,18 @@ def evaluate_model(
     cache_dir: Path,
     baseline: list | None = None,
 ) -> dict:
-    """Judge-human agreement of M_``iteration`` in ``model_dir`` and its greedy answers to the held-out
-    prompts; with ``baseline`` (M_0's answers) also its actor's win rate against them, judged by the
-    fixed evaluator in ``evaluator_dir`` (``eval.evaluator``: M_0 unless it has a model of its own).
+    """The judge skill of M_``iteration`` in ``model_dir`` on every suite and protocol, and its greedy
+    answers to the held-out prompts; with ``baseline`` (M_0's answers) also its actor's win rate
+    against them, judged by the fixed evaluator in ``evaluator_dir`` (``eval.evaluator``: M_0 unless
+    it has a model of its own).
 
-    Returns ``{"judge": summary, "per_pair": rows, "heldout_responses": rows[, "actor": win rate]}``."""
-    human_pairs = load_human_pairs(cfg.eval.human_pairs, cfg.eval.num_pairs, cfg.eval.seed)
+    Returns ``{"judge": {suite: {protocol: metrics}}, "per_pair": rows, "heldout_responses": rows[,
+    "actor": win rate]}``."""
+    suites = load_suites(cfg.eval)
     heldout = load_heldout_prompts(cfg.eval.heldout_prompts, cfg.eval.num_heldout)
     generator = make_generator(model_dir, cfg.model, cfg.generator, cache_dir=cache_dir)
     try:
-        judge = judge_human_agreement(
-            generator, templates, human_pairs, cfg.eval, cfg.judge.score_from, seed=cfg.eval.seed
-        )
+        judge, per_pair = evaluate_suites(generator, templates, suites, cfg.eval, cfg.judge.score_from)
         responses = []
         if cfg.eval.win_rate:
             responses = generate_responses(
@@ -408,8 +304,7 @@ def evaluate_model(
             )
     finally:
         generator.close()
-    per_pair = judge.pop("per_pair")
-    result = {"judge": judge, "per_pair": per_pair, "heldout_responses": responses}
+    result = {"judge": judge["suites"], "per_pair": per_pair, "heldout_responses": responses}
     if baseline is not None and cfg.eval.win_rate:
         spec = cfg.eval.evaluator
         model, settings = (spec.model, spec.generator) if spec.own_model else (cfg.model, cfg.generator)

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from metareward import pairs, records, report, stages
 from metareward.config import Config, RoleModelConfig
 from metareward.data import fit_to_model, load_prompts, prompts_for_iteration
-from metareward.evaluation import evaluate_model
+from metareward.evaluation import evaluate_model, load_suites
 from metareward.generation import Generator, Usage, make_generator
 from metareward.metrics import iteration_metrics
 from metareward.models import resolve_model
@@ -32,6 +32,8 @@ from metareward.tracking import make_tracker
 log = logging.getLogger(__name__)
 
 CACHE = "cache"
+# The iteration whose judge is most accurate on eval.select_by.
+BEST = "best.json"
 # How many of an iteration's prompts were kept, skipped as too long, or truncated (data.long_prompts).
 PROMPT_FIT = "prompt_fit.json"
 ROLE_FILES = {"actor": records.RESPONSES, "judge": records.JUDGEMENTS, "meta_judge": records.META_JUDGEMENTS}
@@ -123,6 +125,8 @@ class Run:
         # Bad prompts or a bad model path fail before config.yaml exists: a run that never started
         # leaves no config that would then refuse the corrected one.
         all_prompts = load_prompts(cfg.data)
+        if cfg.eval.enabled:
+            load_suites(cfg.eval)  # a bad suite file fails here, not after minutes of generation
         self.seed_dir = model_dir = resolve_model(cfg.model)
         check_run_config(self.dir, cfg)
         history = []
@@ -131,6 +135,9 @@ class Run:
                 # M_0's judge skill is the baseline every later iteration is compared with.
                 write_json(self.dir / records.EVAL_0, self._evaluate(model_dir, iteration=0))
                 tracker.log({"eval": records.read_json(self.dir / records.EVAL_0)["judge"]}, step=0)
+            if cfg.eval.enabled:
+                judge_0 = records.read_json(self.dir / records.EVAL_0)["judge"]
+                log.info("\n".join(["== the seed model M_0 ==", *report.eval_lines(judge_0)]))
             for t in range(1, cfg.iterations + 1):
                 directory = iter_dir(self.dir, t)
                 if not (directory / records.METRICS).is_file():
@@ -141,7 +148,26 @@ class Run:
                 history.append(metrics)
                 log.info("%s\n%s", report.summary(metrics), report.sample(directory))
                 model_dir = str(directory / records.MODEL)
+        if cfg.eval.enabled:
+            self._select_best(history)
         return history
+
+    def _select_best(self, history: list[dict]) -> None:
+        """``best.json``: the iteration (0 = M_0) whose judge is most accurate on ``eval.select_by`` (the
+        first suite and protocol by default); the earliest among equals."""
+        evaluated = [records.read_json(self.dir / records.EVAL_0)["judge"], *(m["eval"] for m in history)]
+        suite, protocol = select_key(self.cfg, evaluated[0])
+        scored = [(t, e.get(suite, {}).get(protocol, {})) for t, e in enumerate(evaluated)]
+        scored = [(t, m) for t, m in scored if m.get("accuracy") is not None]
+        if not scored:
+            return
+        t, m = max(scored, key=lambda item: (item[1]["accuracy"], -item[0]))
+        model = self.seed_dir if t == 0 else str(iter_dir(self.dir, t) / records.MODEL)
+        best = {"iteration": t, "model": model, "select_by": f"{suite}/{protocol}"}
+        write_json(self.dir / BEST, {**best, **{k: m[k] for k in ("accuracy", "ci_low", "ci_high")}})
+        log.info(
+            "best judge: iteration %d (%s/%s accuracy %.3f), %s", t, suite, protocol, m["accuracy"], model
+        )
 
     def _iteration(
         self, t: int, directory: Path, model_dir: str, chosen_prompts: list[dict], tracker
@@ -331,6 +357,15 @@ class Run:
                     )
             by_role[role] = made[key]
         return by_role, list(made.values())
+
+
+def select_key(cfg: Config, evaluated: dict) -> tuple[str, str]:
+    """(suite, protocol) that names the best iteration: ``eval.select_by``, else the first evaluated."""
+    if cfg.eval.select_by:
+        suite, _, protocol = cfg.eval.select_by.partition("/")
+        return suite, protocol
+    suite = next(iter(evaluated))
+    return suite, next(iter(evaluated[suite]))
 
 
 def own_model_dir(spec: RoleModelConfig) -> str:

@@ -29,9 +29,16 @@ def _row(iteration: int | str, stage: str, requests: int, n: int, max_new: int, 
 
 def _evaluation(cfg: Config, iteration: int) -> list[dict]:
     ev = cfg.eval
-    judged = 2 * ev.num_pairs
-    scored = judged * ev.num_judgements if cfg.judge.score_from == "text_or_expected" else 0
-    rows = [_row(iteration, "eval judge", judged, ev.num_judgements, ev.max_new_tokens, scored)]
+    # Per suite (at most num_pairs pairs each): pointwise judges both responses num_judgements times,
+    # pairwise both orders once; their probabilities are read as the judge's settings say.
+    pairs = 2 * ev.num_pairs * len(ev.suites)
+    rows = []
+    if "pointwise" in ev.protocols:
+        scored = pairs * ev.num_judgements if cfg.judge.score_from == "text_or_expected" else 0
+        rows.append(_row(iteration, "eval pointwise", pairs, ev.num_judgements, ev.max_new_tokens, scored))
+    if "pairwise" in ev.protocols:
+        scored = pairs if ev.winner_from == "text_or_probs" else 0
+        rows.append(_row(iteration, "eval pairwise", pairs, 1, ev.max_new_tokens, scored))
     if ev.win_rate:
         rows.append(_row(iteration, "eval responses", ev.num_heldout, 1, ev.response_max_new_tokens))
         if iteration > 0:

@@ -37,11 +37,10 @@ COLUMNS = [
     ("chosen_mean_tokens", "ch-tok", "{:.1f}", ("actor.chosen_mean_tokens",)),
     ("rejected_mean_tokens", "rej-tok", "{:.1f}", ("actor.rejected_mean_tokens",)),
     ("dpo_loss", "DPO-loss", "{:.4f}", ()),  # from TRAIN_KEYS
-    ("judge_human_agreement", "agree", "{:.3f}", ("eval.judge_human_agreement",)),
+    ("judge_accuracy", "judge-acc", "{:.3f}", ()),  # the first suite and protocol, see _suite_keys
 ]
 # more row keys, for the plots and --json
 PATHS = {
-    "judge_human_agreement_ci_low": ("eval.ci_low",), "judge_human_agreement_ci_high": ("eval.ci_high",),
     "actor_win_rate": ("eval_actor.win_rate",),
     "actor_win_rate_ci_low": ("eval_actor.ci_low",), "actor_win_rate_ci_high": ("eval_actor.ci_high",),
     "mean_response_tokens": ("actor.mean_response_tokens",),
@@ -54,7 +53,8 @@ TRAIN_KEYS = {"dpo_loss": "loss", "rewards_margins": "rewards/margins",
 LEGEND = (
     "iter 0 = the seed model M_0; score = mean response score (0-5); parse-fail = judge scores not parsed "
     "from text; 1st-wins = meta-judge verdicts won by the first position; ch-tok / rej-tok = mean tokens "
-    "of chosen / rejected responses; DPO-loss = last logged loss; agree = judge-human agreement"
+    "of chosen / rejected responses; DPO-loss = last logged loss; judge-acc = the judge's accuracy on the "
+    "first suite and protocol of eval.suites and eval.protocols (all of them: --json, and the report)"
 )
 
 
@@ -79,10 +79,47 @@ def _row(iteration: int, metrics: dict) -> dict:
     for key, logged in TRAIN_KEYS.items():
         value = _num(train.get(key.removeprefix("dpo_")))
         row[key] = value if value is not None else _num(last.get(logged))
+    for key, value in _suite_keys(metrics.get("eval")).items():
+        row[key] = value
+    row["judge_accuracy"] = next(
+        (v for k, v in row.items() if k.startswith("acc:") and "_ci_" not in k), None
+    )
     histogram = _get(metrics, "actor.score_histogram")
     ok = isinstance(histogram, list) and histogram and all(_num(c) is not None for c in histogram)
     row["score_histogram"] = histogram if ok else None
     return row
+
+
+# Row keys per suite and protocol ("acc:pandalm/pointwise"), from metrics.json's "eval".
+SUITE_KEYS = {"acc:": "accuracy", "consistency:": "position_consistency", "longer:": "longer_preference"}
+
+
+def _suite_keys(evaluated) -> dict:
+    """``{"acc:<suite>/<protocol>": accuracy, ..._ci_low, ..._ci_high, "consistency:...", "longer:..."}``
+    of an iteration's judge evaluation ``{suite: {protocol: metrics}}``, in its order."""
+    found: dict = {}
+    for suite, protocols in (evaluated or {}).items():
+        for protocol, m in (protocols if isinstance(protocols, dict) else {}).items():
+            if not isinstance(m, dict):
+                continue
+            for prefix, metric in SUITE_KEYS.items():
+                found[f"{prefix}{suite}/{protocol}"] = _num(m.get(metric))
+            found[f"acc:{suite}/{protocol}_ci_low"] = _num(m.get("ci_low"))
+            found[f"acc:{suite}/{protocol}_ci_high"] = _num(m.get("ci_high"))
+    return found
+
+
+def _expand(panels: list | None, rows: list[dict]) -> list | None:
+    """Panels whose lines are a row-key prefix get one line per suite and protocol found in ``rows``."""
+    if panels is None:
+        return None
+    expanded = []
+    for ylabel, reference, lines in panels:
+        if isinstance(lines, str):
+            keys = dict.fromkeys(k for r in rows for k in r if k.startswith(lines) and "_ci_" not in k)
+            lines = [(key.removeprefix(lines), key) for key in keys]
+        expanded.append((ylabel, reference, lines))
+    return expanded
 
 
 def _iterations(run_dir: Path) -> list[tuple[int, Path]]:
@@ -264,9 +301,13 @@ def _plot(path: Path, rows: list[dict], title: str, panels: list | None) -> bool
 
 # (file, title, panels [(ylabel, reference y | None, [(label, row key)])] | None: histograms, caption)
 PLOTS = [
-    ("agreement.png", "Judge-human agreement (95% CI)",
-     [("agreement", 0.5, [("judge vs human", "judge_human_agreement")])],
+    ("judge_accuracy.png", "Judge accuracy on the preference suites (95% CI)",
+     [("accuracy", 0.5, "acc:")],
      "Should rise over iterations (0 = seed model M_0); a fall means the judge drifts from human taste."),
+    ("judge_biases.png", "Judge biases on the preference suites",
+     [("position consistency", None, "consistency:"), ("longer preferred", 0.5, "longer:")],
+     "Consistency well below 1 = verdicts follow the order shown; longer-preferred far above the humans' "
+     "share = the judge rewards length."),
     ("score_histogram.png", "Response scores by iteration", None,
      "Mass piling into the top bin without better agreement = score inflation (a lenient judge)."),
     ("lengths.png", "Response length", [("tokens", None, [("mean response", "mean_response_tokens"),
@@ -326,7 +367,7 @@ def write_report(run: Path, out: Path) -> str:
     figures = []
     for name, title, panels, caption in PLOTS:
         path = plot_dir / name
-        if not (made := _plot(path, rows, title, panels)):
+        if not (made := _plot(path, rows, title, _expand(panels, rows))):
             path.unlink(missing_ok=True)  # no stale plot from an earlier report
         src = Path(os.path.relpath(path, out.resolve().parent)).as_posix() if made else None
         figures.append((src, title, caption))
@@ -374,6 +415,16 @@ def _number(value, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def eval_lines(evaluated: dict) -> list[str]:
+    """The judge's accuracy with its 95% interval, per suite and protocol of an evaluation."""
+    return [
+        f"eval       {suite}/{protocol} judge accuracy {_number(m['accuracy'], '.2f')} "
+        f"[{_number(m['ci_low'], '.2f')}, {_number(m['ci_high'], '.2f')}]"
+        for suite, protocols in evaluated.items()
+        for protocol, m in protocols.items()
+    ]
+
+
 def summary(metrics: dict) -> str:
     """A one-screen account of one iteration."""
     actor, judge, meta = metrics["actor"], metrics["judge"], metrics["meta_judge"]
@@ -399,12 +450,9 @@ def summary(metrics: dict) -> str:
         f"DPO        {train.get('steps', 0)} steps, loss {losses}, "
         f"reward margin {_number(train.get('rewards_margins'), '.4f')}",
     ]
-    if agreement:
-        lines.append(
-            f"eval       judge-human agreement {agreement['judge_human_agreement']:.2f} "
-            f"[{agreement['ci_low']:.2f}, {agreement['ci_high']:.2f}]"
-            + (f", actor win rate vs M_0 {actor_eval['win_rate']:.2f}" if actor_eval else "")
-        )
+    lines += eval_lines(agreement)
+    if actor_eval:
+        lines.append(f"eval       actor win rate vs M_0 {actor_eval['win_rate']:.2f}")
     return "\n".join(lines)
 
 

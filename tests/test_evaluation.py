@@ -6,22 +6,24 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from metareward.config import EvalConfig, GeneratorConfig, ModelConfig
 from metareward.evaluation import (
+    evaluate_suites,
     generate_responses,
-    judge_human_agreement,
+    judge_pointwise,
     load_heldout_prompts,
-    load_human_pairs,
+    load_suites,
     win_rate,
 )
 from metareward.generation import Completion, make_generator
-from metareward.judge_metrics import agreement_stats
+from metareward.judge_metrics import agreement_stats, suite_metrics
 from metareward.parsing import parse_pairwise_winner
 from metareward.prompts import PAIRWISE_CUE, Templates
-from metareward.records import RecordError
+from metareward.suites import SuitePair
 
 
 class _StandInGenerator:
@@ -63,8 +65,9 @@ SHORT, LONG = "Short answer.", "A much longer answer that goes on and on about t
 QUESTION = [{"role": "user", "content": "Question?"}]
 
 
-def _pair(pair_id, chosen, rejected):
-    return {"pair_id": pair_id, "prompt": QUESTION, "chosen": chosen, "rejected": rejected}
+def _pair(pair_id, chosen, rejected) -> SuitePair:
+    """A human preference pair as the pairs format reads it: A = chosen, B = rejected."""
+    return SuitePair(pair_id, QUESTION, chosen, rejected, "A", None, None, "crafted")
 
 
 def _eval_cfg(**changes):
@@ -93,10 +96,10 @@ def test_agreement_stats_needs_outcomes():
         agreement_stats([], 100, 0)
 
 
-# ------------------------------------------------------------------ judge_human_agreement
+# ------------------------------------------------------------------ the pointwise judge on suite pairs
 
 
-def short_preferred_pairs() -> list[dict]:
+def short_preferred_pairs() -> list[SuitePair]:
     """Humans prefer the shorter response in pairs a-c and the longer one in d."""
     return [
         _pair("a", SHORT, LONG),
@@ -106,97 +109,39 @@ def short_preferred_pairs() -> list[dict]:
     ]
 
 
+def pointwise_metrics(judge, pairs) -> tuple[dict, list]:
+    judged = judge_pointwise(judge, Templates(), pairs, _eval_cfg(), "text", seed=0)
+    return suite_metrics(judged, 200, 0), judged
+
+
 def test_length_preferring_judge_disagrees_with_humans_who_prefer_short():
-    pairs = short_preferred_pairs()
-    result = judge_human_agreement(
-        LengthPreferringJudgeStandIn(), Templates(), pairs, _eval_cfg(), "text", seed=0
-    )
-    assert result["judge_human_agreement"] == 0.25
-    assert result["length_preference"] == 1.0
-    assert result["tie_rate"] == 0.0
-    assert result["unscored_rate"] == 0.0
-    assert result["num_pairs"] == 4
-    assert result["mean_score_chosen"] == pytest.approx((1 + 1 + 1 + 5) / 4)
-    assert result["mean_score_rejected"] == pytest.approx((5 + 5 + 5 + 1) / 4)
-    assert 0 <= result["ci_low"] <= 0.25 <= result["ci_high"] <= 1
-    assert [r["outcome"] for r in result["per_pair"]] == [0.0, 0.0, 0.0, 1.0]
-    assert result["per_pair"][3] == {
-        "pair_id": "d",
-        "chosen_score": 5.0,
-        "rejected_score": 1.0,
-        "outcome": 1.0,
-    }
+    m, judged = pointwise_metrics(LengthPreferringJudgeStandIn(), short_preferred_pairs())
+    assert m["accuracy"] == 0.25
+    assert m["longer_preference"] == 1.0 and m["human_longer_preference"] == 0.25
+    assert m["judge_tie_rate"] == 0.0 and m["parse_failure_rate"] == 0.0 and m["pairs"] == 4
+    assert 0 <= m["ci_low"] <= 0.25 <= m["ci_high"] <= 1
+    assert [j.outcome() for j in judged] == ["B", "B", "B", "A"]
+    # Two judgements per response, both parsed: 4 answers behind each pair.
+    assert all(j.calls == 4 and j.unparsed == 0 for j in judged)
 
 
 def test_equal_scores_count_as_a_tie():
-    pairs = short_preferred_pairs()
-    pairs.append(_pair("tie", "Same length one.", "Same length two."))
-    result = judge_human_agreement(
-        LengthPreferringJudgeStandIn(), Templates(), pairs, _eval_cfg(), "text", seed=0
-    )
-    assert result["judge_human_agreement"] == pytest.approx((0 + 0 + 0 + 1 + 0.5) / 5)
-    assert result["tie_rate"] == pytest.approx(0.2)
-    assert result["per_pair"][4]["outcome"] == 0.5
-    assert result["length_preference"] == 1.0  # ties are not decided pairs
+    pairs = [*short_preferred_pairs(), _pair("tie", "Same length one.", "Same length two.")]
+    m, judged = pointwise_metrics(LengthPreferringJudgeStandIn(), pairs)
+    assert m["accuracy"] == pytest.approx((0 + 0 + 0 + 1 + 0.5) / 5)
+    assert m["judge_tie_rate"] == pytest.approx(0.2)
+    assert judged[4].outcome() == "tie"
+    assert m["longer_preference"] == 1.0  # ties are not decided pairs
 
 
-def test_unscored_response_counts_as_a_tie():
+def test_unscored_response_counts_as_half_and_as_a_parse_failure():
     class SilentJudgeStandIn(_StandInGenerator):
         def reply(self, content):
             return "I cannot decide."
 
-    result = judge_human_agreement(
-        SilentJudgeStandIn(), Templates(), [_pair("a", SHORT, LONG)], _eval_cfg(), "text", 0
-    )
-    assert result["judge_human_agreement"] == 0.5
-    assert result["unscored_rate"] == 1.0
-    assert result["mean_score_chosen"] is None
-    assert result["length_preference"] is None
-
-
-# ------------------------------------------------------------------ loading
-
-
-def test_load_human_pairs_bundled_sample_is_seeded_and_well_shaped():
-    pairs = load_human_pairs(None, 5, seed=1)
-    assert len(pairs) == 5
-    assert pairs == load_human_pairs(None, 5, seed=1)
-    assert [p["pair_id"] for p in pairs] != [p["pair_id"] for p in load_human_pairs(None, 5, seed=2)]
-    for pair in pairs:
-        assert set(pair) == {"pair_id", "prompt", "chosen", "rejected"}
-        assert pair["prompt"][-1]["role"] == "user"
-        assert all(set(m) == {"role", "content"} for m in pair["prompt"])
-        assert isinstance(pair["chosen"], str) and isinstance(pair["rejected"], str)
-    assert len({p["pair_id"] for p in pairs}) == 5
-
-
-def test_load_human_pairs_string_prompt_and_small_file(tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}) + "\n")
-    assert load_human_pairs(str(path), 10, 0) == [
-        {
-            "pair_id": "p0",
-            "prompt": [{"role": "user", "content": "Hi?"}],
-            "chosen": "Hello.",
-            "rejected": "Go away.",
-        }
-    ]
-
-
-@pytest.mark.parametrize(
-    "bad_row",
-    [
-        {"prompt": "Hi?", "chosen": "Hello."},
-        {"prompt": [{"role": "assistant", "content": "Hi"}], "chosen": "a", "rejected": "b"},
-        {"prompt": 3, "chosen": "a", "rejected": "b"},
-    ],
-)
-def test_load_human_pairs_malformed_row_names_file_and_line(tmp_path, bad_row):
-    path = tmp_path / "pairs.jsonl"
-    good = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}
-    path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad_row) + "\n")
-    with pytest.raises(RecordError, match=re.escape(f"{path}:3")):
-        load_human_pairs(str(path), 1, 0)
+    m, judged = pointwise_metrics(SilentJudgeStandIn(), [_pair("a", SHORT, LONG)])
+    assert m["accuracy"] == 0.5 and m["parse_failure_rate"] == 1.0
+    assert judged[0].outcome() is None and m["longer_preference"] is None
 
 
 def test_load_heldout_prompts_bundled_and_turns_files(tmp_path):
@@ -277,9 +222,9 @@ def test_win_rate_reads_a_missing_verdict_after_the_pairwise_judges_own_words():
 def test_tiny_model_judges_bundled_pairs(tiny_model_dir):
     generator = make_generator(tiny_model_dir, ModelConfig(kind="tiny"), GeneratorConfig(progress=False))
     try:
-        pairs = load_human_pairs(None, 3, seed=0)
-        cfg = EvalConfig(num_pairs=3, max_new_tokens=8, bootstrap_samples=50)
-        result = judge_human_agreement(generator, Templates(), pairs, cfg, "text_or_expected", seed=0)
+        cfg = EvalConfig(num_pairs=3, max_new_tokens=8, bootstrap_samples=50, winner_from="text_or_probs")
+        cfg = replace(cfg, protocols=["pointwise", "pairwise"])
+        result, per_pair = evaluate_suites(generator, Templates(), load_suites(cfg), cfg, "text_or_expected")
         heldout = load_heldout_prompts(None, 2)
         responses = generate_responses(generator, heldout, max_new_tokens=4, seed=0)
         # The tiny model writes no "Winner:" line in 4 tokens, so verdicts come from its probabilities
@@ -288,11 +233,12 @@ def test_tiny_model_judges_bundled_pairs(tiny_model_dir):
         wins = win_rate(generator, Templates(), heldout, responses, other, cfg, seed=0)
     finally:
         generator.close()
-    agreement = result["judge_human_agreement"]
-    assert 0 <= result["ci_low"] <= agreement <= result["ci_high"] <= 1
-    # With expected scores every response gets a (real-valued) score.
-    assert result["unscored_rate"] == 0.0
-    assert len(result["per_pair"]) == 3
+    for protocol in ("pointwise", "pairwise"):
+        m = result["suites"]["hh_rlhf"][protocol]
+        assert 0 <= m["ci_low"] <= m["accuracy"] <= m["ci_high"] <= 1 and m["pairs"] == 3
+        # Every answer comes from the model's probabilities (it writes neither format), so all have some.
+        assert m["parse_failure_rate"] == 1.0 and m["brier"] is not None
+    assert len(per_pair) == 6
     assert [r["prompt_id"] for r in responses] == ["1", "2"]
     assert all(1 <= r["num_tokens"] <= 4 for r in responses)
     assert 0 <= wins["ci_low"] <= wins["win_rate"] <= wins["ci_high"] <= 1

@@ -118,7 +118,8 @@ def test_offline_wandb_run_holds_judge_skill_and_iteration_metrics(two_iteration
     assert logged["run"].run_id == (run_dir / "wandb_run_id").read_text().strip()
     summary = logged["summary"]
     final = history[-1]
-    assert summary["eval/judge_human_agreement"] == pytest.approx(final["eval"]["judge_human_agreement"])
+    accuracy = "eval/hh_rlhf/pointwise/accuracy"  # eval/<suite>/<protocol>/<metric>
+    assert summary[accuracy] == pytest.approx(final["eval"]["hh_rlhf"]["pointwise"]["accuracy"])
     for key in [
         "actor/mean_response_score",
         "actor/num_pairs",
@@ -136,10 +137,16 @@ def test_offline_wandb_run_holds_judge_skill_and_iteration_metrics(two_iteration
     assert summary["judge/mean_score"] == pytest.approx(final["judge"]["mean_score"])
     # M_0's evaluation is iteration 0, then iterations 1 and 2, on the "iteration" axis.
     for t in (0, 1, 2):
-        assert "eval/judge_human_agreement" in rows_at(logged, "iteration", t), t
-    assert logged["metrics"]["eval/judge_human_agreement"] == "iteration"
+        assert accuracy in rows_at(logged, "iteration", t), t
+    assert logged["metrics"][accuracy] == "iteration"
     m0 = json.loads((run_dir / "eval_0.json").read_text())
-    assert 0 <= m0["judge"]["judge_human_agreement"] <= 1 and len(m0["per_pair"]) == 4
+    assert 0 <= m0["judge"]["hh_rlhf"]["pointwise"]["accuracy"] <= 1 and len(m0["per_pair"]) == 4
+    # The best judge of M_0, M_1, M_2 on the default selection (the first suite and protocol).
+    best = json.loads((run_dir / "best.json").read_text())
+    accuracies = [m0["judge"], *(m["eval"] for m in history)]
+    accuracies = [e["hh_rlhf"]["pointwise"]["accuracy"] for e in accuracies]
+    assert best["select_by"] == "hh_rlhf/pointwise" and best["accuracy"] == max(accuracies)
+    assert best["iteration"] == accuracies.index(max(accuracies))
 
 
 def test_pair_files_load_with_datasets(two_iterations, tmp_path):

@@ -77,6 +77,19 @@ OLD_METRICS = {  # the shape of the first loop: no eval, TRL's log history under
 }
 
 
+def _suite_eval(accuracy: float) -> dict:
+    """An iteration's judge evaluation: two suites, the first under two protocols."""
+    metrics = {
+        "accuracy": accuracy,
+        "ci_low": accuracy - 0.1,
+        "ci_high": accuracy + 0.1,
+        "position_consistency": None,
+        "longer_preference": 0.6,
+    }
+    pairwise = {**metrics, "accuracy": accuracy - 0.05, "position_consistency": 0.8}
+    return {"pandalm": {"pointwise": metrics, "pairwise": pairwise}, "hh_rlhf": {"pointwise": metrics}}
+
+
 def _new_metrics(t: int, score: float, first: float, loss: float, agreement: float) -> dict:
     return {
         "iteration": t,
@@ -90,8 +103,7 @@ def _new_metrics(t: int, score: float, first: float, loss: float, agreement: flo
                        "higher_score_win_share": 1.0},
         "pairs": {"actor": {"pairs": 2}, "judge": {"pairs": 1}, "rho": 0.0},
         "train": {"loss": loss, "rewards_margins": 0.8, "rewards_accuracies": 1.0},
-        "eval": {"judge_human_agreement": agreement, "ci_low": agreement - 0.1, "ci_high": agreement + 0.1,
-                 "tie_rate": 0.05},
+        "eval": _suite_eval(agreement),
         "eval_actor": {"win_rate": 0.6, "ci_low": 0.45, "ci_high": 0.75},
     }  # fmt: skip
 
@@ -102,7 +114,7 @@ def run(tmp_path: Path) -> Path:
     run = tmp_path / "runs" / "synth"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("run_name: synth\niterations: 4\n")
-    eval_0 = {"judge_human_agreement": 0.55, "ci_low": 0.45, "ci_high": 0.65, "tie_rate": 0.1}
+    eval_0 = _suite_eval(0.55)
     (run / "eval_0.json").write_text(json.dumps({"judge": eval_0, "per_pair": []}))
     metrics = {
         1: OLD_METRICS,
@@ -135,7 +147,8 @@ def test_inspect_table(run: Path, capsys):
     assert all(len(line) <= 100 for line in out.splitlines())
     rows = _table(out)
     assert list(rows) == ["0", "1", "2", "3"]
-    # iter prompts resp score parse-fail 1st-wins a-pairs j-pairs ch-tok rej-tok DPO-loss agree
+    # iter prompts resp score parse-fail 1st-wins a-pairs j-pairs ch-tok rej-tok DPO-loss judge-acc (the
+    # first suite under its first protocol)
     assert rows["0"] == ["0", *["-"] * 10, "0.550"]
     assert rows["1"] == ["1", "2", "4", "2.00", "50%", "100%", "2", "1", "-", "-", "0.6000", "-"]
     assert rows["2"] == ["2", "2", "4", "2.50", "25%", "75%", "2", "1", "6.0", "15.0", "0.5000", "0.625"]
@@ -148,11 +161,13 @@ def test_inspect_json(run: Path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["run"] == "synth"
     rows = {row["iteration"]: row for row in data["iterations"]}
-    assert rows[0]["judge_human_agreement"] == 0.55 and rows[0]["mean_score"] is None
+    assert rows[0]["judge_accuracy"] == 0.55 and rows[0]["mean_score"] is None
+    assert rows[0]["acc:pandalm/pairwise"] == pytest.approx(0.5) and rows[0]["acc:hh_rlhf/pointwise"] == 0.55
+    assert rows[2]["consistency:pandalm/pairwise"] == 0.8 and rows[2]["longer:hh_rlhf/pointwise"] == 0.6
     assert rows[1]["dpo_loss"] == 0.6 and rows[1]["rewards_margins"] == 0.25 and rows[1]["actor_pairs"] == 2
-    assert rows[1]["score_histogram"] is None and rows[1]["judge_human_agreement"] is None
+    assert rows[1]["score_histogram"] is None and rows[1]["judge_accuracy"] is None
     assert rows[2]["mean_score"] == 2.5 and rows[2]["score_histogram"] == [0, 1, 2, 1, 0]
-    assert rows[2]["judge_human_agreement_ci_high"] == pytest.approx(0.725)
+    assert rows[2]["acc:pandalm/pointwise_ci_high"] == pytest.approx(0.725)
     assert rows[3]["actor_win_rate"] == 0.6 and rows[3]["rewards_accuracies"] == 1.0
     assert data["unfinished"] == [{"iteration": 4, "files": ["prompts.jsonl", "responses.jsonl"]}]
 
@@ -231,7 +246,15 @@ def test_report(run: Path):
     report_main([str(run)])
     page = (run / "report.html").read_text(encoding="utf-8")
     images = _images(run / "report.html")
-    names = {"agreement", "score_histogram", "lengths", "position_bias", "dpo", "actor_win_rate"}
+    names = {
+        "judge_accuracy",
+        "judge_biases",
+        "score_histogram",
+        "lengths",
+        "position_bias",
+        "dpo",
+        "actor_win_rate",
+    }
     assert {p.name for p in images} == {f"{name}.png" for name in names}
     assert {p.resolve() for p in images} == {p.resolve() for p in (run / "report").iterdir()}  # no temp files
     for image in images:
@@ -261,6 +284,10 @@ def test_report_skips_plots_without_data(run: Path, tmp_path: Path):
     assert all(p.is_file() and p.read_bytes().startswith(PNG_MAGIC) for p in images)
     assert sorted(p.name for p in (run / "report").iterdir()) == sorted(p.name for p in images)
     page = out.read_text(encoding="utf-8")
-    for title in ["Judge-human agreement", "Response scores by iteration", "Actor win rate vs M_0"]:
+    for title in [
+        "Judge accuracy on the preference suites",
+        "Response scores by iteration",
+        "Actor win rate vs M_0",
+    ]:
         assert re.search(re.escape(title) + r"[^<]*: skipped", page)
     assert "iter_4 unfinished" in page and not (run / "report.html").exists()

@@ -84,13 +84,15 @@ def test_dry_run_counts_the_probability_fallbacks_and_notes_a_small_prompt_set(t
         "experiment=demo",
         "dry_run=true",
         "data.prompts_per_iteration=500",
+        "judge.num_judgements=3",
         f"runs_dir={tmp_path}",
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert "the prompt set holds 175" in done.stdout
     rows = _plan_rows(done.stdout)
-    # The demo's judge reads a 0..5 distribution for every judgement (score_from=text_or_expected).
+    # The demo's judge reads a 0..5 distribution for every judgement (score_from=text_or_expected); the
+    # evaluation of M_0 and each M_t is planned in rows of its own.
     assert rows[("1", "judge")] == [525, 1575, 1575, 1575 * 192]
     assert rows[("2", "meta_judge")] == [175 * 6, 175 * 6, 175 * 6, 175 * 6 * 48]
 
@@ -327,3 +329,25 @@ def test_prompts_too_long_are_skipped_or_truncated_and_counted(
     if mode == "truncate":
         long_one = next(p for p in prompts if p["messages"][-1]["content"].startswith("word"))
         assert "end?" not in long_one["messages"][-1]["content"]
+
+
+def test_the_plan_counts_every_suite_under_every_protocol():
+    from metareward.plan import plan
+
+    cfg = load_config(
+        None,
+        [
+            "iterations=1",
+            "eval.suites=[pandalm,llmbar_natural]",
+            "eval.protocols=[pointwise,pairwise]",
+            "eval.num_pairs=10",
+            "eval.num_judgements=2",
+            "eval.winner_from=text_or_probs",
+            "eval.win_rate=false",
+        ],
+    )
+    rows = {(r["iteration"], r["stage"]): r for r in plan(cfg)}
+    # 2 suites x 10 pairs x 2 responses (pointwise) or 2 orders (pairwise).
+    assert rows[(0, "eval pointwise")]["requests"] == 40 and rows[(0, "eval pointwise")]["samples"] == 80
+    assert rows[(0, "eval pointwise")]["scored_texts"] == 0  # judge.score_from=text reads no distribution
+    assert rows[(1, "eval pairwise")]["requests"] == 40 and rows[(1, "eval pairwise")]["scored_texts"] == 40
