@@ -180,7 +180,9 @@ def pairs_main(argv: list[str] | None = None) -> None:
     iteration = int(match.group(1))
     try:
         config = load_config(args.iter_dir.resolve().parent / records.CONFIG, args.overrides)
-        templates = Templates.load(config.judge.template, config.meta_judge.template)
+        templates = Templates.load(
+            config.judge.template, config.meta_judge.template, config.eval.pairwise_template
+        )
         rho = config.pairs.rho_for(iteration)
         actor_rows, judge_rows, _ = build_pairs(
             args.iter_dir, rho, config.pairs.elo_l2, templates.judge_messages
@@ -261,7 +263,9 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
         _fail(str(error), code=1, prog=prog)
     keep_freed_memory(cuda=_on_cuda(config.generator.device))
     try:
-        templates = Templates.load(config.judge.template, config.meta_judge.template)
+        templates = Templates.load(
+            config.judge.template, config.meta_judge.template, config.eval.pairwise_template
+        )
         # Behind an endpoint the model is a served name: nothing is loaded here.
         endpoint = config.generator.backend == "openai"
         model_dir = (config.model.path or "") if endpoint else resolve_model(config.model)

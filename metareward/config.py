@@ -493,6 +493,9 @@ class EvalConfig(Section):
     # Where a pairwise verdict comes from: text ("Winner: Response A|B"), or text_or_probs (otherwise the
     # probabilities of A/B after "Winner: Response ", read for every verdict, for calibration).
     winner_from: str = "text"
+    # Optional path to a str.format template replacing the built-in pairwise judge prompt (fields:
+    # {question}, {response_a}, {response_b}); it should end asking for "Winner: Response A|B".
+    pairwise_template: str | None = None
     # The suite and protocol ("<suite>/<protocol>") whose accuracy names the best iteration (summary,
     # runs/<name>/best.json); empty: the first suite under the first protocol.
     select_by: str | None = None
@@ -508,6 +511,7 @@ class EvalConfig(Section):
         _require(self.bootstrap_samples >= 10, "bootstrap_samples", self.bootstrap_samples, ">= 10")
         path = self.heldout_prompts
         _require(not path or Path(path).is_file(), "heldout_prompts", path, "no such file")
+        _check_template("pairwise_template", self.pairwise_template)
         _require(bool(self.suites), "suites", self.suites, "needs at least one suite")
         for entry in self.suites:
             ok = isinstance(entry, str) or (

@@ -116,7 +116,9 @@ class Run:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.dir = Path(cfg.runs_dir) / cfg.run_name
-        self.templates = Templates.load(cfg.judge.template, cfg.meta_judge.template)
+        self.templates = Templates.load(
+            cfg.judge.template, cfg.meta_judge.template, cfg.eval.pairwise_template
+        )
 
     def run(self) -> list[dict]:
         """Run (or resume) iterations 1..T; returns each iteration's metrics."""

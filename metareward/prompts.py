@@ -79,45 +79,6 @@ def question_text(messages: list[dict]) -> str:
     return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
 
 
-@dataclass(frozen=True)
-class Templates:
-    judge: str = JUDGE_TEMPLATE
-    meta_judge: str = META_JUDGE_TEMPLATE
-
-    @classmethod
-    def load(cls, judge_path: str | None, meta_judge_path: str | None) -> Templates:
-        """Built-in templates, each replaced by a file's text where a path is given."""
-        return cls(
-            judge=Path(judge_path).read_text(encoding="utf-8") if judge_path else JUDGE_TEMPLATE,
-            meta_judge=Path(meta_judge_path).read_text(encoding="utf-8")
-            if meta_judge_path
-            else META_JUDGE_TEMPLATE,
-        )
-
-    def judge_messages(self, prompt: list[dict], response: str) -> list[dict]:
-        content = self.judge.format(rubric=RUBRIC, question=question_text(prompt), response=response)
-        return [{"role": "user", "content": content}]
-
-    def meta_judge_messages(
-        self, prompt: list[dict], response: str, judgement_a: str, judgement_b: str
-    ) -> list[dict]:
-        content = self.meta_judge.format(
-            rubric=RUBRIC,
-            question=question_text(prompt),
-            response=response,
-            judgement_a=judgement_a,
-            judgement_b=judgement_b,
-        )
-        return [{"role": "user", "content": content}]
-
-    def pairwise_messages(self, prompt: list[dict], response_a: str, response_b: str) -> list[dict]:
-        """A request asking which of two responses to ``prompt`` is better (the win-rate evaluator)."""
-        content = PAIRWISE_TEMPLATE.format(
-            question=question_text(prompt), response_a=response_a, response_b=response_b
-        )
-        return [{"role": "user", "content": content}]
-
-
 # The pairwise judge's prompt (the win-rate evaluator, and judging preference suites pairwise). It asks
 # for "Winner: Response A" / "Winner: Response B", which parse_pairwise_winner reads; a verdict the text
 # does not give is read from the probabilities of "A"/"B" after PAIRWISE_CUE, the same words.
@@ -138,3 +99,48 @@ Response B:
 After examining the user's question and both responses:
 - Briefly explain which response is better and why, up to 100 words.
 - Conclude with the winner using exactly the format: "Winner: Response A" or "Winner: Response B\""""
+
+
+@dataclass(frozen=True)
+class Templates:
+    judge: str = JUDGE_TEMPLATE
+    meta_judge: str = META_JUDGE_TEMPLATE
+    pairwise: str = PAIRWISE_TEMPLATE
+
+    @classmethod
+    def load(
+        cls, judge_path: str | None, meta_judge_path: str | None, pairwise_path: str | None = None
+    ) -> Templates:
+        """Built-in templates, each replaced by a file's text where a path is given."""
+
+        def read(path: str | None, default: str) -> str:
+            return Path(path).read_text(encoding="utf-8") if path else default
+
+        return cls(
+            judge=read(judge_path, JUDGE_TEMPLATE),
+            meta_judge=read(meta_judge_path, META_JUDGE_TEMPLATE),
+            pairwise=read(pairwise_path, PAIRWISE_TEMPLATE),
+        )
+
+    def judge_messages(self, prompt: list[dict], response: str) -> list[dict]:
+        content = self.judge.format(rubric=RUBRIC, question=question_text(prompt), response=response)
+        return [{"role": "user", "content": content}]
+
+    def meta_judge_messages(
+        self, prompt: list[dict], response: str, judgement_a: str, judgement_b: str
+    ) -> list[dict]:
+        content = self.meta_judge.format(
+            rubric=RUBRIC,
+            question=question_text(prompt),
+            response=response,
+            judgement_a=judgement_a,
+            judgement_b=judgement_b,
+        )
+        return [{"role": "user", "content": content}]
+
+    def pairwise_messages(self, prompt: list[dict], response_a: str, response_b: str) -> list[dict]:
+        """A request asking which of two responses to ``prompt`` is better (the pairwise judge)."""
+        content = self.pairwise.format(
+            question=question_text(prompt), response_a=response_a, response_b=response_b
+        )
+        return [{"role": "user", "content": content}]

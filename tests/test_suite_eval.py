@@ -180,3 +180,19 @@ def test_an_endpoint_judge_with_no_local_model_through_the_command(tmp_path, mon
     assert not (tmp_path / "empty-cache").exists()
     assert "ab_suite" in capsys.readouterr().out
     assert len((tmp_path / "out_pairs.jsonl").read_text().splitlines()) == 4
+
+
+def test_the_pairwise_template_is_replaced_from_the_config(tmp_path):
+    from metareward.config import load_config
+
+    path = tmp_path / "pairwise.txt"
+    path.write_text(
+        "Q: {question}\nA: <response_a>{response_a}</response_a>\nB: <response_b>{response_b}</response_b>"
+    )
+    cfg = load_config(None, [f"eval.pairwise_template={path}"])
+    templates = Templates.load(cfg.judge.template, cfg.meta_judge.template, cfg.eval.pairwise_template)
+    content = templates.pairwise_messages([{"role": "user", "content": "Why?"}], "x", "y")[0]["content"]
+    assert content == "Q: Why?\nA: <response_a>x</response_a>\nB: <response_b>y</response_b>"
+    # The stand-in judges still read the responses where the replaced prompt shows them.
+    m = metrics_of(judge_pairwise(StandInJudge(knows_the_labels), templates, SHORTER_BETTER, CFG, seed=0))
+    assert m["accuracy"] == 1.0
