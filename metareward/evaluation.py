@@ -290,6 +290,9 @@ def evaluate_model(
     against them, judged by the fixed evaluator in ``evaluator_dir`` (``eval.evaluator``: M_0 unless
     it has a model of its own).
 
+    M_t also judges its own answers against M_0's: ``actor.self_preference`` is that win rate minus
+    the fixed evaluator's.
+
     Returns ``{"judge": {suite: {protocol: metrics}}, "per_pair": rows, "heldout_responses": rows[,
     "actor": win rate]}``."""
     suites = load_suites(cfg.eval)
@@ -297,11 +300,23 @@ def evaluate_model(
     generator = make_generator(model_dir, cfg.model, cfg.generator, cache_dir=cache_dir)
     try:
         judge, per_pair = evaluate_suites(generator, templates, suites, cfg.eval, cfg.judge.score_from)
-        responses = []
+        responses, self_judged = [], None
         if cfg.eval.win_rate:
             responses = generate_responses(
                 generator, heldout, cfg.eval.response_max_new_tokens, cfg.eval.seed
             )
+            if baseline is not None:
+                # M_t judging its own answers against M_0's: compared with the fixed evaluator below,
+                # the self-preference a model judging its own outputs invites.
+                self_judged = win_rate(
+                    generator,
+                    templates,
+                    heldout,
+                    responses,
+                    baseline,
+                    cfg.eval,
+                    seed=cfg.eval.seed + iteration,
+                )
     finally:
         generator.close()
     result = {"judge": judge["suites"], "per_pair": per_pair, "heldout_responses": responses}
@@ -316,4 +331,6 @@ def evaluate_model(
             )
         finally:
             evaluator.close()
+        result["actor"]["self_judged_win_rate"] = self_judged["win_rate"]
+        result["actor"]["self_preference"] = self_judged["win_rate"] - result["actor"]["win_rate"]
     return result

@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 from metareward import pairs, records, report, stages
 from metareward.config import Config, RoleModelConfig
 from metareward.data import fit_to_model, load_prompts, prompts_for_iteration
-from metareward.evaluation import evaluate_model, load_suites
+from metareward.evaluation import evaluate_model, load_heldout_prompts, load_suites
+from metareward.exports import write_heldout_exports
 from metareward.generation import Generator, Usage, make_generator
 from metareward.metrics import iteration_metrics
 from metareward.models import resolve_model
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 CACHE = "cache"
 # The iteration whose judge is most accurate on eval.select_by.
 BEST = "best.json"
+# Each evaluated model's held-out answers in alpaca_eval's and FastChat's formats: heldout/M_<t>/.
+HELDOUT = "heldout"
 # How many of an iteration's prompts were kept, skipped as too long, or truncated (data.long_prompts).
 PROMPT_FIT = "prompt_fit.json"
 ROLE_FILES = {"actor": records.RESPONSES, "judge": records.JUDGEMENTS, "meta_judge": records.META_JUDGEMENTS}
@@ -294,9 +297,17 @@ class Run:
             baseline = records.read_json(self.dir / records.EVAL_0)["heldout_responses"]
         spec = self.cfg.eval.evaluator
         evaluator_dir = own_model_dir(spec) if spec.own_model else self.seed_dir
-        return evaluate_model(
+        result = evaluate_model(
             self.cfg, model_dir, iteration, evaluator_dir, self.templates, self.dir / CACHE, baseline
         )
+        if result["heldout_responses"]:
+            # M_t's answers for alpaca_eval and MT-Bench's judge, to score it elsewhere.
+            prompts = load_heldout_prompts(self.cfg.eval.heldout_prompts, self.cfg.eval.num_heldout)
+            name = f"{self.cfg.run_name}-M_{iteration}"
+            write_heldout_exports(
+                self.dir / HELDOUT / f"M_{iteration}", prompts, result["heldout_responses"], name
+            )
+        return result
 
     def _train(self, model_dir: str, rows: list[dict], directory: Path, t: int, tracker) -> dict:
         from metareward.training import launch_dpo, step_rows, train_dpo

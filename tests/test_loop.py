@@ -149,6 +149,17 @@ def test_offline_wandb_run_holds_judge_skill_and_iteration_metrics(two_iteration
     assert best["iteration"] == accuracies.index(max(accuracies))
 
 
+def test_each_evaluated_model_exports_its_heldout_answers_and_its_self_preference(two_iterations):
+    run_dir, history = two_iterations
+    for t in (0, 1, 2):
+        outputs = json.loads((run_dir / "heldout" / f"M_{t}" / "alpaca_eval_model_outputs.json").read_text())
+        assert len(outputs) == 2 and {o["generator"] for o in outputs} == {f"e2e-M_{t}"}
+        assert (run_dir / "heldout" / f"M_{t}" / "fastchat_answers.jsonl").is_file()
+    for metrics in history:
+        actor = metrics["eval_actor"]
+        assert actor["self_preference"] == pytest.approx(actor["self_judged_win_rate"] - actor["win_rate"])
+
+
 def test_pair_files_load_with_datasets(two_iterations, tmp_path):
     run_dir, _ = two_iterations
     for name in (records.ACTOR_PAIRS, records.JUDGE_PAIRS):
