@@ -15,6 +15,7 @@ stand-ins.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from metareward import stages
@@ -195,14 +196,29 @@ def evaluate_suites(
 # ------------------------------------------------------------------ actor win rate
 
 
+def _json_list(source: Path) -> list[tuple[int, dict]]:
+    try:
+        rows = json.loads(source.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RecordError(f"{source}: not a JSON list of prompt rows ({error})") from None
+    if not isinstance(rows, list):
+        raise RecordError(f"{source}: expected a JSON list of prompt rows, got {type(rows).__name__}")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise RecordError(f"{source}:{number}: expected a JSON object, got {type(row).__name__}")
+    return list(enumerate(rows, start=1))
+
+
 def load_heldout_prompts(path: str | None, num: int) -> list[dict]:
-    """The first ``num`` held-out prompts ``{"prompt_id", "messages"}`` of a JSONL file.
+    """The first ``num`` held-out prompts ``{"prompt_id", "messages"}`` of a JSONL file, or of a JSON
+    list (``.json``: alpaca_eval's evaluation set, whose rows have ``instruction``; "line" then means
+    the row's place in the list).
 
     None reads the bundled Vicuna-bench questions. Rows with ``turns`` (Vicuna / MT-Bench) become
     their first turn as one user message, id from ``question_id``; any other row may take any
     shape ``data.path`` accepts. The first rows, not a sample, so M_0 and every M_t see the same."""
     source = Path(path) if path else bundled_path(BUNDLED_HELDOUT)
-    numbered = read_jsonl_numbered(source)
+    numbered = _json_list(source) if source.suffix == ".json" else read_jsonl_numbered(source)
     rows = []
     for number, row in numbered:
         if "turns" in row:

@@ -23,6 +23,7 @@ from metareward.generation import Completion, make_generator
 from metareward.judge_metrics import agreement_stats, suite_metrics
 from metareward.parsing import parse_pairwise_winner
 from metareward.prompts import PAIRWISE_CUE, Templates
+from metareward.records import RecordError
 from metareward.suites import SuitePair
 
 
@@ -287,3 +288,17 @@ def test_eval_judge_command_rejects_a_bad_setting(tmp_path):
     assert "eval.num_pairs" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "eval_judge.json").exists()
+
+
+def test_heldout_prompts_from_an_alpaca_eval_json_list(tmp_path):
+    path = tmp_path / "alpaca_eval.json"
+    rows = [
+        {"instruction": "What are the names of some famous actors?", "dataset": "helpful_base"},
+        {"instruction": "Write a haiku.", "dataset": "oasst"},
+    ]
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    prompts = load_heldout_prompts(str(path), 5)
+    assert [p["messages"] for p in prompts] == [[{"role": "user", "content": r["instruction"]}] for r in rows]
+    path.write_text(json.dumps([rows[0], "not a row"]), encoding="utf-8")
+    with pytest.raises(RecordError, match=re.escape(f"{path}:2: expected a JSON object")):
+        load_heldout_prompts(str(path), 5)
