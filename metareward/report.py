@@ -288,7 +288,8 @@ def _plot(path: Path, rows: list[dict], title: str, panels: list | None) -> bool
     for ax, panel in zip(axes, panels or [None], strict=True):
         _draw_lines(ax, rows, *panel) if panel else _draw_histogram(ax, hists)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # a panel with no data for any suite has nothing to name
+            ax.legend(fontsize="small")
     fig.suptitle(title)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -85,6 +85,7 @@ def test_dry_run_counts_the_probability_fallbacks_and_notes_a_small_prompt_set(t
         "dry_run=true",
         "data.prompts_per_iteration=500",
         "judge.num_judgements=3",
+        "meta_judge.max_new_tokens=48",
         f"runs_dir={tmp_path}",
         cwd=tmp_path,
     )
