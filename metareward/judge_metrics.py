@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from metareward.metrics import mean_or_none
+
 SIDES = ("A", "B")
 # Equal-width confidence bins of the expected calibration error.
 ECE_BINS = 10
@@ -94,10 +96,6 @@ def agreement_stats(outcomes: list[float], bootstrap_samples: int, seed: int) ->
     }
 
 
-def _mean(values: list[float]) -> float | None:
-    return float(sum(values) / len(values)) if values else None
-
-
 def _credit(outcome: str | None, label: str) -> float:
     return 1.0 if outcome == label else 0.0 if outcome in SIDES else 0.5
 
@@ -160,16 +158,18 @@ def suite_metrics(judged: list[JudgedPair], bootstrap_samples: int, seed: int) -
         "pairs": len(judged),
         "decided": len(decided),
         "label_ties": sum(j.label == "tie" for j in judged),
-        "judge_tie_rate": _mean([float(o == "tie") for o in outcomes if o is not None]),
-        "position_consistency": _mean(consistent),
-        "first_position_preference": _mean([float(v.winner == v.first) for v in placed]),
-        "longer_preference": _mean([float(j.outcome() == j.longer()) for j in by_length]),
-        "human_longer_preference": _mean([float(j.label == j.longer()) for j in human_by_length]),
+        "judge_tie_rate": mean_or_none([float(o == "tie") for o in outcomes if o is not None]),
+        "position_consistency": mean_or_none(consistent),
+        "first_position_preference": mean_or_none([float(v.winner == v.first) for v in placed]),
+        "longer_preference": mean_or_none([float(j.outcome() == j.longer()) for j in by_length]),
+        "human_longer_preference": mean_or_none([float(j.label == j.longer()) for j in human_by_length]),
         "parse_failure_rate": sum(j.unparsed for j in judged) / calls if calls else None,
-        "brier": _mean([(1 - p) ** 2 for p in p_label]),
+        "brier": mean_or_none([(1 - p) ** 2 for p in p_label]),
         "ece": expected_calibration_error([max(p, 1 - p) for p in p_label], [p > 0.5 for p in p_label])
         if p_label
         else None,
-        "jsd": _mean([jensen_shannon(j.human, (p, 1 - p)) for j, p in with_human]),
-        "subsets": {name: {"accuracy": _mean(c), "pairs": len(c)} for name, c in sorted(subsets.items())},
+        "jsd": mean_or_none([jensen_shannon(j.human, (p, 1 - p)) for j, p in with_human]),
+        "subsets": {
+            name: {"accuracy": mean_or_none(c), "pairs": len(c)} for name, c in sorted(subsets.items())
+        },
     }

@@ -60,6 +60,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from metareward.config import SUITE_ENTRY_KEYS
 from metareward.data import bundled_path
 from metareward.records import RecordError, read_jsonl_numbered
 
@@ -88,7 +89,6 @@ _REQUIRED = {
 _AB_LABELS = {"A>B": "A", "A>>B": "A", "B>A": "B", "B>>A": "B", "A=B": "tie"}
 _ID_KEYS = ("pair_id", "id", "idx")
 _ANNOTATOR = re.compile(r"annotator(\d+)")
-_ENTRY_KEYS = {"path", "name", "format"}
 
 
 @dataclass(frozen=True)
@@ -328,7 +328,7 @@ def resolve_entry(entry) -> tuple[str, Path, str | None]:
             )
         return path.stem, path, None
     if isinstance(entry, dict):
-        unknown = sorted(set(entry) - _ENTRY_KEYS)
+        unknown = sorted(set(entry) - set(SUITE_ENTRY_KEYS))
         if unknown:
             raise SuiteEntryError(
                 f"suite entry {entry!r}: unknown keys {', '.join(unknown)} (known: path, name, format)"
