@@ -2,12 +2,13 @@
 # make test: the test suite. Both create or reuse .venv first.
 # make test-fast: the unit tests only (no whole loops, no embedded model), for development.
 # make bench: where a run's time goes on this machine (scripts/bench.py; JSON in bench.json).
+# make align-bench: judge alignment objectives on PandaLM, held-out table (scripts/align_bench.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean-venv
+.PHONY: demo test test-fast lint bench align-bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py --out bench.json
+
+align-bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/align_bench.py --out align_bench.json
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -6,14 +6,17 @@ once, and handed down as dataclasses.
 - ``metareward-pairs ITER_DIR [--out DIR] [overrides]``: rebuild the pair files of one iteration.
 - ``metareward-inspect RUN_DIR [...]``, ``metareward-report RUN_DIR [--out FILE]``: look at a run.
 - ``metareward-eval-judge [--out PATH] [overrides]``: judge skill of any model against human pairs.
+- ``metareward-align-judge [--out PATH] [overrides]``: train a judge toward human label distributions.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from metareward import records, report
+from metareward import records, report, runlock
 from metareward.config import Config, ConfigError, load_config, override_error, register_configs, to_config
 from metareward.records import RecordError
 
@@ -33,6 +36,31 @@ register_configs()
 def _fail(message: str, code: int = 2, prog: str = "metareward") -> None:
     print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's stop), raised like KeyboardInterrupt so no ``except Exception`` stops it."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _stopped(stop: BaseException, run_dir: Path | None) -> None:
+    """One line for a run stopped by SIGINT (exit 130) or SIGTERM (exit 143): where, and how to go on."""
+    name, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
+    where = f"{records.where_stopped(run_dir)} of {run_dir}" if run_dir else "before the run started"
+    print(f"metareward: stopped by {name} {where}; run the same command to resume", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _no_space_line(error: OSError) -> str:
+    if isinstance(error, records.NoSpace):
+        return str(error)
+    return (
+        f"no space left on device writing {error.filename}; free some space and run the same command to "
+        "resume"
+    )
 
 
 def _on_cuda(device: str) -> bool | None:
@@ -95,7 +123,9 @@ def print_plan(config: Config) -> None:
     from metareward.plan import format_plan, plan
 
     try:
-        available = len(load_prompts(config.data))
+        # data=synthetic loads its seed set; the iterations draw from the pool it writes.
+        synthetic = config.data.kind == "synthetic"
+        available = config.data.synthetic.pool_size if synthetic else len(load_prompts(config.data))
     except Exception as error:  # e.g. a hub dataset without network: plan with the configured count
         print(f"(prompts not loaded: {error}; planning {config.data.prompts_per_iteration} per iteration)")
         available = None
@@ -106,7 +136,27 @@ def print_plan(config: Config) -> None:
             f"note: data.prompts_per_iteration={asked} but the prompt set holds {available}; each "
             f"iteration uses all {available} (point data.path at a larger set to plan {asked})"
         )
+    if config.judge_alignment.enabled:
+        _print_alignment_plan(config)
     print(format_plan(plan(config, available)))
+
+
+def _print_alignment_plan(config: Config) -> None:
+    """The EFT step's share of the dry run: what it would train on."""
+    from metareward.align_data import load_align_split
+
+    align = config.align
+    try:
+        train, heldout = load_align_split(config)
+    except RecordError as error:
+        print(f"before iteration 1: the seed is aligned as a judge, but its rows do not load: {error}")
+        return
+    steps = -(-len(train) // (align.batch_size * align.gradient_accumulation_steps))
+    print(
+        f"before iteration 1: the seed is aligned as a judge ({align.objective} objective) on {len(train)} "
+        f"items of {align.train}, {len(heldout)} held out; about {steps} optimiser steps an epoch, "
+        f"{align.num_epochs:g} epoch(s)"
+    )
 
 
 @hydra.main(config_path="pkg://metareward.conf", config_name="config", version_base="1.3")
@@ -126,9 +176,17 @@ def _run(cfg: DictConfig) -> None:
     try:
         run = Run(config)
         run.run()
-    except (RunStopped, RecordError, FileNotFoundError, TrackingError, OpenAIError) as error:
+    except (KeyboardInterrupt, Terminated) as stop:
+        _stopped(stop, Path(config.runs_dir) / config.run_name)
+    except OSError as error:
+        if records.is_no_space(error):
+            _fail(_no_space_line(error), code=1)
+        if isinstance(error, FileNotFoundError):
+            _fail(str(error), code=1)
+        _fail(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}", code=1)
+    except (RunStopped, runlock.RunLocked, RecordError, TrackingError, OpenAIError) as error:
         _fail(str(error), code=1)
-    except (ValueError, OSError) as error:
+    except ValueError as error:
         # E.g. transformers refusing a model (remote code not trusted, no safetensors weights).
         _fail(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}", code=1)
     log.info("run directory: %s", run.dir)
@@ -151,11 +209,17 @@ def main() -> None:
             if config.eval.enabled:
                 load_suites(config.eval)
             check_writable(Path(config.runs_dir) / config.run_name)
+            # Refused before Hydra writes its files into a directory another run is using.
+            runlock.check_free(Path(config.runs_dir) / config.run_name)
     except ConfigError as error:
         _fail(str(error))
-    except (RunStopped, RecordError) as error:
+    except (RunStopped, runlock.RunLocked, RecordError) as error:
         _fail(str(error), code=1)
-    _run()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _run()
+    except (KeyboardInterrupt, Terminated) as stop:  # outside the run itself, e.g. while Hydra starts
+        _stopped(stop, None)
 
 
 # ------------------------------------------------------------------ metareward-pairs
@@ -184,13 +248,21 @@ def pairs_main(argv: list[str] | None = None) -> None:
             config.judge.template, config.meta_judge.template, config.eval.pairwise_template
         )
         rho = config.pairs.rho_for(iteration)
+        records.check_stage_files(args.iter_dir)  # the loop's checks, before any pair is built
         actor_rows, judge_rows, _ = build_pairs(
-            args.iter_dir, rho, config.pairs.elo_l2, templates.judge_messages
+            args.iter_dir, rho, config.pairs.elo_l2, templates.judge_messages, config.pairs
         )
     except (ConfigError, RecordError, FileNotFoundError) as error:
         _fail(str(error), prog=prog)
     out = args.out or args.iter_dir
-    write_pairs(out, actor_rows, judge_rows)
+    run_dir = args.iter_dir.resolve().parent
+    # Writing into the run directory takes its lock; writing elsewhere only reads the run.
+    writes_run = out.resolve().is_relative_to(run_dir)
+    try:
+        with runlock.hold(run_dir) if writes_run else contextlib.nullcontext():
+            write_pairs(out, actor_rows, judge_rows)
+    except runlock.RunLocked as error:
+        _fail(str(error), code=1, prog=prog)
     print(f"{out}: {len(actor_rows)} actor pairs, {len(judge_rows)} judge pairs (rho {rho})")
 
 
@@ -243,7 +315,7 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
     Prints a table per suite and protocol and writes the metrics as JSON to PATH (default
     ./eval_judge.json), with the per-pair outcomes in ``<stem>_pairs.jsonl`` beside it."""
     from metareward.allocator import keep_freed_memory
-    from metareward.evaluation import evaluate_suites, load_suites
+    from metareward.evaluation import ContextFit, evaluate_suites, load_suites
     from metareward.generation import make_generator
     from metareward.models import resolve_model
     from metareward.prompts import Templates
@@ -271,12 +343,69 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
         model_dir = (config.model.path or "") if endpoint else resolve_model(config.model)
     except (RecordError, OSError) as error:
         _fail(str(error), code=1, prog=prog)
+    # Pairs too long for the judge's context follow data.long_prompts (skipped or truncated, counted).
+    fit = ContextFit.for_model(
+        model_dir, config.model.trust_remote_code, config.eval.max_new_tokens, config.data.long_prompts
+    )
     generator = make_generator(model_dir, config.model, config.generator)
     try:
-        result, per_pair = evaluate_suites(generator, templates, suites, config.eval, config.judge.score_from)
+        result, per_pair = evaluate_suites(
+            generator, templates, suites, config.eval, config.judge.score_from, fit
+        )
     finally:
         generator.close()
-    records.write_json(args.out, result)
-    records.write_jsonl(args.out.with_name(f"{args.out.stem}_pairs.jsonl"), per_pair)
+    try:
+        records.write_json(args.out, result)
+        records.write_jsonl(args.out.with_name(f"{args.out.stem}_pairs.jsonl"), per_pair)
+    except OSError as error:
+        _fail(_no_space_line(error) if records.is_no_space(error) else str(error), code=1, prog=prog)
     print(report.format_suite_table(result))
     print(f"wrote {args.out} and {args.out.stem}_pairs.jsonl")
+
+
+# ------------------------------------------------------------------ metareward-align-judge
+
+
+def align_judge_main(argv: list[str] | None = None) -> None:
+    """``metareward-align-judge [--out PATH] [overrides]``: train the configured model (``model.*``) as
+    a judge on human evaluation rows (``align.*``: ``align.train``, ``align.heldout`` or
+    ``align.heldout_fraction``, ``align.objective`` distribution or point) and save it, loadable with
+    ``model=hf model.path=DIR``, to ``align.model_dir`` (default runs/<run_name>/align/model).
+
+    Prints the held-out metrics before and after training and writes them as JSON to PATH (default
+    runs/<run_name>/align/metrics.json). Run again after a kill, it resumes from its last checkpoint."""
+    from metareward.align_data import ALIGN_METRICS, align_paths, load_align_split
+    from metareward.alignment import align_judge, result_lines
+    from metareward.models import resolve_model
+
+    prog = "metareward-align-judge"
+    parser = argparse.ArgumentParser(prog=prog, description=align_judge_main.__doc__)
+    parser.add_argument("--out", type=Path, default=None, help="result JSON file")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny align.num_epochs=2")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        config = load_config(None, args.overrides)
+        # The rows first: a bad file fails before the model loads.
+        train, heldout = load_align_split(config)
+    except ConfigError as error:
+        _fail(str(error), prog=prog)
+    except RecordError as error:
+        _fail(str(error), code=1, prog=prog)
+    work_dir, model_dir = align_paths(config)
+    try:
+        seed_dir = resolve_model(config.model)
+        result = align_judge(
+            seed_dir,
+            config.align,
+            train,
+            heldout,
+            out_dir=model_dir,
+            work_dir=work_dir,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+    except (RecordError, OSError) as error:
+        _fail(str(error), code=1, prog=prog)
+    out = args.out or work_dir / ALIGN_METRICS
+    records.write_json(out, result)
+    print("\n".join(result_lines(result)))
+    print(f"saved the aligned judge to {model_dir} and its metrics to {out}")

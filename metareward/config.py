@@ -24,6 +24,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from metareward.prompts import template_problem
+
 # `accelerate launch` config files shipped with metareward (train.accelerate_config); not Hydra options.
 ACCELERATE_CONFIGS = Path(__file__).parent / "accelerate_configs"
 DEFAULT_ACCELERATE_CONFIG = ACCELERATE_CONFIGS / "deepspeed_zero3.yaml"
@@ -35,13 +37,17 @@ GENERATOR_BACKENDS = ("hf", "vllm", "openai")
 LAUNCHERS = ("inline", "accelerate")
 ON_NO_PAIRS = ("stop", "carry")
 LONG_PROMPTS = ("skip", "truncate")
-DATA_KINDS = ("bundled", "jsonl", "hf")
+DATA_KINDS = ("bundled", "jsonl", "hf", "synthetic")
+# What a guard alarm does: log a warning and go on, or end the run before the iteration trains.
+ON_ALARM = ("warn", "stop")
 TRACKING_MODES = ("wandb", "offline", "none")
 SCORE_SOURCES = ("text", "text_or_expected")
 # How a judge is asked about a preference pair: each response scored with the rubric, or both in one prompt.
 EVAL_PROTOCOLS = ("pointwise", "pairwise")
 SUITE_ENTRY_KEYS = ("path", "name", "format")
 WINNER_SOURCES = ("text", "text_or_probs")
+# What metareward-align-judge trains toward: the human label distribution, or its majority label.
+ALIGN_OBJECTIVES = ("distribution", "point")
 
 
 NO_VALUE = object()  # a refusal that names a key but no value (e.g. an unknown key)
@@ -90,8 +96,19 @@ def _check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> No
     _require(max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "must be >= 1")
 
 
-def _check_template(key: str, path: str | None) -> None:
+def _check_template(key: str, path: str | None, kind: str | None = None) -> None:
+    """The file exists and, for a prompt template (``kind``: judge, meta_judge, pairwise), its
+    placeholders are the ones that template is given, required ones included."""
     _require(not path or Path(path).is_file(), key, path, "no such file")
+    if path and kind:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(key, path, "not UTF-8 text") from None
+        except OSError as error:
+            raise ConfigError(key, path, error.strerror or str(error)) from None
+        problem = template_problem(text, kind)
+        _require(problem is None, key, path, problem or "")
 
 
 @dataclass
@@ -165,9 +182,16 @@ class OpenAISettings(Section):
     model: str | None = None
     # The name of the environment variable holding the API key; the key itself is never stored.
     api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: int = 8
+    # Requests in flight per base URL; a vLLM server batches hundreds of sequences at once.
+    max_in_flight: int = 64
+    # Optional limits of a rate-limited API, over all base URLs together; requests are spaced evenly.
+    # Tokens are estimated (prompt characters / 4 + max_new_tokens) until the server counts them.
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    # Tries after the first of a request that got a 429, a 5xx, a timeout or a dropped connection; the
+    # client waits Retry-After, else 0.5 s doubling with each try (up to 8 s).
     max_retries: int = 6
-    # First retry delay; it doubles with each retry (with jitter), or follows Retry-After.
+    # After a 429 without Retry-After, the whole pool pauses this long, doubling while 429s go on.
     backoff_s: float = 1.0
     timeout_s: float = 120.0
     # Answers are cached on disk (under the run directory) so a resumed run repeats no paid call.
@@ -186,8 +210,10 @@ class OpenAISettings(Section):
                 "must start with http:// or https://",
             )
         _require(bool(self.api_key_env), "api_key_env", self.api_key_env, "must be a name")
-        for name in ("max_concurrency",):
-            _require(getattr(self, name) >= 1, f"{name}", getattr(self, name), "must be >= 1")
+        _require(self.max_in_flight >= 1, "max_in_flight", self.max_in_flight, "must be >= 1")
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, name, value, "must be > 0 (or null: no limit)")
         _require(self.max_retries >= 0, "max_retries", self.max_retries, "must be >= 0")
         _require(self.backoff_s >= 0, "backoff_s", self.backoff_s, "must be >= 0")
         _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be > 0")
@@ -226,13 +252,52 @@ class GeneratorConfig(Section):
 
 
 @dataclass
+class SynthesisConfig(Section):
+    """Prompts written by the prompter (``roles.prompter``) from k-shot samples of a seed set
+    (``data=synthetic``), as Self-Instruct (Wang et al. 2023) and Self-Rewarding (Yuan et al. 2024) do."""
+
+    where: ClassVar[str] = "data.synthetic."
+
+    # Prompts in runs/<name>/prompt_pool.jsonl, written once; iterations draw from it without reuse.
+    pool_size: int = 256
+    # Prompt rows in any shape data.path accepts; empty: the bundled Self-Instruct seed tasks.
+    seed_path: str | None = None
+    # Seed tasks shown in each request (Self-Instruct shows 8).
+    num_shots: int = 8
+    # Self-Instruct's sampling settings.
+    temperature: float = 0.7
+    top_p: float = 0.5
+    max_new_tokens: int = 256
+    # Length bounds in words (Self-Instruct keeps 4..150).
+    min_words: int = 4
+    max_words: int = 150
+    # A task whose ROUGE-L F1 with a seed task or a pooled one is above this is a near-duplicate
+    # (Self-Instruct: 0.7).
+    max_rouge_l: float = 0.7
+    # Requests allowed per pool prompt before synthesis gives up, saying what its filters left out.
+    request_budget: float = 4.0
+
+    def check(self) -> None:
+        _require(self.pool_size >= 1, "pool_size", self.pool_size, "must be >= 1")
+        _check_template("seed_path", self.seed_path)
+        _require(self.num_shots >= 1, "num_shots", self.num_shots, "must be >= 1")
+        _check_sampling(self.temperature, self.top_p, self.max_new_tokens)
+        _require(self.min_words >= 1, "min_words", self.min_words, "must be >= 1")
+        _require(self.max_words >= self.min_words, "max_words", self.max_words, "must be >= min_words")
+        _require(0 < self.max_rouge_l <= 1, "max_rouge_l", self.max_rouge_l, "must be in (0, 1]")
+        _require(self.request_budget >= 1, "request_budget", self.request_budget, "must be >= 1")
+
+
+@dataclass
 class DataConfig(Section):
-    """Where actor prompts come from: the bundled set, a JSONL file or a Hugging Face dataset."""
+    """Where actor prompts come from: the bundled set, a JSONL file, a Hugging Face dataset, or a pool
+    the prompter writes (``data=synthetic``)."""
 
     where: ClassVar[str] = "data."
 
-    # bundled: the Self-Instruct seed tasks shipped with metareward; jsonl: `path`; hf: `hf_name`.
-    # A `path`, when given, is read whatever the kind (except hf).
+    # bundled: the Self-Instruct seed tasks shipped with metareward; jsonl: `path`; hf: `hf_name`;
+    # synthetic: a pool written from data.synthetic.seed_path (see data.synthetic).
+    # A `path`, when given, is read whatever the kind (except hf and synthetic).
     kind: str = "bundled"
     # JSONL rows with `messages`, or `prompt` / `instruction` (+ optional `input`).
     path: str | None = None
@@ -245,6 +310,7 @@ class DataConfig(Section):
     # max_new_tokens. Longer prompts are skipped and counted, or truncated (keeping their start).
     max_prompt_tokens: int | None = None
     long_prompts: str = "skip"
+    synthetic: SynthesisConfig = field(default_factory=SynthesisConfig)
 
     def check(self) -> None:
         _require(self.kind in DATA_KINDS, "kind", self.kind, f"must be one of {DATA_KINDS}")
@@ -296,15 +362,15 @@ class JudgeConfig(Section):
     # text: a score only when the judge wrote one (the paper's rule); text_or_expected: otherwise
     # the expectation of 0..5 under the model's probabilities after "Score: ".
     score_from: str = "text"
-    # Optional path to a str.format template replacing the built-in rubric prompt
-    # (fields: {question}, {response}).
+    # Optional path to a str.format template replacing the built-in rubric prompt (fields: {question},
+    # {response}, both required, and {rubric}; a literal brace is written {{ or }}).
     template: str | None = None
 
     def check(self) -> None:
         _require(self.num_judgements >= 1, "num_judgements", self.num_judgements, "must be >= 1")
         _check_sampling(self.temperature, self.top_p, self.max_new_tokens)
         _require(self.score_from in SCORE_SOURCES, "score_from", self.score_from, f"one of {SCORE_SOURCES}")
-        _check_template("template", self.template)
+        _check_template("template", self.template, "judge")
 
 
 @dataclass
@@ -317,7 +383,7 @@ class MetaJudgeConfig(Section):
     # the model's probabilities after "Winner: Judgement" at this temperature (the likelier at 0).
     winner_from: str = "text"
     # Optional path to a str.format template (fields: {question}, {response}, {rubric},
-    # {judgement_a}, {judgement_b}).
+    # {judgement_a}, {judgement_b}; the last two and {response} required; literal braces {{ }}).
     template: str | None = None
 
     def check(self) -> None:
@@ -328,7 +394,7 @@ class MetaJudgeConfig(Section):
             self.winner_from,
             f"one of {WINNER_SOURCES}",
         )
-        _check_template("template", self.template)
+        _check_template("template", self.template, "meta_judge")
 
 
 @dataclass
@@ -338,6 +404,15 @@ class PairsConfig(Section):
     rho: Any = 0.0
     # L2 strength of the Elo (Bradley-Terry) fit over judgements.
     elo_l2: float = 0.01
+    # Options, off by default (the paper's rules); pairs.py says what each does and where it comes from.
+    # A judgement with more num_tokens is unusable, as a cut-off one is.
+    max_judgement_tokens: int | None = None
+    # A comparison of two judgements counts only when its two orders name the same winner.
+    consistent_verdicts_only: bool = False
+    # Actor pairs use only responses that finished (finish_reason "stop").
+    exclude_cut_off_responses: bool = False
+    # No chosen score value holds more than this share of an iteration's judge pairs (NeMo-Aligner: 0.4).
+    judge_chosen_score_cap: float | None = None
 
     def check(self) -> None:
         values = list(self.rho) if isinstance(self.rho, list | tuple) else [self.rho]
@@ -346,6 +421,10 @@ class PairsConfig(Section):
             ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 0.5
             _require(ok, "rho", self.rho, "every value must be a number in [0, 0.5)")
         _require(self.elo_l2 > 0, "elo_l2", self.elo_l2, "must be > 0")
+        tokens = self.max_judgement_tokens
+        _require(tokens is None or tokens >= 1, "max_judgement_tokens", tokens, "must be >= 1")
+        cap = self.judge_chosen_score_cap
+        _require(cap is None or 0 < cap <= 1, "judge_chosen_score_cap", cap, "must be in (0, 1]")
 
     def rho_for(self, iteration: int) -> float:
         """The rho of 1-based ``iteration``; a list's last value repeats."""
@@ -440,6 +519,40 @@ class RolesConfig(Section):
     actor: RoleModelConfig = field(default_factory=RoleModelConfig)
     judge: RoleModelConfig = field(default_factory=RoleModelConfig)
     meta_judge: RoleModelConfig = field(default_factory=RoleModelConfig)
+    # Writes the prompt pool of data=synthetic; own_model=false: the seed model M_0.
+    prompter: RoleModelConfig = field(default_factory=RoleModelConfig)
+
+
+@dataclass
+class GuardsConfig(Section):
+    """Alarms for the ways self-rewarding runs are known to fail, checked each iteration before it trains
+    (guards.py). A threshold left empty turns its guard off; ``guards.*`` may change on resume."""
+
+    where: ClassVar[str] = "guards."
+
+    # Score saturation: the share of scored judgements at the top of the scale (5) is above this.
+    max_top_score_share: float | None = 0.9
+    # Length drift: mean response or judgement tokens grew by more than this share over the previous
+    # iteration (0.5: by more than half).
+    max_length_growth: float | None = 0.5
+    # The share of judge scores, or of meta-judge verdicts, not parsed from the text is above this.
+    max_parse_failure_rate: float | None = 0.5
+    # Position bias: the meta-judge's first (or second) position wins more than this share of verdicts.
+    max_position_win_share: float | None = 0.8
+    # warn: log the alarm and go on; stop: end the run, saying why, before the iteration trains.
+    on_alarm: str = "warn"
+
+    def check(self) -> None:
+        shares = ("max_top_score_share", "max_parse_failure_rate")
+        for name in shares:
+            value = getattr(self, name)
+            _require(value is None or 0 <= value <= 1, name, value, "must be in [0, 1]")
+        growth = self.max_length_growth
+        _require(growth is None or growth >= 0, "max_length_growth", growth, "must be >= 0")
+        position = self.max_position_win_share
+        ok = position is None or 0.5 <= position <= 1
+        _require(ok, "max_position_win_share", position, "must be in [0.5, 1]")
+        _require(self.on_alarm in ON_ALARM, "on_alarm", self.on_alarm, f"one of {ON_ALARM}")
 
 
 @dataclass
@@ -511,7 +624,7 @@ class EvalConfig(Section):
         _require(self.bootstrap_samples >= 10, "bootstrap_samples", self.bootstrap_samples, ">= 10")
         path = self.heldout_prompts
         _require(not path or Path(path).is_file(), "heldout_prompts", path, "no such file")
-        _check_template("pairwise_template", self.pairwise_template)
+        _check_template("pairwise_template", self.pairwise_template, "pairwise")
         _require(bool(self.suites), "suites", self.suites, "needs at least one suite")
         for entry in self.suites:
             ok = isinstance(entry, str) or (
@@ -524,6 +637,83 @@ class EvalConfig(Section):
         _require(
             self.winner_from in WINNER_SOURCES, "winner_from", self.winner_from, f"one of {WINNER_SOURCES}"
         )
+
+
+@dataclass
+class AlignConfig(Section):
+    """Training a judge toward the spread of human labels (``metareward-align-judge``, and the EFT step
+    before iteration 1 with ``judge_alignment.enabled``); alignment.py says what each objective is."""
+
+    where: ClassVar[str] = "align."
+
+    # Human evaluation rows: a bundled suite (pandalm, llmbar_natural, hh_rlhf) or a JSONL file of
+    # pairwise, pointwise or generic rows (align_data.py).
+    train: str = "pandalm"
+    # Held-out rows (the same kinds); empty: hold out `heldout_fraction` of train's prompts.
+    heldout: str | None = None
+    heldout_fraction: float = 0.2
+    # distribution: KL(human || model) against the worst target within adversarial_epsilon (total
+    # variation) of the human one, + ce_weight * CE(majority); point: CE(majority) alone.
+    objective: str = "distribution"
+    ce_weight: float = 0.1
+    adversarial_epsilon: float = 0.05
+    learning_rate: float = 1e-5
+    num_epochs: float = 1.0
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    # Items with more tokens (prompt and cue) are left out of training and evaluation, and counted.
+    max_length: int = 2048
+    # As under train.dpo: fp32 master weights; bf16 autocasts where the device has it natively.
+    precision: str = "auto"
+    use_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    seed: int = 0
+    # A checkpoint every this many optimiser steps: a killed alignment resumes from the last one.
+    save_steps: int = 20
+    eval_batch_size: int = 8
+    progress: bool = True
+    # Where the aligned model is saved; empty: runs/<run_name>/align/model.
+    model_dir: str | None = None
+
+    def check(self) -> None:
+        _require(bool(self.train), "train", self.train, "must name a bundled suite or a file")
+        _require(
+            0 <= self.heldout_fraction < 1, "heldout_fraction", self.heldout_fraction, "must be in [0, 1)"
+        )
+        _require(
+            self.heldout is not None or self.heldout_fraction > 0,
+            "heldout_fraction",
+            self.heldout_fraction,
+            "must be > 0 when align.heldout is not set (held-out rows are what the judge is measured on)",
+        )
+        _require(
+            self.objective in ALIGN_OBJECTIVES, "objective", self.objective, f"one of {ALIGN_OBJECTIVES}"
+        )
+        _require(self.ce_weight >= 0, "ce_weight", self.ce_weight, "must be >= 0")
+        _require(
+            0 <= self.adversarial_epsilon <= 1,
+            "adversarial_epsilon",
+            self.adversarial_epsilon,
+            "must be in [0, 1] (a total-variation radius)",
+        )
+        _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
+        _require(self.num_epochs > 0, "num_epochs", self.num_epochs, "must be > 0")
+        for name in ("batch_size", "gradient_accumulation_steps", "save_steps", "eval_batch_size", "lora_r"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        _require(self.max_length >= 16, "max_length", self.max_length, "must be >= 16")
+        _require(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
+
+
+@dataclass
+class JudgeAlignmentConfig(Section):
+    """The EFT step: align the seed as a judge (``align.*``) once, before iteration 1; the aligned
+    model is then M_0 for every role."""
+
+    where: ClassVar[str] = "judge_alignment."
+
+    enabled: bool = False
 
 
 @dataclass
@@ -551,6 +741,9 @@ class Config(Section):
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    judge_alignment: JudgeAlignmentConfig = field(default_factory=JudgeAlignmentConfig)
 
     def check(self) -> None:
         _require(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")

@@ -76,25 +76,52 @@ def to_prompt_rows(rows: list[dict], source: str, line_numbers: list[int] | None
     return prompts
 
 
+def read_prompt_file(path: Path) -> list[dict]:
+    """The prompt rows of a JSONL file in any accepted shape; errors name the file and line."""
+    numbered = read_jsonl_numbered(path)
+    return to_prompt_rows([row for _, row in numbered], str(path), [number for number, _ in numbered])
+
+
 def load_prompts(cfg: DataConfig) -> list[dict]:
+    """The prompt set; for ``data=synthetic`` the seed set the pool is written from (synthesis.py)."""
     if cfg.kind == "hf":
         import datasets
 
         dataset = datasets.load_dataset(cfg.hf_name, split=cfg.hf_split)
         return to_prompt_rows(list(dataset), f"{cfg.hf_name}[{cfg.hf_split}]")
-    path = Path(cfg.path) if cfg.path else bundled_path(BUNDLED_PROMPTS)
-    numbered = read_jsonl_numbered(path)
-    return to_prompt_rows([row for _, row in numbered], str(path), [number for number, _ in numbered])
+    if cfg.kind == "synthetic":
+        seed_path = cfg.synthetic.seed_path
+        return read_prompt_file(Path(seed_path) if seed_path else bundled_path(BUNDLED_PROMPTS))
+    return read_prompt_file(Path(cfg.path) if cfg.path else bundled_path(BUNDLED_PROMPTS))
 
 
 def prompts_for_iteration(prompts: list[dict], iteration: int, per_iteration: int, seed: int) -> list[dict]:
     """Iteration t's prompts: the t-th slice of one seeded shuffle, so iterations see new prompts
-    while they last (then the order wraps around)."""
+    while they last (then the order wraps around, see :func:`reuse_notice`)."""
     order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)
     start = (iteration - 1) * per_iteration
     count = min(per_iteration, len(prompts))
     return [prompts[order[(start + i) % len(order)]] for i in range(count)]
+
+
+def reused_prompts(total: int, iteration: int, per_iteration: int) -> int:
+    """How many of iteration t's prompts (:func:`prompts_for_iteration`) earlier iterations saw too."""
+    count = min(per_iteration, total)
+    drawn_before = (iteration - 1) * per_iteration
+    return min(count, max(0, drawn_before + count - total))
+
+
+def reuse_notice(total: int, iteration: int, per_iteration: int) -> str | None:
+    """A sentence when iteration t's draw wraps around the prompt set; None while prompts are new."""
+    reused = reused_prompts(total, iteration, per_iteration)
+    if not reused:
+        return None
+    count = min(per_iteration, total)
+    return (
+        f"iteration {iteration}: the {total} prompts have run out; {reused} of its {count} prompts "
+        "were drawn by earlier iterations too (a larger data.synthetic.pool_size or prompt set avoids it)"
+    )
 
 
 def _prompt_tokens(tokenizer, messages: list[dict]) -> int:

@@ -15,7 +15,10 @@ stand-ins.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from metareward import stages
@@ -28,7 +31,11 @@ from metareward.prompts import Templates
 from metareward.records import RecordError, read_jsonl_numbered
 from metareward.suites import SuiteEntryError, SuitePair, load_suite
 
+log = logging.getLogger(__name__)
+
 BUNDLED_HELDOUT = "vicuna_bench_questions.jsonl"
+# Tokens kept free beyond eval.max_new_tokens for the cue a score or verdict is read after.
+CUE_TOKENS = 8
 
 
 # ------------------------------------------------------------------ judge skill on preference suites
@@ -158,25 +165,138 @@ def _judged(
     )
 
 
+@dataclass(frozen=True)
+class ContextFit:
+    """The judge's context: a pair whose judge prompts (under a protocol) do not fit ``limit`` tokens is
+    skipped, or with ``mode="truncate"`` has its responses cut to the same number of tokens, keeping
+    their start (skipped after all when nothing of them fits) — the rule of ``data.long_prompts``."""
+
+    tokenizer: object
+    limit: int
+    mode: str
+
+    @classmethod
+    def for_model(
+        cls, model_dir: str, trust_remote_code: bool, max_new_tokens: int, mode: str
+    ) -> ContextFit | None:
+        """The fit for the model in ``model_dir``; None when it has no local tokenizer or states no
+        context length (a served model known only by name): its pairs are then not checked."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        if not model_dir or not (Path(model_dir) / "config.json").is_file():
+            return None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):
+            return None
+        context = getattr(config.get_text_config(), "max_position_embeddings", None)
+        if context is None:
+            return None
+        return cls(tokenizer, max(context - max_new_tokens - CUE_TOKENS, 1), mode)
+
+    def _tokens(self, messages: list[dict]) -> int:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _fits(self, templates: Templates, pair: SuitePair, a: str, b: str, protocol: str) -> bool:
+        if protocol == "pointwise":
+            requests = [templates.judge_messages(pair.prompt, a), templates.judge_messages(pair.prompt, b)]
+        else:
+            requests = [
+                templates.pairwise_messages(pair.prompt, a, b),
+                templates.pairwise_messages(pair.prompt, b, a),
+            ]
+        return all(self._tokens(messages) <= self.limit for messages in requests)
+
+    def _cut(self, text: str, keep: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= keep:
+            return text
+        cut = self.tokenizer.decode(ids[:keep], skip_special_tokens=True)
+        return cut if text.startswith(cut) else cut.rstrip("\ufffd")  # a cut inside a character
+
+    def _truncated(self, templates: Templates, pair: SuitePair, protocol: str) -> SuitePair | None:
+        """``pair`` with both responses cut to the most tokens that fit; None if none do."""
+        low, high = (
+            0,
+            max(
+                len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                for text in (pair.response_a, pair.response_b)
+            ),
+        )
+        while low < high:  # binary search on the tokens kept of each response
+            middle = (low + high + 1) // 2
+            a, b = self._cut(pair.response_a, middle), self._cut(pair.response_b, middle)
+            if self._fits(templates, pair, a, b, protocol):
+                low = middle
+            else:
+                high = middle - 1
+        a, b = self._cut(pair.response_a, low), self._cut(pair.response_b, low)
+        if low == 0 or not (a.strip() and b.strip()):
+            return None
+        return dataclasses.replace(pair, response_a=a, response_b=b)
+
+    def fit(self, templates: Templates, pairs: list[SuitePair], protocol: str) -> tuple[list, dict]:
+        """The pairs that fit (truncated ones included) and ``{"skipped_too_long", "truncated"}``."""
+        kept, counts = [], {"skipped_too_long": 0, "truncated": 0}
+        for pair in pairs:
+            if self._fits(templates, pair, pair.response_a, pair.response_b, protocol):
+                kept.append(pair)
+                continue
+            cut = self._truncated(templates, pair, protocol) if self.mode == "truncate" else None
+            if cut is None:
+                counts["skipped_too_long"] += 1
+            else:
+                kept.append(cut)
+                counts["truncated"] += 1
+        return kept, counts
+
+
 def evaluate_suites(
     generator: Generator,
     templates: Templates,
     suites: list[tuple[str, list[SuitePair]]],
     cfg: EvalConfig,
     score_from: str,
+    fit: ContextFit | None = None,
 ) -> tuple[dict, list[dict]]:
     """Every suite under every protocol of ``cfg.protocols``: ``({"suites": {name: {protocol:
-    metrics}}}, per-pair rows)``, metrics as :func:`~metareward.judge_metrics.suite_metrics` gives them."""
+    metrics}}}, per-pair rows)``, metrics as :func:`~metareward.judge_metrics.suite_metrics` gives them,
+    plus what was left out before judging: ``identical_pairs`` (both responses the same text: no
+    preference to find), and with ``fit`` the pairs too long for the judge's context,
+    ``skipped_too_long`` and ``truncated`` (null when not checked)."""
     result: dict = {"suites": {}}
     per_pair = []
-    for name, pairs in suites:
+    for name, all_pairs in suites:
         result["suites"][name] = {}
+        pairs = [p for p in all_pairs if p.response_a.strip() != p.response_b.strip()]
+        identical = len(all_pairs) - len(pairs)
+        if identical:
+            log.warning("metareward: suite %s: %d pair(s) with identical responses left out", name, identical)
         for protocol in cfg.protocols:
-            if protocol == "pointwise":
-                judged = judge_pointwise(generator, templates, pairs, cfg, score_from, cfg.seed)
+            fitted, counts = fit.fit(templates, pairs, protocol) if fit else (pairs, None)
+            if counts and any(counts.values()):
+                log.warning(
+                    "metareward: suite %s (%s): %d pair(s) too long for the judge's context skipped, %d "
+                    "truncated (data.long_prompts)",
+                    name,
+                    protocol,
+                    counts["skipped_too_long"],
+                    counts["truncated"],
+                )
+            if not fitted:
+                judged = []
+            elif protocol == "pointwise":
+                judged = judge_pointwise(generator, templates, fitted, cfg, score_from, cfg.seed)
             else:
-                judged = judge_pairwise(generator, templates, pairs, cfg, cfg.seed)
-            result["suites"][name][protocol] = suite_metrics(judged, cfg.bootstrap_samples, cfg.seed)
+                judged = judge_pairwise(generator, templates, fitted, cfg, cfg.seed)
+            result["suites"][name][protocol] = {
+                **suite_metrics(judged, cfg.bootstrap_samples, cfg.seed),
+                "identical_pairs": identical,
+                "skipped_too_long": counts["skipped_too_long"] if counts else None,
+                "truncated": counts["truncated"] if counts else None,
+            }
             per_pair += [
                 {
                     "suite": name,
@@ -313,9 +433,12 @@ def evaluate_model(
     "actor": win rate]}``."""
     suites = load_suites(cfg.eval)
     heldout = load_heldout_prompts(cfg.eval.heldout_prompts, cfg.eval.num_heldout)
+    fit = ContextFit.for_model(
+        model_dir, cfg.model.trust_remote_code, cfg.eval.max_new_tokens, cfg.data.long_prompts
+    )
     generator = make_generator(model_dir, cfg.model, cfg.generator, cache_dir=cache_dir)
     try:
-        judge, per_pair = evaluate_suites(generator, templates, suites, cfg.eval, cfg.judge.score_from)
+        judge, per_pair = evaluate_suites(generator, templates, suites, cfg.eval, cfg.judge.score_from, fit)
         responses, self_judged = [], None
         if cfg.eval.win_rate:
             responses = generate_responses(

@@ -12,6 +12,7 @@ Conventions (the alpaca_eval annotator table, RewardBench, JudgeBench):
   verdict gives each side half a vote), "tie" when the votes are even, None when no verdict parsed.
 - Accuracy is over pairs whose human label is not a tie (those are counted as ``label_ties``): 1 when
   the outcome is the label, 0 for the other side, 0.5 for a judge tie or no verdict.
+- The accuracy's 95% interval is null, with ``ci_reason``, below MIN_DECIDED_FOR_CI decided pairs.
 - Lengths are characters. A metric that does not apply (no pair it could be computed on, or a protocol
   without the inputs) is None.
 """
@@ -29,6 +30,9 @@ from metareward.metrics import mean_or_none
 SIDES = ("A", "B")
 # Equal-width confidence bins of the expected calibration error.
 ECE_BINS = 10
+# Below this many decided pairs a bootstrap interval is too coarse to mean anything (one pair gives a
+# zero-width one): it is reported as null, with the reason in "ci_reason".
+MIN_DECIDED_FOR_CI = 10
 
 
 @dataclass(frozen=True)
@@ -151,10 +155,15 @@ def suite_metrics(judged: list[JudgedPair], bootstrap_samples: int, seed: int) -
     for j, credit in zip(labelled, credits, strict=True):
         if j.subset is not None:
             subsets[j.subset].append(credit)
+    ci_reason = None
+    if len(decided) < MIN_DECIDED_FOR_CI:
+        ci_reason = f"{len(decided)} decided pair(s), fewer than the {MIN_DECIDED_FOR_CI} an interval needs"
+    interval = stats if stats and ci_reason is None else None
     return {
         "accuracy": stats["mean"] if stats else None,
-        "ci_low": stats["ci_low"] if stats else None,
-        "ci_high": stats["ci_high"] if stats else None,
+        "ci_low": interval["ci_low"] if interval else None,
+        "ci_high": interval["ci_high"] if interval else None,
+        "ci_reason": ci_reason,
         "pairs": len(judged),
         "decided": len(decided),
         "label_ties": sum(j.label == "tie" for j in judged),

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from metareward import pairs, records, report, stages
+from metareward import guards, pairs, records, report, runlock, stages, synthesis
+from metareward.align_data import ALIGN_METRICS, align_paths, load_align_split
 from metareward.config import Config, RoleModelConfig
-from metareward.data import fit_to_model, load_prompts, prompts_for_iteration
+from metareward.data import fit_to_model, load_prompts, prompts_for_iteration, reuse_notice, to_prompt_rows
 from metareward.evaluation import evaluate_model, load_heldout_prompts, load_suites
 from metareward.exports import write_heldout_exports
 from metareward.generation import Generator, Usage, make_generator
@@ -41,7 +42,16 @@ HELDOUT = "heldout"
 PROMPT_FIT = "prompt_fit.json"
 ROLE_FILES = {"actor": records.RESPONSES, "judge": records.JUDGEMENTS, "meta_judge": records.META_JUDGEMENTS}
 # Settings that may change between a run and its resumption without changing any finished work.
-RESUMABLE_CHANGES = {"iterations", "allow_config_change", "generator.progress", "generator.device"}
+RESUMABLE_CHANGES = {
+    "iterations",
+    "allow_config_change",
+    "generator.progress",
+    "generator.device",
+    # Synthesis chunks depend on their index only, so a larger budget goes on from the ones written.
+    "data.synthetic.request_budget",
+}
+# Guards only decide whether the run goes on: a rerun with guards.on_alarm=warn goes past a stop.
+RESUMABLE_PREFIXES = ("guards.",)
 
 
 class RunStopped(RuntimeError):
@@ -65,12 +75,16 @@ def check_run_config(run_dir: Path, cfg: Config) -> None:
     """Write the run's config.yaml once; on resume refuse a changed config unless allowed."""
     path = run_dir / records.CONFIG
     if path.is_file():
-        saved = _flatten(OmegaConf.to_container(OmegaConf.load(path)))
+        # A setting newer than the saved file reads as its default there: a run started before the
+        # setting existed resumes unless the setting was changed from it.
+        saved = {**_flatten(asdict(Config())), **_flatten(OmegaConf.to_container(OmegaConf.load(path)))}
         current = _flatten(asdict(cfg))
         changed = sorted(
             key
             for key in saved.keys() | current.keys()
-            if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
+            if key not in RESUMABLE_CHANGES
+            and not key.startswith(RESUMABLE_PREFIXES)
+            and saved.get(key) != current.get(key)
         )
         if changed and not cfg.allow_config_change:
             listing = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
@@ -124,18 +138,31 @@ class Run:
         )
 
     def run(self) -> list[dict]:
-        """Run (or resume) iterations 1..T; returns each iteration's metrics."""
-        cfg = self.cfg
+        """Run (or resume) iterations 1..T; returns each iteration's metrics. The run directory is
+        locked for the whole run: a second process on it is refused (runlock.RunLocked)."""
         check_writable(self.dir)
+        with runlock.hold(self.dir):
+            # Holding the lock proves every earlier writer of the directory gone: its temp files are stale.
+            records.remove_stale_temps(self.dir)
+            return self._run_locked()
+
+    def _run_locked(self) -> list[dict]:
+        cfg = self.cfg
         # Bad prompts or a bad model path fail before config.yaml exists: a run that never started
         # leaves no config that would then refuse the corrected one.
         all_prompts = load_prompts(cfg.data)
         if cfg.eval.enabled:
             load_suites(cfg.eval)  # a bad suite file fails here, not after minutes of generation
+        if cfg.judge_alignment.enabled:
+            alignment_rows = load_align_split(cfg)  # so do bad alignment rows
         self.seed_dir = model_dir = resolve_model(cfg.model)
         check_run_config(self.dir, cfg)
         history = []
         with make_tracker(cfg.tracking, self.dir, cfg.run_name, asdict(cfg)) as tracker:
+            if cfg.judge_alignment.enabled:
+                self.seed_dir = model_dir = self._aligned_seed(model_dir, alignment_rows, tracker)
+            if cfg.data.kind == "synthetic":  # the prompter writes from the seed set loaded above
+                all_prompts = self._prompt_pool(all_prompts, model_dir, tracker)
             if cfg.eval.enabled and not (self.dir / records.EVAL_0).is_file():
                 # M_0's judge skill is the baseline every later iteration is compared with.
                 write_json(self.dir / records.EVAL_0, self._evaluate(model_dir, iteration=0))
@@ -147,6 +174,8 @@ class Run:
                 directory = iter_dir(self.dir, t)
                 if not (directory / records.METRICS).is_file():
                     chosen = prompts_for_iteration(all_prompts, t, cfg.data.prompts_per_iteration, cfg.seed)
+                    if notice := reuse_notice(len(all_prompts), t, cfg.data.prompts_per_iteration):
+                        log.warning("metareward: %s", notice)
                     self._iteration(t, directory, model_dir, chosen, tracker)
                     self._track(tracker, t, directory)
                 metrics = records.read_json(directory / records.METRICS)
@@ -156,6 +185,32 @@ class Run:
         if cfg.eval.enabled:
             self._select_best(history)
         return history
+
+    def _aligned_seed(self, seed_dir: str, rows: tuple[list, list], tracker) -> str:
+        """The EFT step: the seed trained as a judge toward human label distributions (``align.*``),
+        once; the aligned model is M_0 for every role. Its metrics are in align/metrics.json."""
+        from metareward.alignment import align_judge, result_lines
+
+        work_dir, model_dir = align_paths(self.cfg)
+        metrics_path = work_dir / ALIGN_METRICS
+        saved_log = model_dir / records.TRAINING_LOG
+        if not metrics_path.is_file() and saved_log.is_file():  # killed between the model and its metrics
+            write_json(metrics_path, {**records.read_json(saved_log)["alignment"], "seed_model": seed_dir})
+        if not metrics_path.is_file():
+            log.info("== aligning the seed model as a judge (%s objective) ==", self.cfg.align.objective)
+            result = align_judge(
+                seed_dir,
+                self.cfg.align,
+                *rows,
+                out_dir=model_dir,
+                work_dir=work_dir,
+                trust_remote_code=self.cfg.model.trust_remote_code,
+            )
+            write_json(metrics_path, {**result, "seed_model": seed_dir})
+            tracker.log({"align": {"heldout": result["heldout"], "train": result["train"]}}, step=0)
+        result = records.read_json(metrics_path)
+        log.info("\n".join(["== the aligned seed model (M_0) ==", *result_lines(result)]))
+        return result["model_dir"]
 
     def _select_best(self, history: list[dict]) -> None:
         """``best.json``: the iteration (0 = M_0) whose judge is most accurate on ``eval.select_by`` (the
@@ -214,7 +269,8 @@ class Run:
                     self._context(meta_judge, t),
                     prompts,
                     responses,
-                    judgements,
+                    # Over-long judgements are unusable (pairs.max_judgement_tokens): never compared.
+                    pairs.within_token_limit(judgements, cfg.pairs.max_judgement_tokens),
                     cfg.meta_judge,
                     ChunkedFile(directory / records.META_JUDGEMENTS),
                 )
@@ -228,10 +284,15 @@ class Run:
         except records.RecordError as error:  # finished work no longer fits together: stop, do not guess
             raise RunStopped(str(error)) from None
         actor_rows, judge_rows, pair_stats = pairs.build_pairs(
-            directory, cfg.pairs.rho_for(t), cfg.pairs.elo_l2, self.templates.judge_messages
+            directory, cfg.pairs.rho_for(t), cfg.pairs.elo_l2, self.templates.judge_messages, cfg.pairs
         )
         if not ((directory / records.ACTOR_PAIRS).is_file() and (directory / records.JUDGE_PAIRS).is_file()):
             pairs.write_pairs(directory, actor_rows, judge_rows)
+        guard = self._guard(t, responses, judgements, verdicts, tracker)
+        # What is trained is what is on disk: pairs rebuilt there (metareward-pairs) since count.
+        actor_rows = read_jsonl(directory / records.ACTOR_PAIRS)
+        judge_rows = read_jsonl(directory / records.JUDGE_PAIRS)
+        pair_stats["actor"]["pairs"], pair_stats["judge"]["pairs"] = len(actor_rows), len(judge_rows)
         train_judge = t in cfg.train.judge_iterations
         rows = actor_rows + (judge_rows if train_judge else [])
         if rows:
@@ -261,12 +322,56 @@ class Run:
             # TRL's own log, step by step, beside the summary numbers above.
             "train_log": training["log_history"],
             "pairs": {**pair_stats, "rho": cfg.pairs.rho_for(t), "trained_on_judge_pairs": train_judge},
+            "guards": guard,
             "eval": evaluated.get("judge", {}),
             "eval_actor": evaluated.get("actor", {}),
             # Generation spent by each stage in the invocation that ran it (0 for a stage found on disk).
-            "usage": {role: usage.get(role, asdict(Usage())) for role in ROLE_FILES},
+            "usage": {role: usage.get(role, Usage().since(Usage())) for role in ROLE_FILES},
         }
         write_json(directory / records.METRICS, metrics)
+
+    def _guard(self, t: int, responses: list, judgements: list, verdicts: list, tracker) -> dict:
+        """Iteration t's guard values and alarms (guards.py), against the previous iteration's values;
+        an alarm is logged, or with guards.on_alarm=stop ends the run before the iteration trains."""
+        previous = iter_dir(self.dir, t - 1) / records.METRICS
+        prior = records.read_json(previous).get("guards") if t > 1 and previous.is_file() else None
+        values = guards.guard_values(responses, judgements, verdicts, prior)
+        guard = guards.with_alarms(values, self.cfg.guards)
+        if guard["alarms"] and self.cfg.guards.on_alarm == "stop":
+            tracker.log({"guards": guard}, step=t)
+            raise RunStopped(guards.stop_reason(t, guard["alarms"]))
+        for alarm in guard["alarms"]:
+            log.warning("metareward: iteration %d guard alarm: %s", t, alarm["reason"])
+        return guard
+
+    def _prompt_pool(self, seeds: list[dict], seed_dir: str, tracker) -> list[dict]:
+        """data=synthetic: the run's prompt pool, written by the prompter (M_0, unless roles.prompter has
+        a model of its own) the first time, read back after."""
+        cfg = self.cfg
+        if not synthesis.pool_complete(self.dir):
+            spec = cfg.roles.prompter
+            if spec.own_model:
+                generator = make_generator(own_model_dir(spec), spec.model, spec.generator, self.dir / CACHE)
+                chunk_size = spec.generator.chunk_size
+            else:
+                generator = make_generator(seed_dir, cfg.model, cfg.generator, self.dir / CACHE)
+                chunk_size = cfg.generator.chunk_size
+            try:
+                synthesis.build_pool(generator, seeds, cfg.data.synthetic, self.dir, cfg.seed, chunk_size)
+            except synthesis.SynthesisError as error:
+                raise RunStopped(str(error)) from None
+            finally:
+                generator.close()
+            tracker.log({"prompt_pool": synthesis.read_pool(self.dir)[1]}, step=0)
+        rows, stats = synthesis.read_pool(self.dir)
+        left_out = ", ".join(f"{reason} {n}" for reason, n in stats["left_out"].items() if n) or "none"
+        log.info(
+            "prompt pool: %d prompts from %d requests (left out: %s)",
+            stats["kept"],
+            stats["requests"],
+            left_out,
+        )
+        return to_prompt_rows(rows, str(self.dir / synthesis.POOL))
 
     def _context(self, generator: Generator | None, t: int) -> stages.StageContext:
         return stages.StageContext(generator, self.templates, self.cfg.seed, t, self.cfg.generator.chunk_size)
@@ -288,6 +393,9 @@ class Run:
                 for r in rows
             ]
             tracker.log_table(f"{role}_pairs", columns, table, step=t)
+        alarms = records.read_json(directory / records.METRICS).get("guards", {}).get("alarms", [])
+        rows = [[a["guard"], a["value"], a["threshold"], a["reason"]] for a in alarms]
+        tracker.log_table("guard_alarms", ["guard", "value", "threshold", "reason"], rows, step=t)
 
     def _evaluate(self, model_dir: str, iteration: int) -> dict:
         """Judge-human agreement of M_``iteration`` and, after iteration 1.., its actor's win rate

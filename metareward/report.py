@@ -451,10 +451,27 @@ def summary(metrics: dict) -> str:
         f"DPO        {train.get('steps', 0)} steps, loss {losses}, "
         f"reward margin {_number(train.get('rewards_margins'), '.4f')}",
     ]
+    lines += guard_lines(metrics.get("guards"))
     lines += eval_lines(agreement)
     if actor_eval:
         lines.append(f"eval       actor win rate vs M_0 {actor_eval['win_rate']:.2f}")
     return "\n".join(lines)
+
+
+def guard_lines(guard: dict | None) -> list[str]:
+    """The guarded numbers of an iteration (guards.py) on one line, then one line per alarm."""
+    if not guard:
+        return []
+    lines = [
+        f"guards     top scores {_number(guard.get('top_score_share'), '.0%')}, length growth "
+        f"responses {_number(guard.get('response_tokens_growth'), '+.0%')} / judgements "
+        f"{_number(guard.get('judgement_tokens_growth'), '+.0%')}, parse failures "
+        f"{_number(guard.get('judge_parse_failure_rate'), '.0%')} / "
+        f"{_number(guard.get('meta_judge_parse_failure_rate'), '.0%')}, first-position wins "
+        f"{_number(guard.get('first_position_win_share'), '.0%')}"
+    ]
+    lines += [f"ALARM      {alarm['reason']}" for alarm in guard.get("alarms", [])]
+    return lines
 
 
 def _clip_line(text: str, width: int = 160) -> str:

@@ -41,7 +41,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from metareward import faults
+from metareward import faults, records
 from metareward.config import DEFAULT_ACCELERATE_CONFIG, DPOSettings
 from metareward.hardware import bf16_is_native
 from metareward.metrics import flatten
@@ -189,18 +189,29 @@ class _OnLog(TrainerCallback):
 
 
 def _save_atomically(model, tokenizer, out_dir: Path, log: dict) -> None:
-    """Write into a sibling temp dir, then rename it into place: a killed run leaves no half model."""
+    """Write into a sibling temp dir, flush it to disk, then rename it into place: a killed run leaves no
+    half model, and one stopped by Ctrl-C or a full disk not even the temp dir."""
     tmp = out_dir.parent / (out_dir.name + ".tmp")
     if tmp.exists():  # left by a run killed while saving
         shutil.rmtree(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    faults.point("save_model")
-    tokenizer.save_pretrained(tmp)
-    (tmp / TRAINING_LOG).write_text(json.dumps(log, indent=2))
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        faults.point("save_model")
+        tokenizer.save_pretrained(tmp)
+        (tmp / TRAINING_LOG).write_text(json.dumps(log, indent=2))
+        records.share_tree(tmp)
+        records.fsync_tree(tmp)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, Exception) and records.is_no_space(error):  # safetensors' error is no OSError
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            raise records.NoSpace(out_dir, weights) from None
+        raise
     if out_dir.exists():  # os.replace cannot replace a non-empty directory
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+    records.fsync_dir(out_dir.parent)
 
 
 def _save_gathered(trainer, tokenizer, settings: DPOSettings, out_dir: Path, log: dict) -> None:

@@ -5,6 +5,7 @@ Run it (about 4 minutes on 2 CPU cores)::
     make bench
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py --out bench.json
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py --model tiny --quick   # seconds, a smoke test
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py --endpoint-only        # the endpoint section alone
 
 Sections of the report:
 
@@ -26,6 +27,13 @@ Sections of the report:
   Training autocasts to bf16 where ``train.dpo.precision: auto`` finds native bf16
   (``computes_in``; ``mfu_vs_own_dtype`` uses that dtype's rate). The count is the usual one: the
   LM head, which runs on completion positions only, is counted on every token.
+- ``endpoint``: the OpenAI-compatible backend (``generator=openai``) at its default settings against a
+  stand-in server on 127.0.0.1 (tests/openai_standin.py, in a process of its own) that answers each
+  request after a fixed delay: requests per second and the mean number of requests in flight (the
+  stand-in's request-seconds / wall time), against the ideal ``max_in_flight / delay`` (every slot
+  busy all the time), after one uncounted round of ``max_in_flight`` requests that opens the
+  connections. Even a perfect client loses the last partial round of a run
+  (600 requests, 64 in flight: at most 600 / 640 of the ideal).
 """
 
 from __future__ import annotations
@@ -156,6 +164,53 @@ def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_si
     return report
 
 
+def endpoint_section(requests: int, delay_s: float) -> dict:
+    """The endpoint backend at its default settings against a stand-in server answering after ``delay_s``."""
+    from dataclasses import replace
+
+    from metareward.config import GeneratorConfig, ModelConfig, OpenAISettings
+    from metareward.generation import SamplingParams
+    from metareward.generation.openai import OpenAIGenerator
+
+    # The stand-in lives with the tests, which import from the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.openai_standin import stand_in_process
+
+    defaults = OpenAISettings()
+    params = SamplingParams(n=1, max_new_tokens=16, seed=0)
+    with stand_in_process(delay_s) as (url, stats):
+        api = replace(defaults, base_urls=[url], model="stand-in")
+        gen = OpenAIGenerator(
+            "no-local-model", ModelConfig(kind="tiny"), GeneratorConfig(progress=False, openai=api)
+        )
+        warm_up = [[{"role": "user", "content": f"warm-up {i}"}] for i in range(defaults.max_in_flight)]
+        gen.generate(warm_up, params)
+        before, spent_before = stats(), gen.usage.copy()
+        start = time.perf_counter()
+        gen.generate([[{"role": "user", "content": f"request {i}"}] for i in range(requests)], params)
+        seconds = time.perf_counter() - start
+        after, spent = stats(), gen.usage.since(spent_before)
+        gen.close()
+    ideal = defaults.max_in_flight / delay_s
+    return {
+        "delay_s": delay_s,
+        "requests": requests,
+        "max_in_flight": defaults.max_in_flight,
+        "warm_up_requests": len(warm_up),
+        "seconds": round(seconds, 3),
+        "requests_per_s": round(requests / seconds, 2),
+        "ideal_requests_per_s": round(ideal, 2),
+        "rate_vs_ideal": round(requests / seconds / ideal, 3),
+        "mean_in_flight": round((after["busy_seconds"] - before["busy_seconds"]) / seconds, 2),
+        "ideal_in_flight": defaults.max_in_flight,
+        "most_in_flight_at_the_server": after["max_in_flight"],
+        "http_requests": spent["http_requests"],
+        "retries": spent["retries"],
+        "latency_p50_s": spent["latency_p50_s"],
+        "latency_p95_s": spent["latency_p95_s"],
+    }
+
+
 def mfu(flops_per_s: float, gflops: float) -> float:
     return round(flops_per_s / (gflops * 1e9), 4)
 
@@ -263,7 +318,9 @@ def instrument(stats: dict) -> None:
                 entry.setdefault("peak_memory_gib", peak_memory_gib())
                 if before is not None:
                     for key, value in generator.usage.since(before).items():
-                        entry[key] = entry.get(key, 0) + value
+                        # Percentiles do not add up: a stage run again reports its latest.
+                        is_sum = not key.startswith("latency_")
+                        entry[key] = entry.get(key, 0) + value if is_sum else value
 
         setattr(module, name, wrapper)
 
@@ -342,6 +399,9 @@ def write_json(path: Path, data: dict) -> None:
 def run(args) -> dict:
     from dataclasses import replace
 
+    if args.endpoint_only:
+        return {"machine": {"cpus": os.cpu_count(), "load_average_start": load_average()}, **endpoint(args)}
+
     from metareward.cli import load_config
     from metareward.generation import SamplingParams
     from metareward.models import resolve_model
@@ -406,6 +466,7 @@ def run(args) -> dict:
             ]
             report["demo"] = demo_section(overrides, Path(tmp))
         probe()
+    report |= endpoint(args)
     rates = {dtype: statistics.median(values) for dtype, values in probes.items()}
     report["matmul"] = {
         **{f"{str(d).removeprefix('torch.')}_gflops": round(r, 2) for d, r in rates.items()},
@@ -416,6 +477,11 @@ def run(args) -> dict:
     add_dpo_mfu(report["dpo"], rates)
     report["machine"]["load_average_end"] = load_average()
     return report
+
+
+def endpoint(args) -> dict:
+    requests, delay = (128, 0.05) if args.quick else (args.endpoint_requests, args.endpoint_delay)
+    return {"endpoint": endpoint_section(requests, delay)}
 
 
 # Sizes that keep the smoke test of the demo section to seconds on the tiny model.
@@ -444,6 +510,11 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--dpo-steps", type=int, default=3, help="DPO: optimiser steps after the first")
     parser.add_argument("--demo-iterations", type=int, default=1)
     parser.add_argument("--skip-demo", action="store_true")
+    parser.add_argument("--endpoint-requests", type=int, default=600, help="endpoint: requests timed")
+    parser.add_argument(
+        "--endpoint-delay", type=float, default=0.3, help="endpoint: the stand-in's delay (s)"
+    )
+    parser.add_argument("--endpoint-only", action="store_true", help="only the endpoint section")
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (a smoke test)")
     parser.add_argument("--demo-child", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra config overrides for the demo run")

@@ -1,5 +1,8 @@
 """Smoke test of scripts/bench.py on the tiny model: every section reports finite, positive numbers and
-the resumed demo run generates nothing. No timing is asserted (the numbers depend on the machine)."""
+the resumed demo run generates nothing. No timing is asserted (the numbers depend on the machine).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/test_bench.py
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,6 @@ import statistics
 import pytest
 
 from tests.conftest import REPO
-
-# Whole runs of the loop (make test-fast leaves them out).
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,8 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+# Whole runs of the loop (make test-fast leaves it out).
+@pytest.mark.slow
 def test_quick_report_on_the_tiny_model(bench, tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"
     report = bench.main(["--model", "tiny", "--quick", "--out", str(out)])
@@ -70,3 +72,29 @@ def test_quick_report_on_the_tiny_model(bench, tiny_model_dir, tmp_path):
     assert demo["generated_tokens"] == generated
     # A finished iteration, run again, is read back from disk: nothing is generated twice.
     assert demo["resumed"]["generated_tokens"] == 0
+    check_endpoint(report["endpoint"], requests=128)
+
+
+def check_endpoint(endpoint: dict, requests: int) -> None:
+    assert endpoint["requests"] == endpoint["http_requests"] == requests
+    assert endpoint["ideal_requests_per_s"] == pytest.approx(
+        endpoint["max_in_flight"] / endpoint["delay_s"], 0.01
+    )
+    assert endpoint["rate_vs_ideal"] == pytest.approx(
+        endpoint["requests_per_s"] / endpoint["ideal_requests_per_s"], abs=0.01
+    )
+    for key in ("requests_per_s", "mean_in_flight", "latency_p50_s", "latency_p95_s"):
+        assert positive(endpoint[key]), key
+    assert endpoint["mean_in_flight"] <= endpoint["ideal_in_flight"] == endpoint["max_in_flight"]
+    assert endpoint["most_in_flight_at_the_server"] <= endpoint["max_in_flight"]
+    assert endpoint["latency_p50_s"] >= endpoint["delay_s"]
+
+
+def test_the_endpoint_section_alone(bench, tmp_path):
+    out = tmp_path / "bench.json"
+    report = bench.main(
+        ["--endpoint-only", "--endpoint-requests", "100", "--endpoint-delay", "0.05", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == report
+    assert set(report) == {"machine", "endpoint"}
+    check_endpoint(report["endpoint"], requests=100)

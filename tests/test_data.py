@@ -293,3 +293,53 @@ def test_row_errors_name_the_file_line_even_after_blank_lines(tmp_path: Path):
     with pytest.raises(RecordError, match="duplicate") as info:
         load_prompts(DataConfig(path=str(path)))
     assert f"{path}:3" in str(info.value)
+
+
+# ---------------------------------------------------------------- data=synthetic and running out
+
+
+def test_reuse_is_counted_once_the_draw_wraps_around():
+    from metareward.data import reuse_notice, reused_prompts
+
+    # 10 prompts, 4 per iteration: iterations 1 and 2 are new, 3 wraps (8, 9, then 0, 1), 4 reuses all.
+    assert [reused_prompts(10, t, 4) for t in (1, 2, 3, 4)] == [0, 0, 2, 4]
+    assert reuse_notice(10, 2, 4) is None
+    assert reuse_notice(10, 3, 4) == (
+        "iteration 3: the 10 prompts have run out; 2 of its 4 prompts were drawn by earlier iterations too "
+        "(a larger data.synthetic.pool_size or prompt set avoids it)"
+    )
+    prompts = [{"prompt_id": f"s{i}", "messages": user(f"q{i}")} for i in range(10)]
+    drawn = [{p["prompt_id"] for p in prompts_for_iteration(prompts, t, 4, seed=0)} for t in (1, 2, 3)]
+    assert not drawn[0] & drawn[1] and len(drawn[2] & (drawn[0] | drawn[1])) == 2
+    # A set smaller than one iteration's share is used whole, every iteration after the first again.
+    assert [reused_prompts(3, t, 4) for t in (1, 2)] == [0, 3]
+
+
+def test_synthetic_data_loads_its_seed_set(tmp_path):
+    seeds = write_jsonl(
+        tmp_path / "seeds.jsonl", [{"instruction": "Write a haiku."}, {"prompt": "Name a colour."}]
+    )
+    rows = load_prompts(DataConfig(kind="synthetic"))
+    assert len(rows) == 175  # the bundled Self-Instruct seed tasks
+    from metareward.config import SynthesisConfig
+
+    rows = load_prompts(DataConfig(kind="synthetic", synthetic=SynthesisConfig(seed_path=str(seeds))))
+    assert [r["messages"] for r in rows] == [user("Write a haiku."), user("Name a colour.")]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.synthetic.max_rouge_l=0", "data.synthetic.max_rouge_l"),
+        ("data.synthetic.pool_size=0", "data.synthetic.pool_size"),
+        ("data.synthetic.seed_path=/no/such/seeds.jsonl", "data.synthetic.seed_path"),
+        ("data.synthetic.max_words=2", "data.synthetic.max_words"),
+        ("pairs.judge_chosen_score_cap=0", "pairs.judge_chosen_score_cap"),
+        ("pairs.max_judgement_tokens=0", "pairs.max_judgement_tokens"),
+    ],
+)
+def test_bad_synthesis_and_pair_settings_are_refused_by_their_full_key(override, key):
+    from metareward.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"^{key.replace('.', '[.]')}="):
+        load_config(None, ["data=synthetic", override])

@@ -202,3 +202,16 @@ def test_points_do_nothing_unless_armed():
     for kill_at in (None, "c"):
         result = point_script(kill_at)
         assert result.returncode == 0 and result.stdout.count("passed") == 5
+
+
+FAULTS = [("ENOSPC", "OSError: [Errno 28]"), ("SIGINT", "KeyboardInterrupt")]
+
+
+@pytest.mark.parametrize(("fault", "ends"), FAULTS)
+def test_a_point_can_fill_the_disk_or_send_a_signal_instead(fault, ends):
+    code = "from metareward import faults\nfaults.point('a')\nprint('passed', flush=True)\n"
+    env = {key: value for key, value in os.environ.items() if key != faults.ENV}
+    env.update({faults.ENV: "a", faults.WITH_ENV: fault})
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "passed" not in result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith(ends), result.stderr

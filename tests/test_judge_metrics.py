@@ -55,7 +55,9 @@ def test_a_stand_in_judge_that_answers_with_the_labels_in_both_protocols():
     pointwise = [JudgedPair(label, 10, 20, (Verdict(label),), calls=6, unparsed=0) for label in labels]
     for judged in (both_orders, pointwise):
         m = metrics(judged)
-        assert m["accuracy"] == 1.0 and m["ci_low"] == 1.0 and m["ci_high"] == 1.0
+        # Five decided pairs are too few for an interval: null, with the reason.
+        assert m["accuracy"] == 1.0 and m["ci_low"] is None and m["ci_high"] is None
+        assert m["ci_reason"] == "5 decided pair(s), fewer than the 10 an interval needs"
         assert m["judge_tie_rate"] == 0.0
     # A pointwise comparison has no order: the position metrics do not apply.
     m = metrics(pointwise)
@@ -78,7 +80,7 @@ def test_accuracy_gives_half_credit_to_ties_and_unparsed_pairs_and_leaves_out_la
     assert m["position_consistency"] == 1.0
     # A judge tie among the pairs with an outcome: none here (the unparsed pair has no outcome).
     assert m["judge_tie_rate"] == 0.0
-    assert m["ci_low"] <= m["accuracy"] <= m["ci_high"]
+    assert m["ci_low"] is None and m["ci_high"] is None and m["ci_reason"]
 
 
 def test_brier_ece_and_jsd_on_hand_computed_probabilities():

@@ -37,7 +37,7 @@ def test_embedded_model_converts_once_and_answers(tmp_path: Path, monkeypatch):
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     assert "quantization_config" not in config
     # The conversion was renamed into place: no temporary directory is left beside it.
-    assert sorted(p.name for p in cache.iterdir()) == [SMOLLM2_DIR]
+    assert sorted(p.name for p in cache.iterdir()) == [f".{SMOLLM2_DIR}.lock", SMOLLM2_DIR]
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -262,8 +262,9 @@ def test_cache_builds_once_and_replaces_a_leftover(tmp_path: Path, monkeypatch):
     assert first == second == str(leftover)
     assert len(builds) == 1
     assert builds[0] != leftover  # built elsewhere, then renamed into place
-    assert sorted(p.name for p in leftover.iterdir()) == ["config.json"]
-    assert sorted(p.name for p in cache.iterdir()) == [TINY_DIR]
+    assert sorted(p.name for p in leftover.iterdir()) == [metareward.models.COMPLETE, "config.json"]
+    # Beside the entry only the lock its builders take turns on.
+    assert sorted(p.name for p in cache.iterdir()) == [f".{TINY_DIR}.lock", TINY_DIR]
 
 
 def test_failed_build_leaves_nothing_that_looks_finished(tmp_path: Path, monkeypatch):
@@ -278,4 +279,4 @@ def test_failed_build_leaves_nothing_that_looks_finished(tmp_path: Path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         resolve_model(ModelConfig(kind="tiny"))
     assert not (cache / TINY_DIR).exists()
-    assert list(cache.iterdir()) == []
+    assert [p.name for p in cache.iterdir()] == [f".{TINY_DIR}.lock"]

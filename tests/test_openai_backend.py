@@ -1,161 +1,32 @@
-"""The OpenAI-compatible backend against a stand-in server: a real HTTP server on 127.0.0.1 whose
-answers follow from each request, with faults injected on demand."""
+"""The OpenAI-compatible backend against a stand-in server (tests/openai_standin.py): a real HTTP server
+on 127.0.0.1 whose answers follow from each request, with faults injected on demand.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/test_openai_backend.py
+"""
 
 from __future__ import annotations
 
-import json
-import math
 import re
-import threading
 import time
 import zlib
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from metareward import records
-from metareward.config import GeneratorConfig, ModelConfig, OpenAISettings, load_config
-from metareward.generation import SamplingParams, make_generator
+from metareward.config import ConfigError, GeneratorConfig, ModelConfig, OpenAISettings, load_config
+from metareward.generation import SamplingParams, Usage, make_generator
 from metareward.generation.openai import OpenAIError, OpenAIGenerator, sample_seed
 from metareward.prompts import SCORE_TOKENS, WINNER_TOKENS
+from tests.openai_standin import StandInServer, chat_answer, stand_in_process
 from tests.test_loop import TINY_RUN
+
+# The stand-in and its canned answer, for the other tests that talk to an endpoint.
+__all__ = ["StandInServer", "chat_answer"]
 
 API_KEY = "sk-test-NOT-ON-DISK-123"
 KEY_ENV = "METAREWARD_TEST_OPENAI_KEY"
-
-
-def chat_answer(body: dict) -> dict:
-    """Words of the last message, then the sampling settings, cut at max_tokens (one word, one token)."""
-    messages = body["messages"]
-    content = messages[-1]["content"]
-    words = [*content.split(), f"seed={body['seed']}", f"t={body['temperature']}", f"p={body['top_p']}"]
-    cut = len(words) > body["max_tokens"]
-    words = words[: body["max_tokens"]]
-    reason = "length" if cut else ("eos" if "eos" in content else "stop")
-    prompt_tokens = sum(len(m["content"].split()) for m in messages)
-    return {
-        "object": "chat.completion",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": " ".join(words)},
-                "finish_reason": reason,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": len(words),
-            "total_tokens": prompt_tokens + len(words),
-        },
-    }
-
-
-def completion_answer(body: dict) -> dict:
-    """One greedy token with top logprobs: " 4" and "4" after a score cue, " A" / " B" otherwise."""
-    if body["prompt"].endswith("Score:"):
-        top = {" 4": math.log(0.6), "4": math.log(0.1), " 3": math.log(0.2), " x": math.log(0.1)}
-    else:
-        top = {" A": math.log(0.7), " B": math.log(0.2), " C": math.log(0.1)}
-    token = max(top, key=top.get)
-    return {
-        "object": "text_completion",
-        "choices": [
-            {
-                "index": 0,
-                "text": token,
-                "logprobs": {"tokens": [token], "token_logprobs": [top[token]], "top_logprobs": [top]},
-                "finish_reason": "length",
-            }
-        ],
-        "usage": {"prompt_tokens": len(body["prompt"].split()), "completion_tokens": 1, "total_tokens": 0},
-    }
-
-
-class StandInServer:
-    """A stand-in OpenAI-compatible server. ``faults`` are used up one per request, before answering:
-    "429", "429-retry-after" (Retry-After: 0), "503", "400" (its body echoes the Authorization header),
-    "drop" (closes the socket without answering), "slow" (answers after ``slow_s``)."""
-
-    def __init__(self, answer_chat=chat_answer, delay_s: float = 0.0, slow_s: float = 0.5):
-        self.answer_chat = answer_chat
-        self.delay_s = delay_s
-        self.slow_s = slow_s
-        self.faults: list[str] = []
-        self.received: list[tuple[str, dict, dict]] = []  # (path, headers, body), in arrival order
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    @property
-    def bodies(self) -> list[dict]:
-        return [body for _, _, body in self.received]
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def _handler(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.received.append((self.path, dict(self.headers), body))
-                    fault = server.faults.pop(0) if server.faults else None
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    self._answer(fault, body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (a timeout test)
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
-
-            def _answer(self, fault: str | None, body: dict) -> None:
-                time.sleep(server.delay_s)
-                if fault == "drop":
-                    self.close_connection = True
-                    return
-                if fault == "slow":
-                    time.sleep(server.slow_s)
-                if fault == "429":
-                    return self._send(429, {"error": {"message": "rate limited"}})
-                if fault == "429-retry-after":
-                    return self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"})
-                if fault == "503":
-                    return self._send(503, {"error": {"message": "overloaded"}})
-                if fault == "400":
-                    auth = self.headers.get("Authorization", "")
-                    return self._send(400, {"error": {"message": f"unknown field 'seed' (auth: {auth})"}})
-                if self.path == "/v1/chat/completions":
-                    return self._send(200, server.answer_chat(body))
-                if self.path == "/v1/completions":
-                    return self._send(200, completion_answer(body))
-                self._send(404, {"error": {"message": f"no route {self.path}"}})
-
-            def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-        return Handler
 
 
 @pytest.fixture
@@ -235,26 +106,40 @@ def test_same_seed_same_outputs_other_seed_other_outputs(serve):
     assert first != other
 
 
-def test_rate_limits_dropped_connections_and_server_errors_are_retried(serve):
+def test_rate_limits_with_and_without_retry_after_are_retried(serve):
     server = serve()
-    server.faults = ["429", "429-retry-after", "drop", "503"]
-    gen = generator(server.url, max_retries=4)
+    server.faults = ["429", "429-retry-after"]
+    gen = generator(server.url)
     out = gen.generate([user("hello")], replace(PARAMS, n=1))
     gen.close()
     assert out[0][0].text == f"hello seed={sample_seed(11, 0)} t=0.7 p=0.9"
-    assert gen.usage.http_requests == 5
-    assert len(server.received) == 5
-    assert gen.usage.samples == 1
+    assert [entry["status"] for entry in server.log] == [429, 429, 200]
+    usage = gen.usage
+    assert (usage.http_requests, usage.requests, usage.retries, usage.samples) == (3, 1, 2, 1)
+
+
+def test_dropped_connections_and_server_errors_are_retried(serve):
+    server = serve()
+    server.faults = ["drop", "503"]
+    gen = generator(server.url)
+    out = gen.generate([user("hello")], replace(PARAMS, n=1))
+    gen.close()
+    assert out[0][0].text == f"hello seed={sample_seed(11, 0)} t=0.7 p=0.9"
+    assert [entry["status"] for entry in server.log] == [None, 503, 200]
+    assert (gen.usage.http_requests, gen.usage.retries) == (3, 2)
 
 
 def test_retry_after_is_honoured_instead_of_the_backoff(serve):
     server = serve()
-    server.faults = ["429-retry-after"]
+    server.faults = ["429-retry-after=1.5"]
+    # A pool pause of 30 s would follow a 429 without Retry-After; this one says 1.5 s.
     gen = generator(server.url, backoff_s=30.0)
     start = time.monotonic()
     gen.generate([user("hello")], replace(PARAMS, n=1))
     gen.close()
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 20
+    refused, retried = server.log
+    assert retried["arrived"] - refused["answered"] >= 1.4
     assert gen.usage.http_requests == 2
 
 
@@ -265,7 +150,7 @@ def test_a_timeout_is_retried(serve):
     out = gen.generate([user("hello")], replace(PARAMS, n=1))
     gen.close()
     assert out[0][0].num_tokens == 4
-    assert gen.usage.http_requests == 2
+    assert (gen.usage.http_requests, gen.usage.retries) == (2, 1)
 
 
 def test_a_client_error_raises_at_once_naming_status_url_and_body_without_the_key(serve, monkeypatch):
@@ -414,13 +299,118 @@ def test_requests_are_spread_over_every_base_url(serve):
     assert len(first.received) == len(second.received) == 2
 
 
-def test_no_more_requests_in_flight_than_max_concurrency(serve):
-    server = serve(delay_s=0.1)
-    gen = generator(server.url, max_concurrency=3)
-    out = gen.generate([user(f"q{i}") for i in range(9)], replace(PARAMS, n=1))
+def test_no_more_requests_in_flight_per_base_url_than_max_in_flight(serve):
+    first, second = serve(delay_s=0.1), serve(delay_s=0.1)
+    gen = generator(first.url, second.url, max_in_flight=3)
+    out = gen.generate([user(f"q{i}") for i in range(18)], replace(PARAMS, n=1))
     gen.close()
-    assert [row[0].text.split()[0] for row in out] == [f"q{i}" for i in range(9)]
-    assert server.max_in_flight == 3
+    assert [row[0].text.split()[0] for row in out] == [f"q{i}" for i in range(18)]
+    assert first.max_in_flight == second.max_in_flight == 3
+
+
+def test_the_default_keeps_at_least_64_requests_in_flight_per_server(serve):
+    assert OpenAISettings().max_in_flight >= 64
+    server = serve(delay_s=0.3)
+    gen = generator(server.url, max_in_flight=OpenAISettings().max_in_flight)
+    gen.generate([user(f"q{i}") for i in range(200)], replace(PARAMS, n=1))
+    gen.close()
+    assert server.max_in_flight == OpenAISettings().max_in_flight
+
+
+def test_600_requests_at_the_defaults_run_at_80_percent_of_the_ideal_rate():
+    """Ideal: every slot busy all the time, max_in_flight / delay requests a second. The stand-in runs in
+    a process of its own, as a real server would, so that its work is not counted against the client.
+    Other processes on a small shared machine can take the CPU for a while: the best of three runs."""
+    delay, count = 0.3, 600
+    defaults = OpenAISettings()
+    ideal = defaults.max_in_flight / delay
+    rates = []
+    with stand_in_process(delay) as (url, stats):
+        api = replace(defaults, base_urls=[url], model="served", api_key_env=KEY_ENV)
+        gen = OpenAIGenerator(
+            "no-local-model", ModelConfig(kind="tiny"), GeneratorConfig(progress=False, openai=api)
+        )
+        # As in any long run, the connections and threads are up before the stretch that is timed.
+        gen.generate([user(f"warm-up {i}") for i in range(defaults.max_in_flight)], replace(PARAMS, n=1))
+        for run in range(3):
+            start = time.monotonic()
+            out = gen.generate([user(f"{run}/{i}") for i in range(count)], replace(PARAMS, n=1))
+            rates.append(count / (time.monotonic() - start))
+            assert len(out) == count
+            if rates[-1] >= 0.8 * ideal:
+                break
+        gen.close()
+        served = stats()
+    assert served["requests"] == defaults.max_in_flight + count * len(rates)
+    assert served["max_in_flight"] == defaults.max_in_flight
+    assert max(rates) >= 0.8 * ideal, (rates, ideal)
+
+
+def test_requests_per_minute_keeps_the_observed_rate_under_it(serve):
+    server = serve()
+    gen = generator(server.url, requests_per_minute=300)  # 5 a second
+    gen.generate([user(f"q{i}") for i in range(12)], replace(PARAMS, n=1))
+    gen.close()
+    arrivals = [entry["arrived"] for entry in server.log]
+    assert len(arrivals) == 12
+    # Over the whole run and over every stretch of four requests, at most 5 a second.
+    assert (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) <= 5 * 1.02
+    for first, last in zip(arrivals, arrivals[4:], strict=False):
+        assert 4 / (last - first) <= 5 * 1.1
+
+
+def test_tokens_per_minute_keeps_the_observed_token_rate_under_it(serve):
+    server = serve()
+    # Each request counts 4 prompt + 4 completion tokens; 1200 a minute is 2.5 requests a second.
+    gen = generator(server.url, tokens_per_minute=1200)
+    gen.generate([user(f"w{i} x y z") for i in range(8)], replace(PARAMS, n=1, max_new_tokens=4))
+    gen.close()
+    arrivals = [entry["arrived"] for entry in server.log]
+    tokens = [chat_answer(body)["usage"]["total_tokens"] for body in server.bodies]
+    assert tokens == [8] * 8
+    # Each request's tokens are spent by the time the next may start.
+    assert sum(tokens[:-1]) / (arrivals[-1] - arrivals[0]) <= 1200 / 60 * 1.02
+
+
+def test_a_burst_of_429s_on_one_request_makes_the_other_requests_wait_too(serve):
+    server = serve(delay_s=0.05)
+    server.faults_for["hot"] = ["429", "429", "429"]
+    backoff = 0.4
+    gen = generator(server.url, max_in_flight=4, backoff_s=backoff)
+    out = gen.generate([user("hot"), *(user(f"q{i}") for i in range(23))], replace(PARAMS, n=1))
+    gen.close()
+    assert out[0][0].text.startswith("hot") and len(out) == 24
+    log = server.log
+    refusals = [entry for entry in log if entry["status"] == 429]
+    assert len(refusals) == 3
+    for k, refused in enumerate(refusals):
+        # The pool pauses backoff_s (not doubled: the others' answers between the 429s say the server
+        # took requests again): no request arrives meanwhile, neither the refused one nor the others
+        # beside it (after a moment for those already on their way).
+        pause, on_the_way = backoff, 0.05
+        window = (refused["answered"] + on_the_way, refused["answered"] + pause)
+        assert [e["arrived"] for e in log if window[0] < e["arrived"] < window[1]] == [], k
+    # The others were held up, not dropped: they go on after the first pause.
+    assert any(e["content"] != "hot" and e["arrived"] > refusals[0]["answered"] + backoff for e in log)
+    usage = gen.usage
+    assert (usage.requests, usage.retries, usage.http_requests) == (24, 3, 27)
+
+
+def test_latency_percentiles_cover_the_requests_of_the_stretch():
+    usage = Usage(latencies_s=[9.0])
+    before = usage.copy()
+    usage.latencies_s += [float(i) for i in range(1, 101)]
+    spent = usage.since(before)
+    assert spent["latency_p50_s"] == pytest.approx(50.5)
+    assert spent["latency_p95_s"] == pytest.approx(95.05)
+    assert "latencies_s" not in spent
+    assert Usage().since(Usage())["latency_p50_s"] is None
+
+
+@pytest.mark.parametrize("key", ["requests_per_minute", "tokens_per_minute", "max_in_flight"])
+def test_a_bad_limit_is_refused_naming_its_key(key):
+    with pytest.raises(ConfigError, match=rf"generator\.openai\.{key}"):
+        load_config(None, ["generator=openai", f"generator.openai.{key}=0"])
 
 
 # -- one iteration of the loop through the stand-in server ------------------------------------------
@@ -481,8 +471,10 @@ def test_one_loop_iteration_through_the_server_and_a_resume_from_the_cache(
 
     usage = records.read_json(iteration / records.METRICS)["usage"]
     for stage in ("actor", "judge", "meta_judge"):
-        assert usage[stage]["http_requests"] > 0
+        assert usage[stage]["http_requests"] == usage[stage]["requests"] > 0
+        assert usage[stage]["retries"] == 0
         assert usage[stage]["samples"] > 0
+        assert 0 < usage[stage]["latency_p50_s"] <= usage[stage]["latency_p95_s"]
     calls = len(server.received)
     assert calls == sum(usage[stage]["http_requests"] for stage in ("actor", "judge", "meta_judge"))
 
@@ -493,6 +485,8 @@ def test_one_loop_iteration_through_the_server_and_a_resume_from_the_cache(
     assert records.read_jsonl(iteration / records.JUDGEMENTS) == judgements
     usage = records.read_json(iteration / records.METRICS)["usage"]
     assert usage["judge"]["cached_samples"] == usage["judge"]["samples"] > 0
+    # Nothing was sent, so there is no latency to report.
+    assert usage["judge"]["requests"] == 0 and usage["judge"]["latency_p50_s"] is None
 
     for path in run_dir.rglob("*"):
         if path.is_file():

@@ -20,6 +20,7 @@ from metareward.pairs import (
     response_k,
     usable_judgements,
 )
+from tests.test_faults import CHAIN_RUN
 
 # ---------------------------------------------------------------- builders
 
@@ -366,3 +367,264 @@ def test_rows_load_with_datasets(tmp_path):
 
 
 # Properties of these rules over generated inputs: tests/test_pair_properties.py.
+
+
+# ---------------------------------------------------------------- pair options (pairs.*)
+
+
+def both_orders(a, b, winner):
+    """The two verdicts of one comparison, each naming ``winner``."""
+    return [
+        meta(a, b, "first" if winner == a else "second"),
+        meta(b, a, "first" if winner == b else "second"),
+    ]
+
+
+def long_judgement_world():
+    """r0's scores vary most only through j1, a 90-token judgement; r1's j3 (80 tokens) wins everything."""
+    prompts = [prompt("p")]
+    responses = [response("p", 0, 5), response("p", 1, 5)]
+    judgements = judgements_for("p/r0", [1.0, 5.0]) + judgements_for("p/r1", [2.0, 4.0, 3.0, 5.0])
+    tokens = {"p/r0/j0": 10, "p/r0/j1": 90, "p/r1/j0": 10, "p/r1/j1": 20, "p/r1/j2": 30, "p/r1/j3": 80}
+    for j in judgements:
+        j["num_tokens"] = tokens[j["judgement_id"]]
+    r0, r1 = [f"p/r0/j{n}" for n in range(2)], [f"p/r1/j{n}" for n in range(4)]
+    metas = both_orders(r0[0], r0[1], r0[1])
+    metas += (
+        both_orders(r1[1], r1[0], r1[1]) + both_orders(r1[1], r1[2], r1[1]) + both_orders(r1[2], r1[0], r1[2])
+    )
+    metas += [m for other in r1[:3] for m in both_orders(r1[3], other, r1[3])]
+    return prompts, responses, judgements, metas
+
+
+def test_max_judgement_tokens_leaves_long_judgements_out_of_the_target_and_the_battles():
+    world = long_judgement_world()
+    (row,), _ = judge_pairs(*world, judge_prompt)
+    # All usable: r0's scores {1, 5} (variance 4) beat r1's {2, 4, 3, 5} (1.25); j1 wins both orders.
+    assert (row["chosen_id"], row["rejected_id"]) == ("p/r0/j1", "p/r0/j0")
+    (row,), _ = judge_pairs(*world, judge_prompt, max_tokens=50)
+    # r0 keeps one usable score; r1's {2, 4, 3} (j3 is too long) is picked, and without j3's battles
+    # the chain j1 > j2 > j0 decides.
+    assert (row["chosen_id"], row["rejected_id"]) == ("p/r1/j1", "p/r1/j0")
+    assert judge_target_responses(world[1], world[2], max_tokens=50) == {"p": "p/r1"}
+    assert [j["judgement_id"] for j in usable_judgements(world[2], max_tokens=20)] == [
+        "p/r0/j0",
+        "p/r1/j0",
+        "p/r1/j1",
+    ]
+
+
+def verdict_consistency_world():
+    """p: one verdict, for j0 from the first position, its other order without a verdict; q: each wins
+    from the second position; u: j1 wins in both orders."""
+    prompts = [prompt("p"), prompt("q"), prompt("u")]
+    responses = [response("p", 0, 5), response("q", 0, 5), response("u", 0, 5)]
+    judgements = (
+        judgements_for("p/r0", [1.0, 4.0])
+        + judgements_for("q/r0", [2.0, 3.0])
+        + judgements_for("u/r0", [2.0, 5.0])
+    )
+    metas = [
+        meta("p/r0/j0", "p/r0/j1", "first"),
+        meta("p/r0/j1", "p/r0/j0", None),
+        meta("q/r0/j0", "q/r0/j1", "second"),
+        meta("q/r0/j1", "q/r0/j0", "second"),
+        *both_orders("u/r0/j0", "u/r0/j1", "u/r0/j1"),
+    ]
+    return prompts, responses, judgements, metas
+
+
+def test_consistent_verdicts_only_counts_a_comparison_only_when_both_orders_agree():
+    world = verdict_consistency_world()
+    pairs, stats = judge_pairs(*world, judge_prompt)
+    # W1 = 2 (p, u), W2 = 3 (q twice, u): w1 = 3/5, w2 = 2/5. p: B[j0][j1] = 3/5 alone; q: B = w2 both
+    # ways, an Elo tie; u: B[j1][j0] = w1 + w2 = 1.
+    assert [(r["chosen_id"], r["rejected_id"]) for r in pairs] == [
+        ("p/r0/j0", "p/r0/j1"),
+        ("u/r0/j1", "u/r0/j0"),
+    ]
+    assert (stats["w1"], stats["skipped_elo_tie"]) == (pytest.approx(3 / 5), 1)
+    pairs, stats = judge_pairs(*world, judge_prompt, consistent_only=True)
+    # p lacks a verdict in one order and q's orders disagree: only u counts, with 1.
+    assert [(r["chosen_id"], r["rejected_id"]) for r in pairs] == [("u/r0/j1", "u/r0/j0")]
+    assert (stats["skipped_no_verdicts"], stats["skipped_elo_tie"]) == (2, 0)
+
+
+def test_consistent_battle_matrix_adds_one_per_agreeing_comparison():
+    from metareward.pairs import consistent_battle_matrix
+
+    ids = ["r/j0", "r/j1", "r/j2"]
+    metas = both_orders("r/j0", "r/j1", "r/j1") + both_orders("r/j2", "r/j0", "r/j0")
+    metas += [meta("r/j1", "r/j2", "first"), meta("r/j2", "r/j1", "first")]  # each wins when first
+    expected = np.zeros((3, 3))
+    expected[1, 0] = expected[0, 2] = 1.0
+    assert (consistent_battle_matrix(ids, metas) == expected).all()
+
+
+def cut_off_world():
+    prompts = [prompt("p"), prompt("q")]
+    responses = [response("p", k, n) for k, n in enumerate([100, 20, 30, 40])]
+    responses += [response("q", 0, 10), response("q", 1, 50)]
+    for r in responses:
+        if r["response_id"] in ("p/r0", "p/r3", "q/r1"):
+            r["finish_reason"] = "length"
+    judgements = [
+        judgement(rid, 0, s) for rid, s in [("p/r0", 5.0), ("p/r1", 4.0), ("p/r2", 1.0), ("p/r3", 0.0)]
+    ] + [judgement("q/r0", 0, 5.0), judgement("q/r1", 0, 2.0)]
+    return prompts, responses, judgements
+
+
+def test_exclude_cut_off_responses_pairs_only_finished_responses():
+    prompts, responses, judgements = cut_off_world()
+    pairs, _ = actor_pairs(prompts, responses, judgements, rho=0.0)
+    assert [(r["chosen_id"], r["rejected_id"]) for r in pairs] == [("p/r0", "p/r3"), ("q/r0", "q/r1")]
+    pairs, stats = actor_pairs(prompts, responses, judgements, rho=0.0, exclude_cut_off=True)
+    # p: r0 (5) and r3 (0) were cut off, so r1 (4) over r2 (1); q keeps one finished response.
+    assert [(r["chosen_id"], r["rejected_id"]) for r in pairs] == [("p/r1", "p/r2")]
+    assert (stats["skipped_one_scored_response"], stats["cut_off_responses_left_out"]) == (1, 3)
+
+
+def score_cap_world():
+    """Five prompts whose judge pairs choose a 5, 5, 5, 4 and 3; p2's Elo gap is the widest (three
+    judgements in a clear order)."""
+    chosen = [5.0, 5.0, 5.0, 4.0, 3.0]
+    prompts = [prompt(f"p{i}") for i in range(5)]
+    responses = [response(f"p{i}", 0, 5) for i in range(5)]
+    judgements, metas = [], []
+    for i, score in enumerate(chosen):
+        rid = f"p{i}/r0"
+        if i == 2:
+            judgements += judgements_for(rid, [1.0, score, 3.0])
+            j0, j1, j2 = (f"{rid}/j{n}" for n in range(3))
+            metas += both_orders(j1, j0, j1) + both_orders(j1, j2, j1) + both_orders(j2, j0, j2)
+        else:
+            judgements += judgements_for(rid, [1.0, score])
+            metas += both_orders(f"{rid}/j0", f"{rid}/j1", f"{rid}/j1")
+    return prompts, responses, judgements, metas
+
+
+def test_judge_chosen_score_cap_keeps_the_most_pairs_with_no_score_above_its_share():
+    from metareward.pairs import cap_chosen_scores
+
+    pairs, _ = judge_pairs(*score_cap_world(), judge_prompt)
+    assert [r["chosen_score"] for r in pairs] == [5.0, 5.0, 5.0, 4.0, 3.0]
+    gaps = [r["chosen_elo"] - r["rejected_elo"] for r in pairs]
+    assert gaps[2] > gaps[0] == pytest.approx(gaps[1])
+    # Counts {5: 3, 4: 1, 3: 1}. Cap 0.4: at most L of each value with L <= 0.4 * kept(L):
+    # L=3 keeps 5 (3 > 2.0), L=2 keeps 4 (2 > 1.6), L=1 keeps 3 (1 <= 1.2): the widest-gap 5, the 4, the 3.
+    assert [r["prompt_id"] for r in cap_chosen_scores(pairs, 0.4)] == ["p2", "p3", "p4"]
+    # Cap 0.5: L=2 keeps 4 (2 <= 2.0): p2 and, of the equal gaps, the earlier p0.
+    assert [r["prompt_id"] for r in cap_chosen_scores(pairs, 0.5)] == ["p0", "p2", "p3", "p4"]
+    assert cap_chosen_scores(pairs, 1.0) == pairs
+    # A judge that chooses one score only: no share of one value can be below 1, so no judge pairs.
+    assert cap_chosen_scores(pairs[:3], 0.9) == []
+
+
+def write_iteration(iter_dir, prompts, responses, judgements, metas):
+    from metareward import records
+
+    iter_dir.mkdir(parents=True)
+    for name, rows in [
+        (records.PROMPTS, prompts),
+        (records.RESPONSES, responses),
+        (records.JUDGEMENTS, judgements),
+        (records.META_JUDGEMENTS, metas),
+    ]:
+        records.write_jsonl(iter_dir / name, rows)
+
+
+def _no_verdicts(world):
+    return (*world, [])
+
+
+PAIR_OPTION_CASES = {
+    # option override: (iteration files, pair file, expected (chosen, rejected) without, and with it)
+    "pairs.max_judgement_tokens=50": (
+        long_judgement_world,
+        "judge",
+        [("p/r0/j1", "p/r0/j0")],
+        [("p/r1/j1", "p/r1/j0")],
+    ),
+    "pairs.consistent_verdicts_only=true": (
+        verdict_consistency_world,
+        "judge",
+        [("p/r0/j0", "p/r0/j1"), ("u/r0/j1", "u/r0/j0")],
+        [("u/r0/j1", "u/r0/j0")],
+    ),
+    "pairs.exclude_cut_off_responses=true": (
+        lambda: _no_verdicts(cut_off_world()),
+        "actor",
+        [("p/r0", "p/r3"), ("q/r0", "q/r1")],
+        [("p/r1", "p/r2")],
+    ),
+    "pairs.judge_chosen_score_cap=0.4": (
+        score_cap_world,
+        "judge",
+        [(f"p{i}/r0/j1", f"p{i}/r0/j0") for i in range(5)],
+        [("p2/r0/j1", "p2/r0/j0"), ("p3/r0/j1", "p3/r0/j0"), ("p4/r0/j1", "p4/r0/j0")],
+    ),
+}
+
+
+@pytest.mark.parametrize("override", sorted(PAIR_OPTION_CASES))
+def test_pairs_cli_applies_each_option_to_a_saved_iteration(override, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from metareward import records
+
+    world, role, without, with_option = PAIR_OPTION_CASES[override]
+    iter_dir = tmp_path / "run" / "iter_1"
+    write_iteration(iter_dir, *world())
+    cli = str(Path(sys.executable).parent / "metareward-pairs")
+    name = records.ACTOR_PAIRS if role == "actor" else records.JUDGE_PAIRS
+    subprocess.run([cli, str(iter_dir)], check=True, capture_output=True)
+    subprocess.run(
+        [cli, str(iter_dir), "--out", str(tmp_path / "out"), override], check=True, capture_output=True
+    )
+
+    def ids(path):
+        return [(r["chosen_id"], r["rejected_id"]) for r in records.read_jsonl(path)]
+
+    assert ids(iter_dir / name) == without
+    assert ids(tmp_path / "out" / name) == with_option
+
+
+# ---------------------------------------------------------------- what is trained is what is on disk
+
+# The smallest run with actor and judge pairs and two DPO steps (test_faults.py's).
+TRAINED_RUN = CHAIN_RUN
+
+
+@pytest.mark.slow
+def test_pairs_rewritten_between_the_pair_and_dpo_steps_are_the_pairs_trained_on(tmp_path, tiny_model_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from metareward import faults, records
+
+    bin_dir = Path(sys.executable).parent
+    args = [str(bin_dir / "metareward"), *TRAINED_RUN, f"runs_dir={tmp_path}"]
+    env = {key: value for key, value in os.environ.items() if key != faults.ENV}
+    killed = subprocess.run(args, env={**env, faults.ENV: "train_step:1"}, capture_output=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    iter_dir = tmp_path / "default" / "iter_1"
+    actor = records.read_jsonl(iter_dir / records.ACTOR_PAIRS)
+    assert actor and records.read_jsonl(iter_dir / records.JUDGE_PAIRS), "the run needs both kinds of pair"
+    # A cap no share can meet leaves no judge pair: the rebuilt files hold the actor pairs alone.
+    subprocess.run(
+        [str(bin_dir / "metareward-pairs"), str(iter_dir), "pairs.judge_chosen_score_cap=0.01"],
+        check=True,
+        capture_output=True,
+    )
+    assert records.read_jsonl(iter_dir / records.JUDGE_PAIRS) == []
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = records.read_json(iter_dir / records.METRICS)
+    assert records.read_json(iter_dir / records.MODEL / "training_log.json")["train_pairs"] == len(actor)
+    assert (metrics["pairs"]["actor"]["pairs"], metrics["pairs"]["judge"]["pairs"]) == (len(actor), 0)
+    assert metrics["pairs"]["trained_on_judge_pairs"] and metrics["judge"]["num_pairs"] == 0

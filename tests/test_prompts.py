@@ -85,7 +85,8 @@ def test_meta_judge_prompt_holds_both_judgements_labelled_rubric_and_format():
     content = only_user_content(Templates().meta_judge_messages(QUESTION, RESPONSE, first, second))
     assert RUBRIC in content
     assert "What is the boiling point of water at sea level?" in content
-    assert f"<response>{RESPONSE}</response>" in content
+    # As the paper's meta-judge prompt shows it (the judge's rubric prompt tags it instead).
+    assert f"\nResponse: {RESPONSE}\n" in content and "<response>" not in content
     assert f"Judgment A: {first}" in content
     assert f"Judgment B: {second}" in content
     assert content.index(f"Judgment A: {first}") < content.index(f"Judgment B: {second}")

@@ -5,7 +5,8 @@ Backends import this module, never the package ``metareward.generation`` (which 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import statistics
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 Messages = list[dict]
@@ -40,17 +41,36 @@ class Usage:
     generated_tokens: int = 0
     # Texts whose next-token probabilities were read (score and verdict fallbacks).
     scored_texts: int = 0
+    # Endpoint backends: HTTP tries, the requests they served (answers not found in a cache), the tries
+    # beyond each request's first, and the seconds from each request's first try to its answer.
     http_requests: int = 0
+    requests: int = 0
+    retries: int = 0
+    latencies_s: list[float] = field(default_factory=list)
     # US dollars, when the backend has prices (the OpenAI-compatible backend); else 0.
     cost_usd: float = 0.0
 
     def since(self, before: Usage) -> dict:
-        """The counts spent between ``before`` (a copy taken earlier) and now."""
+        """The counts spent between ``before`` (a copy taken earlier) and now, and the median and 95th
+        percentile latency of the requests sent since (None when there were none)."""
         now, then = asdict(self), asdict(before)
-        return {key: now[key] - then[key] for key in now}
+        spent = {key: now[key] - then[key] for key in now if key != "latencies_s"}
+        latencies = self.latencies_s[len(before.latencies_s) :]
+        spent["latency_p50_s"] = percentile(latencies, 50)
+        spent["latency_p95_s"] = percentile(latencies, 95)
+        return spent
 
     def copy(self) -> Usage:
         return Usage(**asdict(self))
+
+
+def percentile(values: list[float], q: int) -> float | None:
+    """The ``q``-th percentile of ``values`` (linear between the closest ranks), rounded to 0.1 ms."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return round(values[0], 4)
+    return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1], 4)
 
 
 class Generator(Protocol):

@@ -2,39 +2,45 @@
 
 Use it with ``metareward generator=openai generator.openai.base_urls=[http://host:8000/v1]
 generator.openai.model=<served name> judge.score_from=text meta_judge.winner_from=text``.
-The API key is read at request time from the environment variable named by
-``generator.openai.api_key_env``; it is sent as a bearer token and never stored.
+The API key is read from the environment variable named by ``generator.openai.api_key_env`` when the
+first request is sent; it is sent as a bearer token and never stored.
 
-Each sample is its own request (``n=1``), so every completion has an exact token count for
-length control; sample ``j`` uses a seed derived from the call's seed and ``j``. Requests run
-on a pool of ``max_concurrency`` threads, spread round-robin over ``base_urls``; 429s, 5xx,
-timeouts and dropped connections are retried with exponential backoff (or ``Retry-After``).
-With a cache directory, each answer is kept in ``<cache_dir>/openai/`` as one JSON file named
-by a hash of the request, so a resumed run pays for no call twice.
+Requests go through the ``openai`` package's client, one per base URL (pooled keep-alive
+connections, retries of 429s, 5xx, timeouts and dropped connections with backoff that honours
+``Retry-After``), each on a pool of ``max_in_flight`` threads: that many requests in flight per base
+URL, spread round-robin over ``base_urls``. (Measured against a stand-in server, the threads carry
+more requests a second than ``AsyncOpenAI`` on one event loop, whose single thread the client's
+per-request work saturates first; see the endpoint section of scripts/bench.py.) A 429 pauses the
+whole pool, not only the request that got it; ``requests_per_minute`` / ``tokens_per_minute`` pace
+every request.
 
-``next_token_probs`` reads the top log-probabilities of one token from the legacy
-``/v1/completions`` endpoint (vLLM serves it); ``render`` needs the model's tokenizer in a
-local ``model_dir``.
+Each sample is its own request (``n=1``), so every completion has an exact token count for length
+control; sample ``j`` uses a seed derived from the call's seed and ``j``. With a cache directory, each
+answer is kept in ``<cache_dir>/openai/`` as one JSON file named by a hash of the request, as soon as
+it arrives, so a resumed run pays for no call twice.
+
+``next_token_probs`` reads the top log-probabilities of one token from the legacy ``/v1/completions``
+endpoint (vLLM serves it), through the same client; ``render`` needs the model's tokenizer in a local
+``model_dir``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
-import http.client
 import json
 import math
 import os
-import random
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 
+import openai
+from openai.types import Completion as TextCompletion
+from openai.types.chat import ChatCompletion
 from tqdm.auto import tqdm
 
 from metareward.config import GeneratorConfig, ModelConfig
@@ -43,8 +49,12 @@ from metareward.records import read_json, write_json
 
 # Top log-probabilities asked for per scored position (vLLM's default limit).
 TOP_LOGPROBS = 20
-# Errors worth another try: the connection dropped, timed out or was cut mid-answer.
-TRANSIENT_ERRORS = (TimeoutError, ConnectionError, http.client.HTTPException)
+# The longest pause of the whole pool after 429s without Retry-After (a rate window is a minute).
+MAX_POOL_PAUSE_S = 60.0
+# Characters per token, to estimate a prompt's tokens for tokens_per_minute before the server counts them.
+CHARS_PER_TOKEN = 4
+# Statuses the client retries (its own rule); the rest are refused at once.
+RETRIED_STATUSES = (408, 409, 429)
 
 
 class OpenAIError(RuntimeError):
@@ -64,19 +74,91 @@ def candidate_prob(top_logprobs: dict[str, float], candidate: str) -> float:
     return min(1.0, sum(math.exp(lp) for token, lp in top_logprobs.items() if token.lstrip() == want))
 
 
-def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+def retry_after(headers) -> float | None:
+    """Seconds to wait from ``Retry-After-Ms`` / ``Retry-After`` (seconds or an HTTP date), when the
+    client would honour them too (more than 0, at most two minutes)."""
+    wait = None
+    if headers.get("retry-after-ms"):
+        with contextlib.suppress(ValueError):
+            wait = float(headers["retry-after-ms"]) / 1000
+    value = headers.get("retry-after")
+    if wait is None and value:
+        try:
+            wait = float(value)
+        except ValueError:
+            try:
+                wait = (email.utils.parsedate_to_datetime(value).timestamp()) - time.time()
+            except (TypeError, ValueError):
+                return None
+    return wait if wait is not None and 0 < wait <= 120 else None
+
+
+class PoolPause:
+    """A 429 means the server is over its limit for every request, not only the refused one: all of the
+    pool's requests wait out the pause before they are sent. The pause is the answer's Retry-After, else
+    ``backoff_s``, doubled for each 429 in a row on a request sent after the previous pause began (one
+    that pause did not cover); 429s of requests already in flight when it began are the same burst."""
+
+    def __init__(self, backoff_s: float):
+        self.backoff_s = backoff_s
+        self.until = 0.0
+        self.began = -math.inf
+        self.streak = 0
+        self.lock = threading.Lock()
+
+    def wait(self) -> None:
+        while (left := self.until - time.monotonic()) > 0:
+            time.sleep(left)
+
+    def refused(self, sent_at: float, wait: float | None) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if sent_at >= self.began:
+                self.streak += 1
+                self.began = now
+                if wait is None:
+                    wait = min(self.backoff_s * 2 ** (self.streak - 1), MAX_POOL_PAUSE_S)
+            self.until = max(self.until, now + (wait or 0.0))
+
+    def answered(self, sent_at: float) -> None:
+        with self.lock:
+            if sent_at >= self.began:
+                self.streak = 0
+
+
+class Pace:
+    """At most ``per_minute`` units (requests or tokens) a minute, evenly spaced: a start waits until the
+    previous one's units x 60 / per_minute seconds have passed. Nothing is booked ahead and no burst is
+    allowed, so the rate holds over any stretch of time, and ``settle`` can correct an estimate (a
+    request's tokens) once the server has counted them, before the next start is decided."""
+
+    def __init__(self, per_minute: float):
+        self.seconds_per_unit = 60.0 / per_minute
+        self.next_start = 0.0
+        self.lock = threading.Lock()
+
+    def take(self, units: float) -> None:
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                if self.next_start <= now:
+                    self.next_start = now + units * self.seconds_per_unit
+                    return
+                wait = self.next_start - now
+            time.sleep(wait)
+
+    def settle(self, estimated: float, counted: float) -> None:
+        with self.lock:
+            self.next_start += (counted - estimated) * self.seconds_per_unit
+
+
+@dataclass
+class Attempts:
+    """One request's tries, seen by the client's send hooks (which run on the request's thread)."""
+
+    tokens: float
+    count: int = 0
+    sent_at: float = 0.0
 
 
 class OpenAIGenerator:
@@ -90,10 +172,15 @@ class OpenAIGenerator:
         self.served_model = self.api.model or model.path or model_dir
         self.cache = Path(cache_dir) / "openai" if cache_dir is not None and self.api.cache else None
         self.usage = Usage()
-        self._lock = threading.Lock()
         self._turn = 0
-        self._pool = ThreadPoolExecutor(max_workers=self.api.max_concurrency, thread_name_prefix="openai")
-        self._opener = urllib.request.build_opener()
+        self._lock = threading.Lock()
+        self._local = threading.local()  # the Attempts of the request on this thread
+        self._clients: dict[str, openai.OpenAI] = {}
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._pause = PoolPause(self.api.backoff_s)
+        self._rpm = Pace(self.api.requests_per_minute) if self.api.requests_per_minute else None
+        self._tpm = Pace(self.api.tokens_per_minute) if self.api.tokens_per_minute else None
+        self._headers: dict = {}
         self._tokenizer = None
 
     # -- the protocol -------------------------------------------------------------------------------
@@ -114,14 +201,13 @@ class OpenAIGenerator:
                     "chat", messages, params.temperature, params.top_p, params.max_new_tokens, params.seed, j
                 )
                 row.append(key)
-                jobs.setdefault(key, (messages, j))  # identical samples are asked for once
+                jobs.setdefault(key, (self._chat, messages, j, params))  # identical samples: asked once
             keys.append(row)
         answers, todo = self._split_cached(jobs)
-        with self._lock:
-            self.usage.generate_calls += 1
-            self.usage.samples += len(requests) * params.n
-            self.usage.cached_samples += len(requests) * params.n - len(todo)
-        answers |= self._run(todo, lambda job: self._chat(job[0], job[1], params), desc or "generate")
+        self.usage.generate_calls += 1
+        self.usage.samples += len(requests) * params.n
+        self.usage.cached_samples += len(requests) * params.n - len(todo)
+        answers |= self._run(todo, desc or "generate")
         return [[Completion(**answers[key]) for key in row] for row in keys]
 
     def next_token_probs(self, texts: list[str], candidates: list[str]) -> list[list[float]]:
@@ -132,19 +218,22 @@ class OpenAIGenerator:
             prompt = text.rstrip(" ")
             key = self._key("logprobs", prompt, TOP_LOGPROBS)
             keys.append(key)
-            jobs.setdefault(key, prompt)
+            jobs.setdefault(key, (self._top_logprobs, prompt))
         answers, todo = self._split_cached(jobs)
-        with self._lock:
-            self.usage.scored_texts += len(texts)
-        answers |= self._run(todo, self._top_logprobs, "score")
+        self.usage.scored_texts += len(texts)
+        answers |= self._run(todo, "score")
         return [[candidate_prob(answers[key]["top_logprobs"], c) for c in candidates] for key in keys]
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
+        for client in self._clients.values():
+            client.close()
+        self._clients, self._pools = {}, {}
 
     # -- requests -----------------------------------------------------------------------------------
 
-    def _chat(self, messages: Messages, index: int, params: SamplingParams) -> dict:
+    def _chat(self, client: openai.OpenAI, messages: Messages, index: int, params: SamplingParams):
         body = {
             "model": self.served_model,
             "messages": messages,
@@ -154,19 +243,20 @@ class OpenAIGenerator:
             "seed": sample_seed(params.seed, index),
             "n": 1,
         }
-        url, reply = self._post("/chat/completions", body)
+        reply = self._post(client, "/chat/completions", body, ChatCompletion)
         try:
-            choice = reply["choices"][0]
-            text = choice["message"].get("content") or ""
-            num_tokens = int(reply["usage"]["completion_tokens"])
-            prompt_tokens = int(reply["usage"].get("prompt_tokens") or 0)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            choice = reply.choices[0]
+            text = choice.message.content or ""
+            num_tokens = int(reply.usage.completion_tokens)
+            prompt_tokens = int(reply.usage.prompt_tokens or 0)
+        except (IndexError, TypeError, ValueError, AttributeError):
+            url = f"{client.base_url}chat/completions"
             raise OpenAIError(f"{url} answered without choices or usage: {self._excerpt(reply)}") from None
         self._spend(prompt_tokens, num_tokens)
-        reason = "length" if choice.get("finish_reason") == "length" else "stop"
+        reason = "length" if choice.finish_reason == "length" else "stop"
         return {"text": text, "num_tokens": num_tokens, "finish_reason": reason}
 
-    def _top_logprobs(self, prompt: str) -> dict:
+    def _top_logprobs(self, client: openai.OpenAI, prompt: str) -> dict:
         body = {
             "model": self.served_model,
             "prompt": prompt,
@@ -176,65 +266,91 @@ class OpenAIGenerator:
             # The rendered prompt already holds the template's special tokens (vLLM would add a BOS).
             "add_special_tokens": False,
         }
-        url, reply = self._post("/completions", body)
+        reply = self._post(client, "/completions", body, TextCompletion)
         try:
-            top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
-            usage = reply.get("usage") or {}
-            self._spend(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            top = reply.choices[0].logprobs.top_logprobs[0]
+            usage = reply.usage
+            self._spend(int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
             return {"top_logprobs": {str(token): float(lp) for token, lp in top.items()}}
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        except (IndexError, TypeError, ValueError, AttributeError):
+            url = f"{client.base_url}completions"
             raise OpenAIError(f"{url} answered without top logprobs: {self._excerpt(reply)}") from None
 
-    def _post(self, path: str, body: dict) -> tuple[str, dict]:
-        """POST ``body`` as JSON to ``path`` of the next base URL; retries transient failures."""
-        data = json.dumps(body).encode()
-        attempts = self.api.max_retries + 1
-        failure = ""
-        for attempt in range(attempts):
-            url = self._next_base_url() + path
-            headers = {"Content-Type": "application/json"}
-            api_key = os.environ.get(self.api.api_key_env)
-            if api_key:
-                headers["Authorization"] = f"Bearer {api_key}"
-            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-            with self._lock:
-                self.usage.http_requests += 1
-            wait = None
-            try:
-                with self._opener.open(request, timeout=self.api.timeout_s) as response:
-                    raw = response.read()
-            except urllib.error.HTTPError as error:
-                detail = self._excerpt(self._error_body(error))
-                if error.code != 429 and error.code < 500:
-                    raise OpenAIError(f"HTTP {error.code} from {url}: {detail}") from None
-                failure = f"HTTP {error.code} from {url}: {detail}"
-                wait = _retry_after(error.headers.get("Retry-After"))
-            except urllib.error.URLError as error:
-                if not isinstance(error.reason, TRANSIENT_ERRORS):
-                    raise OpenAIError(f"cannot reach {url}: {error.reason}") from None
-                failure = f"{type(error.reason).__name__} from {url}: {error.reason}"
-            except TRANSIENT_ERRORS as error:
-                failure = f"{type(error).__name__} from {url}: {error}"
-            else:
-                try:
-                    return url, json.loads(raw)
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    raise OpenAIError(f"{url} answered with no JSON: {self._excerpt(raw)}") from None
-            if attempt + 1 < attempts:
-                # Jitter keeps a pool of threads from retrying in lockstep.
-                backoff = self.api.backoff_s * 2**attempt * (1 + random.random() / 4)
-                time.sleep(backoff if wait is None else wait)
-        raise OpenAIError(
-            f"POST {path} failed {attempts} times (generator.openai.max_retries); last: {failure}"
-        )
+    def _post(self, client: openai.OpenAI, path: str, body: dict, answer_type):
+        # What ``client.chat.completions.create`` / ``client.completions.create`` send, minus their
+        # type-directed rewrite of the parameters (a no-op for plain JSON, and a quarter of the client's
+        # time per request); the retries, timeouts and typed errors are the client's.
+        options = {"headers": self._headers} if self._headers else {}
+        reply = client.post(path, body=body, cast_to=answer_type, options=options)
+        if not isinstance(reply, answer_type):
+            raise OpenAIError(
+                f"{client.base_url}{path.lstrip('/')} answered with no JSON: {self._excerpt(reply)}"
+            )
+        return reply
 
-    def _next_base_url(self) -> str:
+    def _request(self, base_url: str, call, *args) -> dict:
+        """One request through the client of ``base_url`` (on a thread of its pool); failures become an
+        OpenAIError naming the URL."""
+        client = self._clients[base_url]
+        attempts = self._local.attempts = Attempts(tokens=self._estimated_tokens(call, args))
+        start = time.monotonic()
+        try:
+            return call(client, *args)
+        except openai.APIStatusError as error:
+            url, status = error.response.request.url, error.status_code
+            failure = f"HTTP {status} from {url}: {self._excerpt(error.response.content)}"
+            if status in RETRIED_STATUSES or status >= 500:
+                raise self._gave_up(url, attempts, failure) from None
+            raise OpenAIError(failure) from None
+        except openai.APIConnectionError as error:
+            cause = error.__cause__ or error
+            failure = f"{type(cause).__name__} from {error.request.url}: {cause}"
+            raise self._gave_up(error.request.url, attempts, failure) from None
+        except openai.OpenAIError as error:
+            raise OpenAIError(f"{base_url}: {type(error).__name__}: {error}") from None
+        finally:
+            with self._lock:
+                self.usage.requests += 1
+                self.usage.retries += max(0, attempts.count - 1)
+                self.usage.latencies_s.append(time.monotonic() - start)
+
+    def _gave_up(self, url, attempts: Attempts, failure: str) -> OpenAIError:
+        times = f"{attempts.count} time{'s' if attempts.count != 1 else ''}"
+        return OpenAIError(f"POST {url} failed {times} (generator.openai.max_retries); last: {failure}")
+
+    def _before_send(self, request) -> None:
+        """Every try of every request: waits out the pool's pause and the rate limits, then counts it."""
+        attempts = self._local.attempts
+        self._pause.wait()
+        if self._rpm is not None:
+            self._rpm.take(1)
+        if self._tpm is not None:
+            self._tpm.take(attempts.tokens)
+        self._pause.wait()  # a 429 may have come while this one waited for its turn
+        attempts.count += 1
+        attempts.sent_at = time.monotonic()
         with self._lock:
-            base = self.api.base_urls[self._turn % len(self.api.base_urls)]
-            self._turn += 1
-        return base.rstrip("/")
+            self.usage.http_requests += 1
+
+    def _after_answer(self, response) -> None:
+        attempts = self._local.attempts
+        if response.status_code == 429:
+            self._pause.refused(attempts.sent_at, retry_after(response.headers))
+        elif response.status_code < 400:
+            self._pause.answered(attempts.sent_at)
+
+    def _estimated_tokens(self, call, args) -> float:
+        """Tokens a request may count against tokens_per_minute before the server has counted them:
+        the prompt's characters / CHARS_PER_TOKEN plus the most it may generate."""
+        if call == self._chat:
+            messages, _, params = args
+            chars = sum(len(str(m.get("content") or "")) for m in messages)
+            return chars / CHARS_PER_TOKEN + params.max_new_tokens
+        return len(args[0]) / CHARS_PER_TOKEN + 1
 
     def _spend(self, prompt_tokens: int, completion_tokens: int) -> None:
+        if self._tpm is not None:
+            self._tpm.settle(self._local.attempts.tokens, prompt_tokens + completion_tokens)
         prompt_price = self.api.prompt_price_per_mtok or 0.0
         completion_price = self.api.completion_price_per_mtok or 0.0
         with self._lock:
@@ -242,39 +358,62 @@ class OpenAIGenerator:
             self.usage.generated_tokens += completion_tokens
             self.usage.cost_usd += (prompt_tokens * prompt_price + completion_tokens * completion_price) / 1e6
 
-    @staticmethod
-    def _error_body(error: urllib.error.HTTPError) -> bytes:
-        try:
-            return error.read()
-        except (OSError, http.client.HTTPException):
-            return b""
-
     def _excerpt(self, raw) -> str:
         """A short, single-line piece of a server's answer, with the API key (if echoed) blanked out."""
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else json.dumps(raw)
+        if isinstance(raw, bytes):
+            text = raw.decode("utf-8", "replace")
+        elif hasattr(raw, "model_dump_json"):
+            text = raw.model_dump_json()
+        else:
+            text = str(raw)
         api_key = os.environ.get(self.api.api_key_env)
         if api_key:
             text = text.replace(api_key, "***")
         return " ".join(text.split())[:300]
 
-    def _run(self, jobs: dict, call: Callable, desc: str) -> dict:
-        """``call(job)`` for every job on the pool, each answer cached as soon as it arrives."""
+    # -- clients and their pools --------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """One client and one pool of threads per base URL, made when the first request is sent."""
+        api_key = os.environ.get(self.api.api_key_env)
+        # Without a key no Authorization header is sent (the client needs some key to start).
+        self._headers = {} if api_key else {"Authorization": openai.omit}
+        for base_url in dict.fromkeys(url.rstrip("/") for url in self.api.base_urls):
+            hooks = {"request": [self._before_send], "response": [self._after_answer]}
+            self._clients[base_url] = openai.OpenAI(
+                base_url=base_url,
+                api_key=api_key or "none",
+                max_retries=self.api.max_retries,
+                timeout=self.api.timeout_s,
+                http_client=openai.DefaultHttpxClient(event_hooks=hooks),
+            )
+            self._pools[base_url] = ThreadPoolExecutor(self.api.max_in_flight, thread_name_prefix="openai")
+
+    def _run(self, jobs: dict, desc: str) -> dict:
+        """Every job (``(call, *args)``) sent on the pools, each answer cached as soon as it arrives;
+        after a failure, the requests not yet started are dropped (the answers cached are kept)."""
         if not jobs:
             return {}
+        if not self._clients:
+            self._start()
+        bases = list(self._clients)
 
-        def task(key: str, job) -> dict:
-            answer = call(job)
+        def task(key: str, base_url: str, job: tuple) -> dict:
+            answer = self._request(base_url, *job)
             self._cache_put(key, answer)
             return answer
 
-        futures = {key: self._pool.submit(task, key, job) for key, job in jobs.items()}
+        futures = {}
+        for key, job in jobs.items():
+            base_url = bases[self._turn % len(bases)]
+            self._turn += 1
+            futures[key] = self._pools[base_url].submit(task, key, base_url, job)
         bar = tqdm(total=len(futures), desc=desc, unit="req", disable=not self.settings.progress)
         for future in futures.values():
             future.add_done_callback(lambda _: bar.update(1))
         try:
             return {key: future.result() for key, future in futures.items()}
         finally:
-            # After a failure, requests not yet started are dropped; answers already cached are kept.
             for future in futures.values():
                 future.cancel()
             bar.close()
