@@ -33,8 +33,7 @@ from metareward.config import Config
 from metareward.data import bundled_path
 from metareward.prompts import PAIRWISE_CUE, SCORE_CUE, SCORE_TOKENS, WINNER_TOKENS, Templates, question_text
 from metareward.records import RecordError, read_jsonl_numbered
-from metareward.suites import _SIGNATURES, BUNDLED_SUITES, detect_format, suite_pair
-from metareward.suites import _messages as prompt_messages
+from metareward.suites import BUNDLED_SUITES, detect_format, is_suite_row, prompt_messages, suite_pair
 
 GENERIC_CUE = "Answer: "
 # Under the run directory: the aligned model, its checkpoints while it trains, and its metrics.
@@ -169,7 +168,7 @@ def row_kind(row: dict) -> str | None:
         return "generic"
     if "ratings" in row or ("response" in row and "distribution" in row):
         return "pointwise"
-    if any(key in row for keys in _SIGNATURES.values() for key in keys):
+    if is_suite_row(row):
         return "pairwise"
     return None
 

@@ -45,7 +45,7 @@ from metareward.generation.tokens import encode
 from metareward.judge_metrics import expected_calibration_error, jensen_shannon
 from metareward.metrics import mean_or_none
 from metareward.records import RecordError, read_json, write_json
-from metareward.training import _lora_config, _save_atomically, autocasts_bf16, release_memory
+from metareward.training import autocasts_bf16, lora_config, release_memory, save_atomically
 
 log = logging.getLogger("metareward")
 
@@ -305,7 +305,7 @@ def align_judge(
     if settings.use_lora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora_config(settings))
+        model = get_peft_model(model, lora_config(settings))
     trainer = _AlignTrainer(
         model=model,
         args=_training_args(settings, checkpoints),
@@ -344,7 +344,7 @@ def align_judge(
         "objective": settings.objective,
         "model_dir": str(out_dir),
     }
-    _save_atomically(trained.to("cpu"), tokenizer, out_dir, {"alignment": result})
+    save_atomically(trained.to("cpu"), tokenizer, out_dir, {"alignment": result})
     shutil.rmtree(checkpoints)  # the model is whole: nothing left to resume
     del trainer, model, trained
     release_memory()

@@ -433,21 +433,15 @@ class PairsConfig(Section):
 
 
 @dataclass
-class DPOSettings(Section):
-    """Our DPO settings; ``training.py`` turns them into ``trl.DPOConfig``."""
+class FineTuning(Section):
+    """What DPO (``train.dpo``) and judge alignment (``align``) share: optimiser steps, batches,
+    precision, LoRA. Each subclass gives its own learning rate and length."""
 
-    where: ClassVar[str] = "train.dpo."
-
-    beta: float = 0.1
     learning_rate: float = 5e-7
     num_epochs: float = 1.0
     batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_length: int = 1024
-    warmup_ratio: float = 0.0
-    lr_scheduler_type: str = "linear"
-    precompute_ref_log_probs: bool = False
-    gradient_checkpointing: bool = False
     # fp32 master weights always; bf16 autocasts the compute. auto: bf16 where the device multiplies
     # bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32.
     precision: str = "auto"
@@ -457,20 +451,30 @@ class DPOSettings(Section):
     lora_dropout: float = 0.05
 
     def check(self) -> None:
-        _require(self.beta > 0, "beta", self.beta, "must be > 0")
         _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
         _require(self.num_epochs > 0, "num_epochs", self.num_epochs, "must be > 0")
-        _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        _require(
-            self.gradient_accumulation_steps >= 1,
-            "gradient_accumulation_steps",
-            self.gradient_accumulation_steps,
-            "must be >= 1",
-        )
+        for name in ("batch_size", "gradient_accumulation_steps", "lora_r"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         _require(self.max_length >= 16, "max_length", self.max_length, "must be >= 16")
-        _require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
-        _require(self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1")
         _require(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
+
+
+@dataclass
+class DPOSettings(FineTuning):
+    """Our DPO settings; ``training.py`` turns them into ``trl.DPOConfig``."""
+
+    where: ClassVar[str] = "train.dpo."
+
+    beta: float = 0.1
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "linear"
+    precompute_ref_log_probs: bool = False
+    gradient_checkpointing: bool = False
+
+    def check(self) -> None:
+        super().check()
+        _require(self.beta > 0, "beta", self.beta, "must be > 0")
+        _require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
 
 
 @dataclass
@@ -640,7 +644,7 @@ class EvalConfig(Section):
 
 
 @dataclass
-class AlignConfig(Section):
+class AlignConfig(FineTuning):
     """Training a judge toward the spread of human labels (``metareward-align-judge``, and the EFT step
     before iteration 1 with ``judge_alignment.enabled``); alignment.py says what each objective is."""
 
@@ -657,18 +661,10 @@ class AlignConfig(Section):
     objective: str = "distribution"
     ce_weight: float = 0.1
     adversarial_epsilon: float = 0.05
+    # The settings shared with train.dpo (FineTuning), with a judge's learning rate; items with more
+    # tokens than max_length (prompt and cue) are left out of training and evaluation, and counted.
     learning_rate: float = 1e-5
-    num_epochs: float = 1.0
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    # Items with more tokens (prompt and cue) are left out of training and evaluation, and counted.
     max_length: int = 2048
-    # As under train.dpo: fp32 master weights; bf16 autocasts where the device has it natively.
-    precision: str = "auto"
-    use_lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
     seed: int = 0
     # A checkpoint every this many optimiser steps: a killed alignment resumes from the last one.
     save_steps: int = 20
@@ -678,6 +674,7 @@ class AlignConfig(Section):
     model_dir: str | None = None
 
     def check(self) -> None:
+        super().check()
         _require(bool(self.train), "train", self.train, "must name a bundled suite or a file")
         _require(
             0 <= self.heldout_fraction < 1, "heldout_fraction", self.heldout_fraction, "must be in [0, 1)"
@@ -698,12 +695,8 @@ class AlignConfig(Section):
             self.adversarial_epsilon,
             "must be in [0, 1] (a total-variation radius)",
         )
-        _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
-        _require(self.num_epochs > 0, "num_epochs", self.num_epochs, "must be > 0")
-        for name in ("batch_size", "gradient_accumulation_steps", "save_steps", "eval_batch_size", "lora_r"):
+        for name in ("save_steps", "eval_batch_size"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        _require(self.max_length >= 16, "max_length", self.max_length, "must be >= 16")
-        _require(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
 
 
 @dataclass

@@ -108,6 +108,11 @@ class SuitePair:
     suite: str
 
 
+def is_suite_row(row: dict) -> bool:
+    """Whether a row has the fields of some suite format (which one, :func:`detect_format` says)."""
+    return any(key in row for keys in _SIGNATURES.values() for key in keys)
+
+
 def detect_format(row: dict, where: str) -> str:
     """The format a row's fields name; refuses a row of none or of several."""
     found = [name for name, keys in _SIGNATURES.items() if any(key in row for key in keys)]
@@ -124,7 +129,7 @@ def detect_format(row: dict, where: str) -> str:
     return found[0]
 
 
-def _messages(value, field: str, where: str) -> list[dict]:
+def prompt_messages(value, field: str, where: str) -> list[dict]:
     if isinstance(value, str):
         value = [{"role": "user", "content": value}]
     ok = (
@@ -177,7 +182,7 @@ def _turn_content(turn, field: str, where: str) -> str:
 def _pairs(row: dict, where: str) -> tuple[list[dict], str, str]:
     chosen, rejected = row["chosen"], row["rejected"]
     if "prompt" in row:
-        prompt = _messages(row["prompt"], "prompt", where)
+        prompt = prompt_messages(row["prompt"], "prompt", where)
         answers = []
         for field, value in (("chosen", chosen), ("rejected", rejected)):
             if isinstance(value, str):
@@ -197,8 +202,8 @@ def _pairs(row: dict, where: str) -> tuple[list[dict], str, str]:
                 f"{where}: a pairs row without `prompt` needs `{field}` as a conversation (a list of "
                 "turns ending with the assistant's answer)"
             )
-    head = _messages(chosen[:-1], "chosen", where)
-    if head != _messages(rejected[:-1], "rejected", where):
+    head = prompt_messages(chosen[:-1], "chosen", where)
+    if head != prompt_messages(rejected[:-1], "rejected", where):
         raise RecordError(f"{where}: `chosen` and `rejected` differ before their last turn")
     return head, _turn_content(chosen[-1], "chosen", where), _turn_content(rejected[-1], "rejected", where)
 
@@ -251,20 +256,20 @@ def suite_pair(row: dict, fmt: str, suite: str, pair_id: str, where: str) -> Sui
         prompt, a, b = _pairs(row, where)
         label, subset = "A", _subset(row, "subset", where)
     elif fmt == "ab":
-        prompt = _messages(row["question"], "question", where)
+        prompt = prompt_messages(row["question"], "question", where)
         a, b = _text(row, "response_A", where), _text(row, "response_B", where)
         raw = row["label"]
         if not isinstance(raw, str) or raw.strip() not in _AB_LABELS:
             raise RecordError(f"{where}: `label` must be one of {', '.join(_AB_LABELS)}, got {raw!r}")
         label, subset = _AB_LABELS[raw.strip()], _subset(row, "source", where)
     elif fmt == "llmbar":
-        prompt = _messages(row["input"], "input", where)
+        prompt = prompt_messages(row["input"], "input", where)
         a, b = _text(row, "output_1", where), _text(row, "output_2", where)
         label = {1: "A", 2: "B"}[_int_label(row["label"], (1, 2), "label", where)]
     elif fmt == "pandalm":
         prompt, a, b, label, human = _pandalm(row, where)
     else:  # autoj
-        prompt = _messages(row["prompt"], "prompt", where)
+        prompt = prompt_messages(row["prompt"], "prompt", where)
         a, b = _text(row, "response 1", where), _text(row, "response 2", where)
         label = {0: "A", 1: "B", 2: "tie"}[_int_label(row["label"], (0, 1, 2), "label", where)]
         subset = _subset(row, "scenario", where)

@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from metareward import faults, records
-from metareward.config import DEFAULT_ACCELERATE_CONFIG, DPOSettings
+from metareward.config import DEFAULT_ACCELERATE_CONFIG, DPOSettings, FineTuning
 from metareward.hardware import bf16_is_native
 from metareward.metrics import flatten
 from metareward.records import TRAINING_LOG
@@ -114,14 +114,14 @@ def _dpo_config(
     )
 
 
-def autocasts_bf16(settings: DPOSettings) -> bool:
+def autocasts_bf16(settings: FineTuning) -> bool:
     """Whether training autocasts to bf16 (TRL's default is yes, which is slow where bf16 is emulated)."""
     if settings.precision != "auto":
         return settings.precision == "bf16"
     return bf16_is_native(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _lora_config(settings: DPOSettings):
+def lora_config(settings: FineTuning):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -188,7 +188,7 @@ class _OnLog(TrainerCallback):
             self.forward(_step_row(state.log_history[-1], self.clock.seconds))
 
 
-def _save_atomically(model, tokenizer, out_dir: Path, log: dict) -> None:
+def save_atomically(model, tokenizer, out_dir: Path, log: dict) -> None:
     """Write into a sibling temp dir, flush it to disk, then rename it into place: a killed run leaves no
     half model, and one stopped by Ctrl-C or a full disk not even the temp dir."""
     tmp = out_dir.parent / (out_dir.name + ".tmp")
@@ -226,7 +226,7 @@ def _save_gathered(trainer, tokenizer, settings: DPOSettings, out_dir: Path, log
             model = AutoPeftModelForCausalLM.from_pretrained(raw, dtype=torch.float32).merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(raw, dtype=torch.float32, use_safetensors=True)
-        _save_atomically(model, tokenizer, out_dir, log)
+        save_atomically(model, tokenizer, out_dir, log)
         shutil.rmtree(raw)
     trainer.accelerator.wait_for_everyone()
 
@@ -264,7 +264,7 @@ def train_dpo(
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
     )
-    peft_config = _lora_config(settings) if settings.use_lora else None
+    peft_config = lora_config(settings) if settings.use_lora else None
 
     with tempfile.TemporaryDirectory(prefix="metareward-dpo-") as default_work_dir:
         args = _dpo_config(settings, Path(work_dir or default_work_dir), seed, report_to, trust_remote_code)
@@ -301,7 +301,7 @@ def train_dpo(
         trained = trained.merge_and_unload()
     if getattr(trained.config, "quantization_config", None) is not None:
         del trained.config.quantization_config
-    _save_atomically(trained, tokenizer, Path(out_dir), log)
+    save_atomically(trained, tokenizer, Path(out_dir), log)
     del trainer, model, trained
     release_memory()
     return log

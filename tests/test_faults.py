@@ -207,11 +207,31 @@ def test_points_do_nothing_unless_armed():
 FAULTS = [("ENOSPC", "OSError: [Errno 28]"), ("SIGINT", "KeyboardInterrupt")]
 
 
+def as_from_a_terminal(umask: int | None = None):
+    """A ``preexec_fn`` giving the child a process started from a terminal: Ctrl-C interrupts it. A job
+    started in the background of a non-interactive shell (as CI may start the tests) inherits SIGINT
+    ignored, and Python then leaves it ignored."""
+
+    def prepare() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if umask is not None:
+            os.umask(umask)
+
+    return prepare
+
+
 @pytest.mark.parametrize(("fault", "ends"), FAULTS)
 def test_a_point_can_fill_the_disk_or_send_a_signal_instead(fault, ends):
     code = "from metareward import faults\nfaults.point('a')\nprint('passed', flush=True)\n"
     env = {key: value for key, value in os.environ.items() if key != faults.ENV}
     env.update({faults.ENV: "a", faults.WITH_ENV: fault})
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=as_from_a_terminal(),
+    )
     assert result.returncode != 0 and "passed" not in result.stdout
     assert result.stderr.strip().splitlines()[-1].startswith(ends), result.stderr

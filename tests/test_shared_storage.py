@@ -21,7 +21,7 @@ from metareward import faults, models, records, runlock
 from metareward.config import ConfigError, ModelConfig, load_config
 from metareward.judge_metrics import JudgedPair, Verdict, suite_metrics
 from metareward.prompts import Templates
-from tests.test_faults import CHAIN_RUN, ROW_FILES
+from tests.test_faults import CHAIN_RUN, ROW_FILES, as_from_a_terminal
 
 BIN = Path(sys.executable).parent
 
@@ -47,7 +47,7 @@ def run_cli(runs: Path, name: str, umask: int | None = None, **env) -> subproces
         capture_output=True,
         text=True,
         timeout=600,
-        preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
+        preexec_fn=as_from_a_terminal(umask),
     )
 
 
