@@ -73,16 +73,18 @@ def alarms(values: dict, cfg: GuardsConfig) -> list[dict]:
     """``{"guard", "value", "threshold", "reason"}`` for each guard whose value passes its threshold."""
     found = []
 
-    def alarm(guard: str, value: float, key: str, threshold: float, reason: str) -> None:
-        found.append({"guard": guard, "value": value, "threshold": threshold, "reason": f"{reason} ({key})"})
+    def alarm(guard: str, value: float, setting: str, reason: str) -> None:
+        """An alarm of ``guard``, whose threshold is the setting ``guards.<setting>``."""
+        threshold = getattr(cfg, setting)
+        reason = f"{reason} (guards.{setting}={threshold})"
+        found.append({"guard": guard, "value": value, "threshold": threshold, "reason": reason})
 
     share = values.get("top_score_share")
     if _above(share, cfg.max_top_score_share):
         alarm(
             "score_saturation",
             share,
-            f"guards.max_top_score_share={cfg.max_top_score_share}",
-            cfg.max_top_score_share,
+            "max_top_score_share",
             f"score saturation: {share:.0%} of scored judgements give {TOP_SCORE:g}",
         )
     for what in ("response", "judgement"):
@@ -91,8 +93,7 @@ def alarms(values: dict, cfg: GuardsConfig) -> list[dict]:
             alarm(
                 f"{what}_length_drift",
                 growth,
-                f"guards.max_length_growth={cfg.max_length_growth}",
-                cfg.max_length_growth,
+                "max_length_growth",
                 f"length drift: mean {what} tokens grew {growth:+.0%} over the previous iteration",
             )
     for role, label in (("judge", "judge scores"), ("meta_judge", "meta-judge verdicts")):
@@ -101,8 +102,7 @@ def alarms(values: dict, cfg: GuardsConfig) -> list[dict]:
             alarm(
                 f"{role}_parse_failures",
                 rate,
-                f"guards.max_parse_failure_rate={cfg.max_parse_failure_rate}",
-                cfg.max_parse_failure_rate,
+                "max_parse_failure_rate",
                 f"parse failures: {rate:.0%} of {label} not parsed from the text",
             )
     first = values.get("first_position_win_share")
@@ -112,8 +112,7 @@ def alarms(values: dict, cfg: GuardsConfig) -> list[dict]:
             alarm(
                 "position_bias",
                 first,
-                f"guards.max_position_win_share={cfg.max_position_win_share}",
-                cfg.max_position_win_share,
+                "max_position_win_share",
                 f"position bias: the {favoured} position wins {share:.0%} of meta-judge verdicts",
             )
     return found
