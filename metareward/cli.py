@@ -313,8 +313,14 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
     at all: ``generator=openai generator.openai.base_urls=[URL] generator.openai.model=NAME``.
 
     Prints a table per suite and protocol and writes the metrics as JSON to PATH (default
-    ./eval_judge.json), with the per-pair outcomes in ``<stem>_pairs.jsonl`` beside it."""
+    ./eval_judge.json), with the per-pair outcomes in ``<stem>_pairs.jsonl`` beside it.
+
+    With ``eval.escalation.enabled=true`` a stronger judge (``eval.escalation.judge.*``) answers every
+    pair too, and each suite and protocol gets its cascade curve: accuracy and cost as the share of
+    pairs escalated to it grows (``"escalation"`` in the JSON, a table printed). Its answers are cached
+    in ``<stem>_cache/`` beside PATH: run again with another signal or budget and nothing is paid twice."""
     from metareward.allocator import keep_freed_memory
+    from metareward.escalation import Cascade, StrongJudge, prices_of
     from metareward.evaluation import ContextFit, evaluate_suites, load_suites
     from metareward.generation import make_generator
     from metareward.models import resolve_model
@@ -348,18 +354,29 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
         model_dir, config.model.trust_remote_code, config.eval.max_new_tokens, config.data.long_prompts
     )
     generator = make_generator(model_dir, config.model, config.generator)
+    # The strong judge's answers are kept beside --out, so trying another signal or budget pays nothing.
+    cache_dir = args.out.with_name(f"{args.out.stem}_cache")
+    strong = StrongJudge(config.eval.escalation.judge, cache_dir) if config.eval.escalation.enabled else None
     try:
+        cascade = None
+        if strong is not None:
+            local_prices = prices_of(config.generator)
+            cascade = Cascade(config.eval.escalation, strong.generator(), strong.prices, local_prices)
         result, per_pair = evaluate_suites(
-            generator, templates, suites, config.eval, config.judge.score_from, fit
+            generator, templates, suites, config.eval, config.judge.score_from, fit, cascade
         )
     finally:
         generator.close()
+        if strong is not None:
+            strong.close()
     try:
         records.write_json(args.out, result)
         records.write_jsonl(args.out.with_name(f"{args.out.stem}_pairs.jsonl"), per_pair)
     except OSError as error:
         _fail(_no_space_line(error) if records.is_no_space(error) else str(error), code=1, prog=prog)
     print(report.format_suite_table(result))
+    if cascade is not None:
+        print(report.format_cascade_table(result))
     print(f"wrote {args.out} and {args.out.stem}_pairs.jsonl")
 
 

@@ -48,6 +48,10 @@ SUITE_ENTRY_KEYS = ("path", "name", "format")
 WINNER_SOURCES = ("text", "text_or_probs")
 # What metareward-align-judge trains toward: the human label distribution, or its majority label.
 ALIGN_OBJECTIVES = ("distribution", "point")
+# How sure the local judge is of an answer (escalation.py defines each): pointwise judgements (the rubric
+# judge's 0..5 scores) and pairwise verdicts (A or B) each have their own; random is the control.
+POINTWISE_SIGNALS = ("margin", "entropy", "spread", "random")
+PAIRWISE_SIGNALS = ("margin", "order", "random")
 
 
 NO_VALUE = object()  # a refusal that names a key but no value (e.g. an unknown key)
@@ -340,6 +344,75 @@ class DataConfig(Section):
 
 
 @dataclass
+class ModelSpec(Section):
+    """A model and the backend that serves it, e.g. a GPT-4-class endpoint:
+    ``generator.backend=openai generator.openai.base_urls=[URL] generator.openai.model=NAME``."""
+
+    where: ClassVar[str] = "<role>."
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+
+
+@dataclass
+class EscalationConfig(Section):
+    """Hand what the local judge is least sure of to a stronger judge (``.judge``), whose answer then
+    replaces the local one (escalation.py). The budget is ``fraction`` (the least-confident share of
+    the stage's items) or ``threshold`` (every item whose confidence is below it); set one, the other
+    null. An item without the signal's inputs (no distribution behind an API) is escalated first."""
+
+    where: ClassVar[str] = "<stage>.escalation."
+
+    enabled: bool = False
+    # The stronger judge; it answers in text (its score or verdict is parsed, never read from probabilities).
+    judge: ModelSpec = field(default_factory=ModelSpec)
+    # pointwise (judge stage, eval pointwise): margin, entropy, spread, random; pairwise (meta-judge stage,
+    # eval pairwise): margin, order, random.
+    signal: str = "margin"
+    fraction: float | None = 0.2
+    threshold: float | None = None
+
+    def check(self) -> None:
+        signals = POINTWISE_SIGNALS + PAIRWISE_SIGNALS
+        _require(self.signal in signals, "signal", self.signal, f"one of {tuple(dict.fromkeys(signals))}")
+        _require(
+            (self.fraction is None) != (self.threshold is None),
+            "threshold" if self.threshold is not None else "fraction",
+            self.threshold if self.threshold is not None else self.fraction,
+            "set exactly one budget: fraction (e.g. 0.2) or threshold (with fraction=null)",
+        )
+        for name in ("fraction", "threshold"):
+            value = getattr(self, name)
+            _require(value is None or 0 <= value <= 1, name, value, "must be in [0, 1]")
+
+    def check_signal(self, allowed: tuple[str, ...], judgements: int, what: str) -> None:
+        """Refuse a signal the stage's answers cannot give (``what`` names them); ``spread`` needs two
+        or more sampled scores per item."""
+        _require(self.signal in allowed, "escalation.signal", self.signal, f"{what} allow {allowed}")
+        _require(
+            self.signal != "spread" or judgements >= 2,
+            "escalation.signal",
+            self.signal,
+            f"spread needs 2 or more judgements per response (num_judgements={judgements})",
+        )
+
+
+@dataclass
+class EvalEscalationConfig(EscalationConfig):
+    """Escalation in evaluation: the local and the strong judge answer every pair, and the cascade curve
+    says what accuracy and cost each escalated fraction gives; the budget is the operating point."""
+
+    where: ClassVar[str] = "eval.escalation."
+
+    # Fractions 0, 1/(points-1), ..., 1 reported on the curve.
+    curve_points: int = 11
+
+    def check(self) -> None:
+        super().check()
+        _require(self.curve_points >= 2, "curve_points", self.curve_points, "must be >= 2")
+
+
+@dataclass
 class ActorConfig(Section):
     where: ClassVar[str] = "actor."
     num_responses: int = 4
@@ -365,12 +438,16 @@ class JudgeConfig(Section):
     # Optional path to a str.format template replacing the built-in rubric prompt (fields: {question},
     # {response}, both required, and {rubric}; a literal brace is written {{ or }}).
     template: str | None = None
+    # The judge stage's items are responses (N judgements each); escalated ones are judged N times by
+    # escalation.judge instead.
+    escalation: EscalationConfig = field(default_factory=EscalationConfig)
 
     def check(self) -> None:
         _require(self.num_judgements >= 1, "num_judgements", self.num_judgements, "must be >= 1")
         _check_sampling(self.temperature, self.top_p, self.max_new_tokens)
         _require(self.score_from in SCORE_SOURCES, "score_from", self.score_from, f"one of {SCORE_SOURCES}")
         _check_template("template", self.template, "judge")
+        self.escalation.check_signal(POINTWISE_SIGNALS, self.num_judgements, "the judge's scores")
 
 
 @dataclass
@@ -385,6 +462,9 @@ class MetaJudgeConfig(Section):
     # Optional path to a str.format template (fields: {question}, {response}, {rubric},
     # {judgement_a}, {judgement_b}; the last two and {response} required; literal braces {{ }}).
     template: str | None = None
+    # The meta-judge stage's items are comparisons of two judgements (both orders); escalated ones are
+    # answered, in both orders, by escalation.judge instead.
+    escalation: EscalationConfig = field(default_factory=EscalationConfig)
 
     def check(self) -> None:
         _check_sampling(self.temperature, self.top_p, self.max_new_tokens)
@@ -395,6 +475,7 @@ class MetaJudgeConfig(Section):
             f"one of {WINNER_SOURCES}",
         )
         _check_template("template", self.template, "meta_judge")
+        self.escalation.check_signal(PAIRWISE_SIGNALS, 2, "the meta-judge's verdicts")
 
 
 @dataclass
@@ -501,7 +582,7 @@ class TrainConfig(Section):
 
 
 @dataclass
-class RoleModelConfig(Section):
+class RoleModelConfig(ModelSpec):
     """A fixed model for one role instead of the model being trained, e.g. a stronger meta-judge
     behind an API: ``roles.meta_judge.own_model=true roles.meta_judge.generator.backend=openai``."""
 
@@ -510,8 +591,6 @@ class RoleModelConfig(Section):
     # false (the paper): the role is played by M_{t-1} through the run's `generator` (for
     # eval.evaluator: by the seed model M_0).
     own_model: bool = False
-    model: ModelConfig = field(default_factory=ModelConfig)
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
 @dataclass
@@ -619,6 +698,8 @@ class EvalConfig(Section):
     # The fixed evaluator of win rates: M_0 (the seed model), or with own_model=true any model and
     # backend, e.g. eval.evaluator.own_model=true eval.evaluator.model.kind=hf eval.evaluator.model.path=...
     evaluator: RoleModelConfig = field(default_factory=RoleModelConfig)
+    # The cascade of the judge with a stronger one, per suite and protocol (escalation.py).
+    escalation: EvalEscalationConfig = field(default_factory=EvalEscalationConfig)
 
     def check(self) -> None:
         counts = ("num_pairs", "num_judgements", "max_new_tokens", "num_heldout", "response_max_new_tokens")
@@ -641,6 +722,10 @@ class EvalConfig(Section):
         _require(
             self.winner_from in WINNER_SOURCES, "winner_from", self.winner_from, f"one of {WINNER_SOURCES}"
         )
+        if "pointwise" in self.protocols:
+            self.escalation.check_signal(POINTWISE_SIGNALS, self.num_judgements, "pointwise judgements")
+        if "pairwise" in self.protocols:
+            self.escalation.check_signal(PAIRWISE_SIGNALS, 2, "pairwise verdicts")
 
 
 @dataclass

@@ -4,7 +4,9 @@
   ``evaluate_suites``, which judges every pair under each protocol of ``eval.protocols``
   (``judge_pointwise``: the rubric judge scores each response; ``judge_pairwise``: both responses in
   one prompt, both orders) and measures the verdicts with metareward/judge_metrics.py.
-  ``metareward-eval-judge [overrides]`` (cli.py) runs it from the command line.
+  ``metareward-eval-judge [overrides]`` (cli.py) runs it from the command line. With
+  ``eval.escalation`` a strong judge answers every pair too and the cascade curve of the two
+  (escalation.py) is added per suite and protocol.
 - Actor skill: ``load_heldout_prompts``, ``generate_responses`` (for M_t and M_0), then
   ``win_rate``, where a fixed evaluator compares the two models' answers in both orders.
 - ``evaluate_model``: both, for one model of a run (what the loop runs on M_0 and after each iteration).
@@ -21,10 +23,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from metareward import stages
+from metareward import escalation, stages
 from metareward.config import Config, ConfigError, EvalConfig
 from metareward.data import bundled_path, to_prompt_rows
-from metareward.generation import Generator, SamplingParams, make_generator
+from metareward.escalation import Cascade, StrongJudge, prices_of
+from metareward.generation import Generator, SamplingParams, make_generator, reads_probabilities
 from metareward.judge_metrics import JudgedPair, Verdict, agreement_stats, suite_metrics
 from metareward.metrics import mean_or_none
 from metareward.prompts import Templates
@@ -87,17 +90,19 @@ def judge_pointwise(
     cfg: EvalConfig,
     score_from: str,
     seed: int,
+    read_probs: bool = False,
+    desc: str = "eval pointwise",
 ) -> list[JudgedPair]:
     """The paper's judge on each pair: both responses scored with the rubric (``cfg.num_judgements``
     samples each); the higher mean score wins. Where the judge gives 0..5 distributions
-    (``score_from=text_or_expected``), its probability that A wins is read from them."""
+    (``score_from=text_or_expected``, or ``read_probs``), its probability that A wins is read from them."""
     requests = [
         templates.judge_messages(pair.prompt, response)
         for pair in pairs
         for response in (pair.response_a, pair.response_b)
     ]
     judged = stages.judge_requests(
-        generator, requests, _sampling(cfg, cfg.num_judgements, seed), score_from, "eval pointwise"
+        generator, requests, _sampling(cfg, cfg.num_judgements, seed), score_from, desc, read_probs
     )
     out = []
     for index, pair in enumerate(pairs):
@@ -111,16 +116,25 @@ def judge_pointwise(
         dist_a, dist_b = _mean_distribution(rows_a), _mean_distribution(rows_b)
         prob_a = _prob_first_wins(dist_a, dist_b) if dist_a and dist_b else None
         rows = rows_a + rows_b
-        out.append(_judged(pair, (Verdict(winner, prob_a=prob_a),), rows, "score_source"))
+        judged_pair = _judged(pair, (Verdict(winner, prob_a=prob_a),), rows, "score_source")
+        out.append(dataclasses.replace(judged_pair, score_rows=(tuple(rows_a), tuple(rows_b))))
     return out
 
 
 def judge_pairwise(
-    generator: Generator, templates: Templates, pairs: list[SuitePair], cfg: EvalConfig, seed: int
+    generator: Generator,
+    templates: Templates,
+    pairs: list[SuitePair],
+    cfg: EvalConfig,
+    seed: int,
+    winner_from: str | None = None,
+    read_probs: bool = False,
+    desc: str = "eval pairwise",
 ) -> list[JudgedPair]:
     """Both responses in one prompt ("Winner: Response A|B"), every pair in both orders; with
-    ``cfg.winner_from=text_or_probs`` the A/B probabilities after the cue back missing verdicts and give
-    the judge's probability that A wins."""
+    ``winner_from=text_or_probs`` (default ``cfg.winner_from``) the A/B probabilities after the cue back
+    missing verdicts and give the judge's probability that A wins (``read_probs``: read them whatever
+    ``winner_from``)."""
     requests = []
     for pair in pairs:
         requests.append(templates.pairwise_messages(pair.prompt, pair.response_a, pair.response_b))
@@ -129,10 +143,11 @@ def judge_pairwise(
         generator,
         requests,
         _sampling(cfg, 1, seed),
-        cfg.winner_from,
-        "eval pairwise",
+        winner_from or cfg.winner_from,
+        desc,
         pairwise=True,
         all_probs=True,
+        read_probs=read_probs,
     )
     out = []
     for index, pair in enumerate(pairs):
@@ -162,6 +177,8 @@ def _judged(
         human=pair.human,
         subset=pair.subset,
         pair_id=pair.pair_id,
+        prompt_tokens=sum(a.get("prompt_tokens") or 0 for a in answers),
+        completion_tokens=sum(a.get("num_tokens") or 0 for a in answers),
     )
 
 
@@ -260,12 +277,18 @@ def evaluate_suites(
     cfg: EvalConfig,
     score_from: str,
     fit: ContextFit | None = None,
+    cascade: Cascade | None = None,
 ) -> tuple[dict, list[dict]]:
     """Every suite under every protocol of ``cfg.protocols``: ``({"suites": {name: {protocol:
     metrics}}}, per-pair rows)``, metrics as :func:`~metareward.judge_metrics.suite_metrics` gives them,
     plus what was left out before judging: ``identical_pairs`` (both responses the same text: no
     preference to find), and with ``fit`` the pairs too long for the judge's context,
-    ``skipped_too_long`` and ``truncated`` (null when not checked)."""
+    ``skipped_too_long`` and ``truncated`` (null when not checked).
+
+    With ``cascade`` (``eval.escalation``) its strong judge answers every pair too, in text, and each
+    suite and protocol gets ``"escalation"``: the cascade curve of :func:`escalation.cascade`; per-pair
+    rows then hold the strong judge's outcome, the local judge's confidence and whether the budget
+    escalates the pair."""
     result: dict = {"suites": {}}
     per_pair = []
     for name, all_pairs in suites:
@@ -285,19 +308,19 @@ def evaluate_suites(
                     counts["skipped_too_long"],
                     counts["truncated"],
                 )
-            if not fitted:
-                judged = []
-            elif protocol == "pointwise":
-                judged = judge_pointwise(generator, templates, fitted, cfg, score_from, cfg.seed)
-            else:
-                judged = judge_pairwise(generator, templates, fitted, cfg, cfg.seed)
-            result["suites"][name][protocol] = {
+            read_probs = (
+                cascade is not None
+                and escalation.needs_probabilities(cascade.cfg.signal)
+                and reads_probabilities(generator)
+            )
+            judged = _judge_suite(generator, templates, fitted, cfg, protocol, score_from, read_probs)
+            metrics = {
                 **suite_metrics(judged, cfg.bootstrap_samples, cfg.seed),
                 "identical_pairs": identical,
                 "skipped_too_long": counts["skipped_too_long"] if counts else None,
                 "truncated": counts["truncated"] if counts else None,
             }
-            per_pair += [
+            rows = [
                 {
                     "suite": name,
                     "protocol": protocol,
@@ -310,7 +333,44 @@ def evaluate_suites(
                 }
                 for j in judged
             ]
+            if cascade is not None:
+                # The strong judge answers in text: an endpoint gives no probabilities to read.
+                strong = _judge_suite(
+                    cascade.strong, templates, fitted, cfg, protocol, "text", False, "strong"
+                )
+                curve = escalation.cascade(
+                    judged, strong, cascade.cfg, (cascade.local_prices, cascade.strong_prices), cfg.seed
+                )
+                escalated = set(curve.pop("escalated_pairs", []))
+                confidences = curve.pop("confidences", [])
+                for index, (row, confidence) in enumerate(zip(rows, confidences, strict=True)):
+                    row.update(strong_outcome=strong[index].outcome(), confidence=confidence)
+                    row["escalated"] = index in escalated
+                metrics["escalation"] = curve
+            result["suites"][name][protocol] = metrics
+            per_pair += rows
     return result, per_pair
+
+
+def _judge_suite(
+    generator: Generator,
+    templates: Templates,
+    pairs: list[SuitePair],
+    cfg: EvalConfig,
+    protocol: str,
+    score_from: str,
+    read_probs: bool,
+    who: str = "",
+) -> list[JudgedPair]:
+    """One judge on a suite's pairs under ``protocol``; ``score_from="text"`` also means verdicts from
+    text alone (a strong judge behind an API)."""
+    if not pairs:
+        return []
+    desc = f"eval {protocol}" + (f" ({who})" if who else "")
+    if protocol == "pointwise":
+        return judge_pointwise(generator, templates, pairs, cfg, score_from, cfg.seed, read_probs, desc)
+    winner_from = "text" if who else None
+    return judge_pairwise(generator, templates, pairs, cfg, cfg.seed, winner_from, read_probs, desc)
 
 
 # ------------------------------------------------------------------ actor win rate
@@ -437,8 +497,16 @@ def evaluate_model(
         model_dir, cfg.model.trust_remote_code, cfg.eval.max_new_tokens, cfg.data.long_prompts
     )
     generator = make_generator(model_dir, cfg.model, cfg.generator, cache_dir=cache_dir)
+    strong = StrongJudge(cfg.eval.escalation.judge, cache_dir) if cfg.eval.escalation.enabled else None
     try:
-        judge, per_pair = evaluate_suites(generator, templates, suites, cfg.eval, cfg.judge.score_from, fit)
+        cascade = None
+        if strong is not None:
+            cascade = Cascade(
+                cfg.eval.escalation, strong.generator(), strong.prices, prices_of(cfg.generator)
+            )
+        judge, per_pair = evaluate_suites(
+            generator, templates, suites, cfg.eval, cfg.judge.score_from, fit, cascade
+        )
         responses, self_judged = [], None
         if cfg.eval.win_rate:
             responses = generate_responses(
@@ -458,6 +526,8 @@ def evaluate_model(
                 )
     finally:
         generator.close()
+        if strong is not None:
+            strong.close()
     result = {"judge": judge["suites"], "per_pair": per_pair, "heldout_responses": responses}
     if baseline is not None and cfg.eval.win_rate:
         spec = cfg.eval.evaluator

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -61,6 +61,11 @@ class JudgedPair:
     human: tuple[float, float] | None = None
     subset: str | None = None
     pair_id: str = ""
+    # Tokens the judge read and wrote on this pair (what an endpoint charges for).
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Pointwise: the judgement rows of A and of B (their scores and 0..5 distributions), for escalation.
+    score_rows: tuple = field(default=(), compare=False, repr=False)
 
     def outcome(self) -> str | None:
         votes = [v.winner for v in self.verdicts if v.winner is not None]
@@ -100,7 +105,8 @@ def agreement_stats(outcomes: list[float], bootstrap_samples: int, seed: int) ->
     }
 
 
-def _credit(outcome: str | None, label: str) -> float:
+def credit(outcome: str | None, label: str) -> float:
+    """A pair's accuracy credit: 1 for the label, 0 for the other side, 0.5 for a tie or no verdict."""
     return 1.0 if outcome == label else 0.0 if outcome in SIDES else 0.5
 
 
@@ -131,7 +137,7 @@ def expected_calibration_error(confidences: list[float], correct: list[bool], bi
 def suite_metrics(judged: list[JudgedPair], bootstrap_samples: int, seed: int) -> dict:
     """The metrics of one suite and protocol (keys as in ``metareward-eval-judge``'s JSON)."""
     labelled = [j for j in judged if j.label in SIDES]
-    credits = [_credit(j.outcome(), j.label) for j in labelled]
+    credits = [credit(j.outcome(), j.label) for j in labelled]
     stats = agreement_stats(credits, bootstrap_samples, seed) if credits else None
     outcomes = [j.outcome() for j in judged]
     decided = [j for j in labelled if j.outcome() in SIDES]
@@ -152,9 +158,9 @@ def suite_metrics(judged: list[JudgedPair], bootstrap_samples: int, seed: int) -
     with_human = [(j, j.prob_a()) for j in judged if j.human is not None and j.prob_a() is not None]
 
     subsets: dict[str, list[float]] = defaultdict(list)
-    for j, credit in zip(labelled, credits, strict=True):
+    for j, earned in zip(labelled, credits, strict=True):
         if j.subset is not None:
-            subsets[j.subset].append(credit)
+            subsets[j.subset].append(earned)
     ci_reason = None
     if len(decided) < MIN_DECIDED_FOR_CI:
         ci_reason = f"{len(decided)} decided pair(s), fewer than the {MIN_DECIDED_FOR_CI} an interval needs"

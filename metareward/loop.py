@@ -18,15 +18,15 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from metareward import guards, pairs, records, report, runlock, stages, synthesis
+from metareward import escalation, guards, pairs, records, report, runlock, stages, synthesis, tracking
 from metareward.align_data import ALIGN_METRICS, align_paths, load_align_split
-from metareward.config import Config, RoleModelConfig
+from metareward.config import Config
 from metareward.data import fit_to_model, load_prompts, prompts_for_iteration, reuse_notice, to_prompt_rows
 from metareward.evaluation import evaluate_model, load_heldout_prompts, load_suites
 from metareward.exports import write_heldout_exports
 from metareward.generation import Generator, Usage, make_generator
 from metareward.metrics import iteration_metrics
-from metareward.models import resolve_model
+from metareward.models import resolve_model, spec_model_dir
 from metareward.prompts import Templates
 from metareward.records import ChunkedFile, iter_dir, read_jsonl, write_json, write_jsonl
 from metareward.tracking import make_tracker
@@ -167,6 +167,9 @@ class Run:
                 # M_0's judge skill is the baseline every later iteration is compared with.
                 write_json(self.dir / records.EVAL_0, self._evaluate(model_dir, iteration=0))
                 tracker.log({"eval": records.read_json(self.dir / records.EVAL_0)["judge"]}, step=0)
+                tracking.log_cascade_curves(
+                    tracker, records.read_json(self.dir / records.EVAL_0)["judge"], step=0
+                )
             if cfg.eval.enabled:
                 judge_0 = records.read_json(self.dir / records.EVAL_0)["judge"]
                 log.info("\n".join(["== the seed model M_0 ==", *report.eval_lines(judge_0)]))
@@ -249,6 +252,7 @@ class Run:
             )
 
         generators, engines = self._role_generators(directory, model_dir)
+        escalations = escalation.for_iteration(self.cfg, t, self.dir / CACHE)
         usage: dict[str, dict] = {}
         try:
             actor, judge, meta_judge = (generators[role] for role in ROLE_FILES)
@@ -263,6 +267,7 @@ class Run:
                     responses,
                     cfg.judge,
                     ChunkedFile(directory / records.JUDGEMENTS),
+                    escalations.get("judge"),
                 )
             with spending(meta_judge, usage, "meta_judge"):
                 verdicts = stages.meta_judge(
@@ -273,11 +278,15 @@ class Run:
                     pairs.within_token_limit(judgements, cfg.pairs.max_judgement_tokens),
                     cfg.meta_judge,
                     ChunkedFile(directory / records.META_JUDGEMENTS),
+                    escalations.get("meta_judge"),
                 )
         finally:
             # The engines give their (GPU) memory back before training starts.
             for engine in engines:
                 engine.close()
+            for role, esc in escalations.items():
+                usage[f"{role}_strong"] = esc.strong.usage().since(Usage())
+                esc.strong.close()
 
         try:
             records.check_stage_files(directory)
@@ -323,10 +332,15 @@ class Run:
             "train_log": training["log_history"],
             "pairs": {**pair_stats, "rho": cfg.pairs.rho_for(t), "trained_on_judge_pairs": train_judge},
             "guards": guard,
+            "escalation": escalation.iteration_metrics(directory, escalations),
             "eval": evaluated.get("judge", {}),
             "eval_actor": evaluated.get("actor", {}),
-            # Generation spent by each stage in the invocation that ran it (0 for a stage found on disk).
-            "usage": {role: usage.get(role, Usage().since(Usage())) for role in ROLE_FILES},
+            # Generation spent by each stage in the invocation that ran it (0 for a stage found on disk),
+            # and by each stage's strong judge (judge_strong, meta_judge_strong) where it escalates.
+            "usage": {
+                role: usage.get(role, Usage().since(Usage()))
+                for role in [*ROLE_FILES, *(f"{role}_strong" for role in escalations)]
+            },
         }
         write_json(directory / records.METRICS, metrics)
 
@@ -351,7 +365,7 @@ class Run:
         if not synthesis.pool_complete(self.dir):
             spec = cfg.roles.prompter
             if spec.own_model:
-                generator = make_generator(own_model_dir(spec), spec.model, spec.generator, self.dir / CACHE)
+                generator = make_generator(spec_model_dir(spec), spec.model, spec.generator, self.dir / CACHE)
                 chunk_size = spec.generator.chunk_size
             else:
                 generator = make_generator(seed_dir, cfg.model, cfg.generator, self.dir / CACHE)
@@ -393,6 +407,9 @@ class Run:
                 for r in rows
             ]
             tracker.log_table(f"{role}_pairs", columns, table, step=t)
+        tracking.log_cascade_curves(
+            tracker, records.read_json(directory / records.METRICS).get("eval", {}), step=t
+        )
         alarms = records.read_json(directory / records.METRICS).get("guards", {}).get("alarms", [])
         rows = [[a["guard"], a["value"], a["threshold"], a["reason"]] for a in alarms]
         tracker.log_table("guard_alarms", ["guard", "value", "threshold", "reason"], rows, step=t)
@@ -404,7 +421,7 @@ class Run:
         if iteration > 0:
             baseline = records.read_json(self.dir / records.EVAL_0)["heldout_responses"]
         spec = self.cfg.eval.evaluator
-        evaluator_dir = own_model_dir(spec) if spec.own_model else self.seed_dir
+        evaluator_dir = spec_model_dir(spec) if spec.own_model else self.seed_dir
         result = evaluate_model(
             self.cfg, model_dir, iteration, evaluator_dir, self.templates, self.dir / CACHE, baseline
         )
@@ -470,7 +487,7 @@ class Run:
             if key not in made:
                 if spec.own_model:
                     made[key] = make_generator(
-                        own_model_dir(spec), spec.model, spec.generator, self.dir / CACHE
+                        spec_model_dir(spec), spec.model, spec.generator, self.dir / CACHE
                     )
                 else:
                     made[key] = make_generator(
@@ -487,14 +504,6 @@ def select_key(cfg: Config, evaluated: dict) -> tuple[str, str]:
         return suite, protocol
     suite = next(iter(evaluated))
     return suite, next(iter(evaluated[suite]))
-
-
-def own_model_dir(spec: RoleModelConfig) -> str:
-    """Where a role's own model is: a directory, or for a model behind an API its served name (the
-    tokenizer of that name is used when one is at hand)."""
-    if spec.generator.backend == "openai" and spec.model.kind == "hf":
-        return spec.model.path or ""
-    return resolve_model(spec.model)
 
 
 def carry_forward(model_dir: str, out: Path, reason: str) -> dict:

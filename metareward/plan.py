@@ -5,6 +5,8 @@ and bounds the tokens they generate (every sample running to ``max_new_tokens``)
 be priced against a GPU-hour or per-token rate; with ``data=synthetic`` a first row ("pool") counts
 the prompter's requests, up to ``data.synthetic.request_budget`` per pool prompt. Counts are upper
 bounds: the actor drops duplicate responses, and the meta-judge only compares judgements that parsed.
+Rows marked "(strong)" are what a stage escalates to its strong judge (``*.escalation``): the budget's
+share of the stage's items (all of them under a threshold), priced by the strong judge's own rates.
 """
 
 from __future__ import annotations
@@ -34,12 +36,20 @@ def _evaluation(cfg: Config, iteration: int) -> list[dict]:
     # pairwise both orders once; their probabilities are read as the judge's settings say.
     pairs = 2 * ev.num_pairs * len(ev.suites)
     rows = []
+    reads = _reads_probabilities(ev.escalation)
     if "pointwise" in ev.protocols:
-        scored = pairs * ev.num_judgements if cfg.judge.score_from == "text_or_expected" else 0
+        scored = pairs * ev.num_judgements if cfg.judge.score_from == "text_or_expected" or reads else 0
         rows.append(_row(iteration, "eval pointwise", pairs, ev.num_judgements, ev.max_new_tokens, scored))
     if "pairwise" in ev.protocols:
-        scored = pairs if ev.winner_from == "text_or_probs" else 0
+        scored = pairs if ev.winner_from == "text_or_probs" or reads else 0
         rows.append(_row(iteration, "eval pairwise", pairs, 1, ev.max_new_tokens, scored))
+    if ev.escalation.enabled:  # the strong judge answers every pair too, in text (cached across models)
+        if "pointwise" in ev.protocols:
+            rows.append(
+                _row(iteration, "eval pointwise (strong)", pairs, ev.num_judgements, ev.max_new_tokens)
+            )
+        if "pairwise" in ev.protocols:
+            rows.append(_row(iteration, "eval pairwise (strong)", pairs, 1, ev.max_new_tokens))
     if ev.win_rate:
         rows.append(_row(iteration, "eval responses", ev.num_heldout, 1, ev.response_max_new_tokens))
         if iteration > 0:
@@ -56,6 +66,19 @@ def _synthesis(cfg: Config) -> list[dict]:
     chunk_size = (spec.generator if spec.own_model else cfg.generator).chunk_size
     syn = cfg.data.synthetic
     return [_row("pool", "prompter", plan_requests(syn, chunk_size), 1, syn.max_new_tokens)]
+
+
+def _reads_probabilities(settings) -> bool:
+    from metareward.escalation import needs_probabilities
+
+    return settings.enabled and needs_probabilities(settings.signal)
+
+
+def _escalated(settings, items: int) -> int:
+    """Items a budget escalates at most: its fraction of them, or all of them under a threshold."""
+    from metareward.escalation import fraction_count
+
+    return items if settings.threshold is not None else fraction_count(settings.fraction, items)
 
 
 def training_processes(cfg: Config) -> int:
@@ -81,13 +104,24 @@ def plan(cfg: Config, available_prompts: int | None = None) -> list[dict]:
     rows = _synthesis(cfg) if cfg.data.kind == "synthetic" else []
     rows += _evaluation(cfg, 0) if cfg.eval.enabled else []
     for t in range(1, cfg.iterations + 1):
+        # A confidence signal that reads probabilities reads them for every judgement or verdict.
         scored = responses * n if cfg.judge.score_from == "text_or_expected" else 0
+        if _reads_probabilities(cfg.judge.escalation):
+            scored = responses * n
         verdict_scored = comparisons if cfg.meta_judge.winner_from == "text_or_probs" else 0
+        if _reads_probabilities(cfg.meta_judge.escalation):
+            verdict_scored = comparisons
         rows += [
             _row(t, "actor", prompts, k, cfg.actor.max_new_tokens),
             _row(t, "judge", responses, n, cfg.judge.max_new_tokens, scored),
-            _row(t, "meta_judge", comparisons, 1, cfg.meta_judge.max_new_tokens, verdict_scored),
         ]
+        if cfg.judge.escalation.enabled:
+            strong = _escalated(cfg.judge.escalation, responses)
+            rows.append(_row(t, "judge (strong)", strong, n, cfg.judge.max_new_tokens))
+        rows.append(_row(t, "meta_judge", comparisons, 1, cfg.meta_judge.max_new_tokens, verdict_scored))
+        if cfg.meta_judge.escalation.enabled:  # a comparison is escalated in both its orders
+            strong = 2 * _escalated(cfg.meta_judge.escalation, comparisons // 2)
+            rows.append(_row(t, "meta_judge (strong)", strong, 1, cfg.meta_judge.max_new_tokens))
         pairs = prompts * (2 if t in cfg.train.judge_iterations else 1)
         dpo = cfg.train.dpo
         batch = dpo.batch_size * dpo.gradient_accumulation_steps * training_processes(cfg)
@@ -105,21 +139,21 @@ def totals(rows: list[dict]) -> dict:
 
 def format_plan(rows: list[dict]) -> str:
     """The plan as a table a person can read, with totals."""
-    lines = [f"{'iter':>4}  {'stage':<15}{'requests':>10}{'samples':>12}{'scored':>10}{'max tokens':>16}"]
+    lines = [f"{'iter':>4}  {'stage':<24}{'requests':>10}{'samples':>12}{'scored':>10}{'max tokens':>16}"]
     for row in rows:
         if row["stage"] == "dpo":
             lines.append(
-                f"{row['iteration']:>4}  {'dpo':<15}{'≤ ' + str(row['max_pairs']) + ' pairs':>22}"
+                f"{row['iteration']:>4}  {'dpo':<24}{'≤ ' + str(row['max_pairs']) + ' pairs':>22}"
                 f"{'≤ ' + str(row['max_optimizer_steps']) + ' optimizer steps':>36}"
             )
             continue
         lines.append(
-            f"{row['iteration']:>4}  {row['stage']:<15}{row['requests']:>10,}{row['samples']:>12,}"
+            f"{row['iteration']:>4}  {row['stage']:<24}{row['requests']:>10,}{row['samples']:>12,}"
             f"{row['scored_texts']:>10,}{row['max_generated_tokens']:>16,}"
         )
     total = totals(rows)
     lines.append(
-        f"{'all':>4}  {'':<15}{total['requests']:>10,}{total['samples']:>12,}"
+        f"{'all':>4}  {'':<24}{total['requests']:>10,}{total['samples']:>12,}"
         f"{total['scored_texts']:>10,}{total['max_generated_tokens']:>16,}"
     )
     return "\n".join(lines)

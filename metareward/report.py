@@ -358,6 +358,73 @@ def render_html(run: str, rows: list[dict], unfinished: list[dict], figures: lis
     return "\n".join(parts) + "\n</body></html>\n"
 
 
+def latest_cascades(run: Path) -> tuple[str, dict]:
+    """(which model, {"suite/protocol": escalation}) of the last evaluated model with cascade curves
+    (eval.escalation): the last finished iteration's, else M_0's."""
+    evaluated = [
+        (f"M_{t}", records.read_json(d / records.METRICS).get("eval", {}))
+        for t, d in _iterations(run)
+        if (d / records.METRICS).is_file()
+    ]
+    if (run / records.EVAL_0).is_file():
+        evaluated.insert(0, ("M_0", records.read_json(run / records.EVAL_0).get("judge", {})))
+    for model, judge in reversed(evaluated):
+        found = {
+            f"{suite}/{protocol}": m["escalation"]
+            for suite, protocols in judge.items()
+            for protocol, m in protocols.items()
+            if isinstance(m, dict) and m.get("escalation")
+        }
+        if found:
+            return model, found
+    return "", {}
+
+
+def _plot_cascades(path: Path, model: str, cascades: dict) -> bool:
+    """Accuracy and cost against the escalated share, the signal's curve and random's per suite and
+    protocol, with the strong judge's accuracy dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not cascades:
+        return False
+    fig = Figure(figsize=(12.8, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    accuracy_ax, cost_ax = fig.subplots(1, 2)
+    for name, found in cascades.items():
+        for key, label, style in (("curve", found["signal"], "-o"), ("random_curve", "random", ":")):
+            points = found[key]
+            xs = [p["fraction"] for p in points]
+            if any(p["accuracy"] is not None for p in points):
+                accuracy_ax.plot(xs, [p["accuracy"] for p in points], style, label=f"{name} {label}")
+            if any(p["cost_usd"] is not None for p in points):
+                cost_ax.plot(xs, [p["cost_usd"] for p in points], style, label=f"{name} {label}")
+        if found.get("strong_accuracy") is not None:
+            accuracy_ax.axhline(found["strong_accuracy"], linestyle="--", linewidth=1, color="grey")
+    accuracy_ax.set(xlabel="share of pairs escalated", ylabel="accuracy (dashed: strong judge alone)")
+    cost_ax.set(xlabel="share of pairs escalated", ylabel="cost (US$)")
+    for ax in (accuracy_ax, cost_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle(f"Escalating the judge of {model} to the strong judge")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+CASCADE_PLOT = (
+    "escalation.png",
+    "Cascade to the strong judge (eval.escalation)",
+    "The signal's curve above random's = the local judge knows when it is unsure; where it meets the "
+    "dashed line, the cascade matches the strong judge at that share of its cost.",
+)
+
+
 def write_report(run: Path, out: Path) -> str:
     """``out`` (HTML) with the PNG plots in ``run/report/``; returns a line saying what was written."""
     rows, unfinished = load_summary(run)
@@ -372,6 +439,12 @@ def write_report(run: Path, out: Path) -> str:
             path.unlink(missing_ok=True)  # no stale plot from an earlier report
         src = Path(os.path.relpath(path, out.resolve().parent)).as_posix() if made else None
         figures.append((src, title, caption))
+    # The cascade plot only for runs that evaluate one (eval.escalation).
+    name, title, caption = CASCADE_PLOT
+    path = plot_dir / name
+    path.unlink(missing_ok=True)
+    if _plot_cascades(path, *latest_cascades(run)):
+        figures.append((Path(os.path.relpath(path, out.resolve().parent)).as_posix(), title, caption))
     records.write_text(out, render_html(run.name, rows, unfinished, figures, pairs, at))
     return f"wrote {out} and {sum(src is not None for src, _, _ in figures)} plots in {plot_dir}"
 
@@ -407,6 +480,32 @@ def format_suite_table(result: dict) -> str:
             lines.append([name, protocol, *cells])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in lines)
+
+
+def format_cascade_table(result: dict) -> str:
+    """Per suite and protocol with a cascade: local and strong accuracy, the share of pairs escalated
+    to match the strong judge, and accuracy / cost at each point of the curve."""
+    lines = []
+    for name, protocols in result["suites"].items():
+        for protocol, m in protocols.items():
+            found = m.get("escalation")
+            if not found:
+                continue
+            lines.append(
+                f"{name}/{protocol}: signal {found['signal']}, local accuracy "
+                f"{_number(found['local_accuracy'], '.3f')}, strong "
+                f"{_number(found['strong_accuracy'], '.3f')}, matched at "
+                f"{_number(found['fraction_to_match_strong'], '.0%')} escalated, area over random "
+                f"{_number(found['area_over_random'], '+.3f')}"
+            )
+            lines.append("  escalated  accuracy  random    cost_usd  random")
+            for point, chance in zip(found["curve"], found["random_curve"], strict=True):
+                lines.append(
+                    f"  {point['fraction']:>9.0%}  {_number(point['accuracy'], '.3f'):>8}  "
+                    f"{_number(chance['accuracy'], '.3f'):>6}  {_number(point['cost_usd'], '.4f'):>8}  "
+                    f"{_number(chance['cost_usd'], '.4f'):>6}"
+                )
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ the loop's console summary
@@ -452,6 +551,7 @@ def summary(metrics: dict) -> str:
         f"reward margin {_number(train.get('rewards_margins'), '.4f')}",
     ]
     lines += guard_lines(metrics.get("guards"))
+    lines += escalation_lines(metrics.get("escalation"))
     lines += eval_lines(agreement)
     if actor_eval:
         lines.append(f"eval       actor win rate vs M_0 {actor_eval['win_rate']:.2f}")
@@ -471,6 +571,21 @@ def guard_lines(guard: dict | None) -> list[str]:
         f"{_number(guard.get('first_position_win_share'), '.0%')}"
     ]
     lines += [f"ALARM      {alarm['reason']}" for alarm in guard.get("alarms", [])]
+    return lines
+
+
+def escalation_lines(escalation: dict | None) -> list[str]:
+    """Per escalating stage: how much went to the strong judge, how often it agreed, what it cost."""
+    lines = []
+    for role, m in (escalation or {}).items():
+        strong = m["judges"]["strong"]
+        cost = "" if strong["cost_usd"] is None else f", ${strong['cost_usd']:.4f}"
+        lines.append(
+            f"escalated  {role.replace('_', '-')}: {m['escalated']}/{m['items']} items "
+            f"({_number(m['escalated_share'], '.0%')}, {m['no_signal']} without a signal) to "
+            f"{strong['name']}, agreement {_number(m['agreement'], '.0%')}, "
+            f"{strong['prompt_tokens']}+{strong['completion_tokens']} tokens{cost}"
+        )
     return lines
 
 

@@ -4,6 +4,8 @@ Each stage is records in, records out, through a :class:`~metareward.generation.
 Work is cut into fixed chunks; a chunk's output is written whole before the next starts,
 and a chunk's sampling seed depends only on the run seed, the iteration, the stage and the
 chunk's index, so a resumed stage reproduces exactly the rows an uninterrupted one writes.
+The judge and meta-judge stages may escalate what the local judge is least sure of to a strong judge
+(``judge.escalation``, ``meta_judge.escalation``; the signals and budgets are in escalation.py).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from metareward import escalation as escalation_signals
 from metareward import faults, pairs
 from metareward.config import ActorConfig, JudgeConfig, MetaJudgeConfig
-from metareward.generation import Generator, Messages, SamplingParams
+from metareward.escalation import StageEscalation
+from metareward.generation import Generator, Messages, SamplingParams, reads_probabilities
 from metareward.parsing import SCORE_KEY, WINNER_KEY, parse_pairwise_winner, parse_score, parse_winner
 from metareward.prompts import PAIRWISE_CUE, SCORE_CUE, SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS, Templates
-from metareward.records import ChunkedFile, read_jsonl
+from metareward.records import ChunkedFile, read_jsonl, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -46,13 +50,20 @@ class StageContext:
         )
 
 
+def finished_rows(out: ChunkedFile) -> list[dict] | None:
+    """The rows of a stage file already complete, else None."""
+    if not out.complete:
+        return None
+    out.discard_chunks()  # left behind if a run was killed right after joining them
+    return read_jsonl(out.path)
+
+
 def run_chunked(
     out: ChunkedFile, items: list, chunk_size: int, work: Callable[[list, int], list[dict]]
 ) -> list[dict]:
     """Apply ``work(chunk, index)`` to each chunk not yet on disk, then join the chunks."""
-    if out.complete:
-        out.discard_chunks()  # left behind if a run was killed right after joining them
-        return read_jsonl(out.path)
+    if (done := finished_rows(out)) is not None:
+        return done
     chunks = [items[start : start + chunk_size] for start in range(0, len(items), chunk_size)]
     for index, chunk in enumerate(chunks):
         if not out.has_chunk(index):
@@ -106,16 +117,22 @@ def winner_cue_text(verdict: str, cue: str = WINNER_CUE) -> str:
 
 
 def judge_requests(
-    generator: Generator, requests: list[Messages], params: SamplingParams, score_from: str, desc: str = ""
+    generator: Generator,
+    requests: list[Messages],
+    params: SamplingParams,
+    score_from: str,
+    desc: str = "",
+    read_probs: bool = False,
 ) -> list[list[dict]]:
     """``params.n`` judgements per judge request: text, parsed score (or, with
     ``score_from="text_or_expected"``, the expectation under the model's 0..5 distribution),
-    where the score came from, and that distribution."""
+    where the score came from, and that distribution (read with ``score_from="text"`` too when
+    ``read_probs``: an escalation signal needs it)."""
     outputs = generator.generate(requests, params, desc=desc)
     all_probs = iter([])
-    if score_from == "text_or_expected":
+    if score_from == "text_or_expected" or read_probs:
         # The distribution costs one more forward pass per judgement (a paid call behind an API),
-        # so it is read only when a score may come from it.
+        # so it is read only when a score or a confidence may come from it.
         cue_texts = [
             generator.render(request) + score_cue_text(c.text)
             for request, completions in zip(requests, outputs, strict=True)
@@ -143,6 +160,7 @@ def judge_requests(
                     "score_probs_mass": mass,
                     "num_tokens": completion.num_tokens,
                     "finish_reason": completion.finish_reason,
+                    "prompt_tokens": completion.prompt_tokens,
                 }
             )
         results.append(judged)
@@ -150,25 +168,117 @@ def judge_requests(
 
 
 def judge(
-    ctx: StageContext, prompts: list[dict], responses: list[dict], cfg: JudgeConfig, out: ChunkedFile
+    ctx: StageContext,
+    prompts: list[dict],
+    responses: list[dict],
+    cfg: JudgeConfig,
+    out: ChunkedFile,
+    escalation: StageEscalation | None = None,
 ) -> list[dict]:
-    """N judgements per response, each with its parsed score and the model's distribution over 0..5."""
-    messages_of = {p["prompt_id"]: p["messages"] for p in prompts}
-    num_chunks = -(-len(responses) // ctx.chunk_size)
+    """N judgements per response, each with its parsed score and the model's distribution over 0..5.
 
-    def work(chunk: list[dict], index: int) -> list[dict]:
+    With ``escalation`` the local judge's rows go to ``judgements_local.jsonl``; the responses its
+    budget picks are judged N times by the strong judge (``judgements_strong.jsonl``), whose rows
+    replace the local ones in ``out``. Every row then says ``escalated``, the ``judge`` that answered
+    and the local judge's ``confidence`` in the response."""
+    if (done := finished_rows(out)) is not None:
+        return done
+    messages_of = {p["prompt_id"]: p["messages"] for p in prompts}
+    read_probs = escalation is not None and escalation_signals.needs_probabilities(escalation.cfg.signal)
+
+    def judged_rows(
+        generator: Generator, stage: str, score_from: str, chunk: list[dict], index: int, of: int
+    ):
         requests = [ctx.templates.judge_messages(messages_of[r["prompt_id"]], r["text"]) for r in chunk]
-        params = ctx.sampling(cfg, cfg.num_judgements, "judge", index)
-        judged = judge_requests(
-            ctx.generator, requests, params, cfg.score_from, f"judge {index + 1}/{num_chunks}"
-        )
+        params = ctx.sampling(cfg, cfg.num_judgements, stage, index)
+        desc = f"{stage.replace('_', ' ')} {index + 1}/{of}"
+        # Only the local judge's probabilities are read (for its confidence), where it has them (not an
+        # endpoint without a local tokenizer: its items then have no signal); the strong judge's never are.
+        reads = read_probs and generator is ctx.generator and reads_probabilities(generator)
+        judged = judge_requests(generator, requests, params, score_from, desc, read_probs=reads)
         return [
             {"response_id": response["response_id"], "judgement_id": f"{response['response_id']}/j{n}", **row}
             for response, rows in zip(chunk, judged, strict=True)
             for n, row in enumerate(rows)
         ]
 
-    return run_chunked(out, responses, ctx.chunk_size, work)
+    num_chunks = -(-len(responses) // ctx.chunk_size)
+    local = run_chunked(
+        out if escalation is None else ChunkedFile(escalation_signals.local_path(out.path)),
+        responses,
+        ctx.chunk_size,
+        lambda chunk, index: judged_rows(ctx.generator, "judge", cfg.score_from, chunk, index, num_chunks),
+    )
+    if escalation is None:
+        return local
+
+    by_response: dict[str, list[dict]] = {}
+    for row in local:
+        by_response.setdefault(row["response_id"], []).append(row)
+    confidence = {
+        r["response_id"]: _confidence(escalation, r["response_id"], by_response.get(r["response_id"], []))
+        for r in responses
+    }
+    chosen = escalation_signals.choose(confidence, escalation.cfg, escalation.seed)
+    items = [r for r in responses if r["response_id"] in chosen]
+    of = -(-len(items) // ctx.chunk_size)
+    # The strong judge answers in text: its probabilities are not at hand behind an API.
+    strong = run_chunked(
+        ChunkedFile(escalation_signals.strong_path(out.path)),
+        items,
+        ctx.chunk_size,
+        lambda chunk, index: judged_rows(
+            escalation.strong.generator(), "judge_strong", "text", chunk, index, of
+        ),
+    )
+    return _merged(out, local, strong, "response_id", confidence, escalation)
+
+
+def _confidence(escalation: StageEscalation, item: str, rows: list[dict]) -> float | None:
+    signal = escalation.cfg.signal
+    if signal == "random":
+        return escalation_signals.draw(escalation.seed, item)
+    if rows and "first_id" in rows[0]:  # meta-judge rows, one per order: winners as judgement ids
+        winners = [r[f"{r['winner']}_id"] if r["winner"] else None for r in rows]
+        margins = [escalation_signals.probability_margin(r.get("winner_probs")) for r in rows]
+        return escalation_signals.verdict_confidence(signal, winners, margins)
+    return escalation_signals.score_confidence(signal, rows)
+
+
+def _merged(
+    out: ChunkedFile,
+    local: list[dict],
+    strong: list[dict],
+    key,
+    confidence: dict,
+    escalation: StageEscalation,
+) -> list[dict]:
+    """The stage's rows: each escalated item's strong rows in place of its local ones, in the local
+    order, every row marked; written to ``out``."""
+    item_of = key if callable(key) else (lambda row: row[key])
+    strong_of: dict = {}
+    for row in strong:
+        strong_of.setdefault(item_of(row), []).append(row)
+    rows, placed = [], set()
+    for row in local:
+        item = item_of(row)
+        if item not in strong_of:
+            rows.append(
+                {**row, "escalated": False, "judge": escalation.local_name, "confidence": confidence[item]}
+            )
+        elif item not in placed:
+            placed.add(item)
+            for answer in strong_of[item]:
+                rows.append(
+                    {
+                        **answer,
+                        "escalated": True,
+                        "judge": escalation.strong.name,
+                        "confidence": confidence[item],
+                    }
+                )
+    write_jsonl(out.path, rows)
+    return rows
 
 
 def sample_verdict(probs: list[float], temperature: float, rng: random.Random) -> str | None:
@@ -210,6 +320,7 @@ def verdict_requests(
     desc: str = "",
     pairwise: bool = False,
     all_probs: bool = False,
+    read_probs: bool = False,
 ) -> list[dict]:
     """One verdict per request: text, winner "A" | "B" | None and where it came from. The meta-judge
     answers "Winner: Judgement A|B"; with ``pairwise`` the pairwise judge, "Winner: Response A|B".
@@ -217,20 +328,24 @@ def verdict_requests(
     With ``winner_from="text_or_probs"`` a verdict the text does not give is drawn from the model's
     probabilities of A and B after the same words (the cue), at ``params.temperature``; with
     ``all_probs`` too, those probabilities are read for every verdict and returned as ``winner_probs``
-    ([p(A), p(B)] renormalised, None where the model puts no mass on either)."""
+    ([p(A), p(B)] renormalised, None where the model puts no mass on either). ``read_probs`` reads and
+    returns them for every verdict whatever ``winner_from`` (an escalation signal needs them)."""
     parse, cue = (parse_pairwise_winner, PAIRWISE_CUE) if pairwise else (parse_winner, WINNER_CUE)
     outputs = [c[0] for c in generator.generate(requests, params, desc=desc)]
     winners = [parse(c.text) for c in outputs]
     sources = ["text" if w else None for w in winners]
     probs_of: dict[int, list[float]] = {}
-    if winner_from == "text_or_probs":
+    all_probs = all_probs or read_probs
+    if winner_from == "text_or_probs" or read_probs:
         # Only verdicts the text does not give need the extra forward pass, unless all are asked for.
         read = [i for i, w in enumerate(winners) if all_probs or w is None]
         cue_texts = [generator.render(requests[i]) + winner_cue_text(outputs[i].text, cue) for i in read]
         probs_of = dict(zip(read, generator.next_token_probs(cue_texts, WINNER_TOKENS), strict=True))
         rng = random.Random(params.seed)
         for i in read:
-            if winners[i] is None and (winner := sample_verdict(probs_of[i], params.temperature, rng)):
+            if winner_from != "text_or_probs" or winners[i] is not None:
+                continue
+            if winner := sample_verdict(probs_of[i], params.temperature, rng):
                 winners[i], sources[i] = winner, "probs"
     return [
         {
@@ -239,6 +354,7 @@ def verdict_requests(
             "winner_source": source,
             "num_tokens": c.num_tokens,
             "finish_reason": c.finish_reason,
+            "prompt_tokens": c.prompt_tokens,
             **({"winner_probs": _normalised(probs_of.get(i))} if all_probs else {}),
         }
         for i, (c, winner, source) in enumerate(zip(outputs, winners, sources, strict=True))
@@ -257,15 +373,21 @@ def meta_judge(
     judgements: list[dict],
     cfg: MetaJudgeConfig,
     out: ChunkedFile,
+    escalation: StageEscalation | None = None,
 ) -> list[dict]:
-    """The meta-judge's verdict on each comparison: which of two judgements is more accurate."""
+    """The meta-judge's verdict on each comparison: which of two judgements is more accurate.
+
+    With ``escalation`` the comparisons (both orders together) the budget picks are answered by the
+    strong meta-judge, as :func:`judge` does for responses."""
+    if (done := finished_rows(out)) is not None:
+        return done
     messages_of = {p["prompt_id"]: p["messages"] for p in prompts}
     response_of = {r["response_id"]: r for r in responses}
     judgement_text = {j["judgement_id"]: j["text"] for j in judgements}
     items = comparisons(responses, judgements)
-    num_chunks = -(-len(items) // ctx.chunk_size)
+    read_probs = escalation is not None and escalation_signals.needs_probabilities(escalation.cfg.signal)
 
-    def work(chunk: list[tuple[str, str, str]], index: int) -> list[dict]:
+    def verdict_rows(generator: Generator, stage: str, winner_from: str, chunk: list, index: int, of: int):
         requests = []
         for response_id, first, second in chunk:
             response = response_of[response_id]
@@ -277,10 +399,10 @@ def meta_judge(
                     judgement_text[second],
                 )
             )
-        params = ctx.sampling(cfg, 1, "meta_judge", index)
-        verdicts = verdict_requests(
-            ctx.generator, requests, params, cfg.winner_from, desc=f"meta-judge {index + 1}/{num_chunks}"
-        )
+        params = ctx.sampling(cfg, 1, stage, index)
+        desc = f"{stage.replace('_', '-', 1).replace('_', ' ')} {index + 1}/{of}"
+        reads = read_probs and generator is ctx.generator and reads_probabilities(generator)
+        verdicts = verdict_requests(generator, requests, params, winner_from, desc=desc, read_probs=reads)
         return [
             {
                 "response_id": response_id,
@@ -292,4 +414,35 @@ def meta_judge(
             for (response_id, first, second), verdict in zip(chunk, verdicts, strict=True)
         ]
 
-    return run_chunked(out, items, ctx.chunk_size, work)
+    num_chunks = -(-len(items) // ctx.chunk_size)
+    local = run_chunked(
+        out if escalation is None else ChunkedFile(escalation_signals.local_path(out.path)),
+        items,
+        ctx.chunk_size,
+        lambda chunk, index: verdict_rows(
+            ctx.generator, "meta_judge", cfg.winner_from, chunk, index, num_chunks
+        ),
+    )
+    if escalation is None:
+        return local
+
+    by_comparison: dict[str, list[dict]] = {}
+    for row in local:
+        by_comparison.setdefault(escalation_signals.comparison_of(row), []).append(row)
+    confidence = {item: _confidence(escalation, item, rows) for item, rows in by_comparison.items()}
+    chosen = escalation_signals.choose(confidence, escalation.cfg, escalation.seed)
+    picked = [
+        (r["response_id"], r["first_id"], r["second_id"])
+        for r in local
+        if escalation_signals.comparison_of(r) in chosen
+    ]
+    of = -(-len(picked) // ctx.chunk_size)
+    strong = run_chunked(
+        ChunkedFile(escalation_signals.strong_path(out.path)),
+        picked,
+        ctx.chunk_size,
+        lambda chunk, index: verdict_rows(
+            escalation.strong.generator(), "meta_judge_strong", "text", chunk, index, of
+        ),
+    )
+    return _merged(out, local, strong, escalation_signals.comparison_of, confidence, escalation)

@@ -218,3 +218,20 @@ def make_tracker(cfg: TrackingConfig, run_dir: Path, run_name: str, config: dict
     if cfg.mode == "none":
         return NullTracker()
     return WandbTracker(cfg, run_dir, run_name, config)
+
+
+def log_cascade_curves(tracker, evaluated: dict, step: int) -> None:
+    """Each suite and protocol's cascade curve (eval.escalation) as a W&B table
+    ``escalation_curve/<suite>/<protocol>``: the signal's points and random's, one row each."""
+    columns = ["curve", "fraction", "accuracy", "cost_usd", "escalated", "strong_tokens"]
+    for suite, protocols in evaluated.items():
+        for protocol, metrics in protocols.items():
+            found = metrics.get("escalation") if isinstance(metrics, dict) else None
+            if not found:
+                continue
+            rows = [
+                [name, *(point[key] for key in columns[1:])]
+                for name, key in ((found["signal"], "curve"), ("random", "random_curve"))
+                for point in found[key]
+            ]
+            tracker.log_table(f"escalation_curve/{suite}/{protocol}", columns, rows, step=step)

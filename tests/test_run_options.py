@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from metareward import loop, records
+from metareward import loop, models, records
 from metareward.config import load_config
 from metareward.generation import Completion, Usage
 from metareward.loop import Run, RunStopped
@@ -230,10 +230,13 @@ def test_a_meta_judge_that_always_answers_a_gives_no_judge_pairs_but_the_actor_t
 def test_a_role_on_its_own_model_keeps_it_while_the_others_move_to_m_t(monkeypatch, tmp_path, tiny_model_dir):
     made: list[ScriptedModelStandIn] = []
     _use_stand_in(monkeypatch, _varied, made)
+
     # The seed stays the real tiny model (it is trained); the meta-judge's model is only a name here.
-    monkeypatch.setattr(
-        loop, "resolve_model", lambda spec: tiny_model_dir if spec.kind == "tiny" else f"/models/{spec.path}"
-    )
+    def resolved(spec):
+        return tiny_model_dir if spec.kind == "tiny" else f"/models/{spec.path}"
+
+    monkeypatch.setattr(loop, "resolve_model", resolved)
+    monkeypatch.setattr(models, "resolve_model", resolved)  # a role's own model (models.spec_model_dir)
     overrides = [
         "iterations=2",
         "roles.meta_judge.own_model=true",

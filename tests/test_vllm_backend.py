@@ -145,17 +145,22 @@ def test_outputs_become_completions_in_request_order(tiny_model_dir, standin):
     generator = vllm_generator(tiny_model_dir, standin)
     results = generator.generate(REQUESTS, SAMPLED)
     answer_tokens = len(encode(generator.tokenizer, "Answer 0."))
+    prompt_lengths = [len(rendered_ids(generator.tokenizer, m)) for m in REQUESTS]
     assert results[0] == [
-        Completion(text="Answer 0.", num_tokens=answer_tokens, finish_reason="stop"),
-        Completion(text="Answer 1.", num_tokens=answer_tokens, finish_reason="stop"),
+        Completion(
+            "Answer 0.", num_tokens=answer_tokens, finish_reason="stop", prompt_tokens=prompt_lengths[0]
+        ),
+        Completion(
+            "Answer 1.", num_tokens=answer_tokens, finish_reason="stop", prompt_tokens=prompt_lengths[0]
+        ),
     ]
     # Cut off at max_new_tokens: "length", every token counted.
-    assert results[1] == [Completion(text=" word" * 5, num_tokens=5, finish_reason="length")] * 2
+    cut = Completion(" word" * 5, num_tokens=5, finish_reason="length", prompt_tokens=prompt_lengths[1])
+    assert results[1] == [cut] * 2
     assert [c.text for c in results[2]] == ["Answer 0.", "Answer 1."]
     usage = generator.usage
     assert (usage.generate_calls, usage.samples) == (1, 6)
     assert usage.generated_tokens == 4 * answer_tokens + 2 * 5
-    prompt_lengths = [len(rendered_ids(generator.tokenizer, m)) for m in REQUESTS]
     assert usage.prompt_tokens == 2 * sum(prompt_lengths)
 
 

@@ -11,7 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from metareward.config import GeneratorConfig, ModelConfig
-from metareward.generation.base import Completion, Generator, Messages, SamplingParams, Usage
+from metareward.generation.base import (
+    Completion,
+    Generator,
+    Messages,
+    SamplingParams,
+    Usage,
+    reads_probabilities,
+)
 
 __all__ = [
     "Completion",
@@ -20,7 +27,7 @@ __all__ = [
     "SamplingParams",
     "Usage",
     "make_generator",
-    "own_model_dir",
+    "reads_probabilities",
 ]
 
 

@@ -27,6 +27,8 @@ class Completion:
     num_tokens: int
     # "stop": the model ended its turn; "length": cut off at max_new_tokens.
     finish_reason: str
+    # Tokens of the prompt it answered (None where a cached answer predates the count).
+    prompt_tokens: int | None = None
 
 
 @dataclass
@@ -89,3 +91,9 @@ class Generator(Protocol):
 
     def close(self) -> None:
         """Release the model (and accelerator memory) before training starts."""
+
+
+def reads_probabilities(generator: Generator) -> bool:
+    """Whether ``generator`` can give next-token probabilities (an endpoint without a local tokenizer
+    cannot); a backend says so with a ``reads_probabilities`` attribute, else it can."""
+    return getattr(generator, "reads_probabilities", True)

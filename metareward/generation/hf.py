@@ -38,7 +38,7 @@ import functools
 import hashlib
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -459,7 +459,7 @@ class HFGenerator:
                     self.memo[key] = completions
                     self.usage.generated_tokens += sum(c.num_tokens for c in completions)
                 bar.update(len(batch) * params.n)
-        return [list(self.memo[key]) for key in keys]
+        return [[replace(c, prompt_tokens=len(key[0])) for c in self.memo[key]] for key in keys]
 
     def _batches(self, todo: list[tuple], n: int) -> list[list[tuple]]:
         """Prompts (longest first) in batches of ``batch_size // n``, cut early where padding every row to

@@ -254,7 +254,12 @@ class OpenAIGenerator:
             raise OpenAIError(f"{url} answered without choices or usage: {self._excerpt(reply)}") from None
         self._spend(prompt_tokens, num_tokens)
         reason = "length" if choice.finish_reason == "length" else "stop"
-        return {"text": text, "num_tokens": num_tokens, "finish_reason": reason}
+        return {
+            "text": text,
+            "num_tokens": num_tokens,
+            "finish_reason": reason,
+            "prompt_tokens": prompt_tokens,
+        }
 
     def _top_logprobs(self, client: openai.OpenAI, prompt: str) -> dict:
         body = {
@@ -442,10 +447,16 @@ class OpenAIGenerator:
         if self.cache is not None:
             write_json(self._cache_path(key), answer)
 
+    @property
+    def reads_probabilities(self) -> bool:
+        """Whether next-token probabilities can be asked for: they need the rendered prompt, so the
+        model's tokenizer in a local ``model_dir`` (and a server with ``/v1/completions`` logprobs)."""
+        directory = Path(self.model_dir)
+        return any((directory / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
+
     def _chat_tokenizer(self):
         if self._tokenizer is None:
-            directory = Path(self.model_dir)
-            if not any((directory / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+            if not self.reads_probabilities:
                 raise OpenAIError(
                     f"generator=openai: no tokenizer in {self.model_dir!r} to render the chat template; "
                     "with a model that is only served, set judge.score_from=text and "

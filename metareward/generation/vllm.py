@@ -84,8 +84,8 @@ class VLLMGenerator:
             [TokensPrompt(prompt_token_ids=ids) for ids in prompts], sampling, use_tqdm=self.settings.progress
         )
         results = []
-        for output in outputs:
-            samples = [self._completion(c) for c in sorted(output.outputs, key=lambda c: c.index)]
+        for ids, output in zip(prompts, outputs, strict=True):
+            samples = [self._completion(c, len(ids)) for c in sorted(output.outputs, key=lambda c: c.index)]
             results.append(samples * params.n if greedy else samples)
         self.usage.generate_calls += 1
         self.usage.samples += len(prompts) * params.n
@@ -93,7 +93,7 @@ class VLLMGenerator:
         self.usage.generated_tokens += sum(c.num_tokens for samples in results for c in samples)
         return results
 
-    def _completion(self, output: CompletionOutput) -> Completion:
+    def _completion(self, output: CompletionOutput, prompt_tokens: int) -> Completion:
         if output.finish_reason in ("abort", "error"):
             raise RuntimeError(f"vLLM ended a request with finish_reason={output.finish_reason!r}")
         tokens = list(output.token_ids)
@@ -102,7 +102,9 @@ class VLLMGenerator:
             tokens = tokens[:-1]
         # Anything but the model's own stop ("length", or vLLM's "repetition" guard) is a cut-off reply.
         reason = "stop" if output.finish_reason == "stop" else "length"
-        return Completion(text=output.text, num_tokens=len(tokens), finish_reason=reason)
+        return Completion(
+            text=output.text, num_tokens=len(tokens), finish_reason=reason, prompt_tokens=prompt_tokens
+        )
 
     def next_token_probs(self, texts: list[str], candidates: list[str]) -> list[list[float]]:
         queries = [[next_token_query(self.tokenizer, text, c) for c in candidates] for text in texts]

@@ -1,0 +1,463 @@
+"""Escalation: what the local judge is least sure of goes to a stronger judge, whose answer replaces it.
+
+Fine-tuned judges are strong in their domain and weak outside it; handing the cases they are least
+confident about to a strong judge reaches the strong judge's accuracy at a fraction of its cost
+(Huang et al., "An Empirical Study of LLM-as-a-Judge"). Settings: ``judge.escalation``,
+``meta_judge.escalation`` (stages.py applies them in a run) and ``eval.escalation`` (evaluation.py
+draws the cascade curve with :func:`cascade`).
+
+Confidence signals, each in [0, 1] (higher: surer), None when an item lacks the signal's inputs (such an
+item is escalated first, and counted as ``no_signal``):
+
+- pointwise items (the judge stage: a response and its N judgements; in evaluation, a pair: its two
+  responses' judgements, as sure as the less sure response)
+  - ``margin``: the top-two margin p(1st) - p(2nd) of the judge's 0..5 score distribution, averaged over
+    the judgements that have a distribution;
+  - ``entropy``: 1 - H(p) / ln 6 of that distribution (1: one score certain; 0: all six equally likely),
+    averaged likewise;
+  - ``spread``: 1 - (max - min) / 5 over the item's parsed scores (needs two of them);
+- pairwise items (the meta-judge stage: a comparison of two judgements; in evaluation, a pair; both
+  shown in both orders)
+  - ``margin``: |p(A) - p(B)| of the renormalised A/B probabilities after the verdict cue, averaged over
+    the orders that have them;
+  - ``order``: 1 when both orders name the same winner, 0 when they disagree (None when one has none);
+- ``random``: a seeded uniform draw per item, the control.
+
+A budget picks the escalated items: ``fraction`` f escalates the floor(f x n + 1/2) least confident of
+the stage's n items; ``threshold`` t every item whose confidence is below t. Equal confidences are
+ordered by a seeded draw per item, so a run escalates the same items every time.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from metareward.config import EscalationConfig, EvalEscalationConfig, GeneratorConfig, ModelSpec
+from metareward.generation import Generator, Usage, make_generator
+from metareward.judge_metrics import SIDES, JudgedPair, credit
+from metareward.metrics import mean_or_none
+from metareward.records import JUDGEMENTS, META_JUDGEMENTS, read_jsonl
+
+NUM_SCORES = 6  # the rubric's 0..5
+# "Within 1 accuracy point of the strong judge alone" (fraction_to_match_strong).
+MATCH_TOLERANCE = 0.01
+
+
+# ------------------------------------------------------------------ confidence signals
+
+
+def needs_probabilities(signal: str) -> bool:
+    """Whether ``signal`` reads the judge's probabilities (an extra forward pass per answer)."""
+    return signal in ("margin", "entropy")
+
+
+def draw(seed: int, item: str) -> float:
+    """A uniform number in [0, 1) fixed by the seed and the item's id: ``random``'s confidence, and the
+    tie-break between equal confidences."""
+    return zlib.crc32(f"{seed}/{item}".encode()) / 2**32
+
+
+def _score_distribution_confidence(signal: str, probs: Sequence[float]) -> float:
+    if signal == "margin":
+        first, second = sorted(probs, reverse=True)[:2]
+        return first - second
+    entropy = -sum(p * math.log(p) for p in probs if p > 0)
+    return max(0.0, 1 - entropy / math.log(NUM_SCORES))
+
+
+def score_confidence(signal: str, judgements: Sequence[dict]) -> float | None:
+    """How sure the judge is of one response's score, from its judgement rows (``score``,
+    ``score_probs``); ``random`` is drawn by the caller."""
+    if signal == "spread":
+        scores = [j["score"] for j in judgements if j.get("score") is not None]
+        return 1 - (max(scores) - min(scores)) / (NUM_SCORES - 1) if len(scores) >= 2 else None
+    values = [
+        _score_distribution_confidence(signal, j["score_probs"]) for j in judgements if j.get("score_probs")
+    ]
+    return mean_or_none(values)
+
+
+def verdict_confidence(
+    signal: str, winners: Sequence[str | None], margins: Sequence[float | None]
+) -> float | None:
+    """How sure the judge is of one comparison shown in both orders: ``winners`` are what each order
+    named, in one frame (a judgement id, or the pair's side; None: no verdict), ``margins`` each order's
+    |p(A) - p(B)| (None: no probabilities)."""
+    if signal == "order":
+        if len(winners) < 2 or any(w is None for w in winners):
+            return None
+        return 1.0 if len(set(winners)) == 1 else 0.0
+    return mean_or_none([m for m in margins if m is not None])
+
+
+def probability_margin(probs: Sequence[float] | None) -> float | None:
+    """|p(A) - p(B)| of renormalised A/B probabilities."""
+    return abs(probs[0] - probs[1]) if probs else None
+
+
+def pair_confidence(signal: str, judged: JudgedPair, seed: int) -> float | None:
+    """How sure the judge is of an evaluation pair: pointwise, the less sure of its two responses;
+    pairwise, from its verdicts in both orders."""
+    if signal == "random":
+        return draw(seed, judged.pair_id)
+    if judged.score_rows:
+        sides = [score_confidence(signal, rows) for rows in judged.score_rows]
+        return None if None in sides else min(sides)
+    winners = [v.winner for v in judged.verdicts]
+    margins = [None if v.prob_a is None else abs(2 * v.prob_a - 1) for v in judged.verdicts]
+    return verdict_confidence(signal, winners, margins)
+
+
+# ------------------------------------------------------------------ choosing what to escalate
+
+
+def escalation_order(confidences: dict[str, float | None], seed: int) -> list[str]:
+    """Item ids, least confident first: those without a confidence, then by confidence, equal ones in a
+    seeded order."""
+    return sorted(
+        confidences,
+        key=lambda item: (confidences[item] is not None, confidences[item] or 0.0, draw(seed, item)),
+    )
+
+
+def fraction_count(fraction: float, items: int) -> int:
+    return min(items, math.floor(fraction * items + 0.5))
+
+
+def choose(confidences: dict[str, float | None], cfg: EscalationConfig, seed: int) -> set[str]:
+    """The items the budget escalates (``cfg.fraction`` or ``cfg.threshold``)."""
+    if cfg.threshold is not None:
+        return {item for item, c in confidences.items() if c is None or c < cfg.threshold}
+    return set(escalation_order(confidences, seed)[: fraction_count(cfg.fraction, len(confidences))])
+
+
+# ------------------------------------------------------------------ the strong judge and its price
+
+
+@dataclass(frozen=True)
+class Prices:
+    """US dollars per million prompt and completion tokens."""
+
+    prompt: float
+    completion: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.prompt + completion_tokens * self.completion) / 1e6
+
+
+def prices_of(settings: GeneratorConfig) -> Prices | None:
+    """The prices of an endpoint (``generator.openai.*_price_per_mtok``); None for a local model or an
+    endpoint without prices (its cost is then not reported)."""
+    api = settings.openai
+    if settings.backend != "openai" or (
+        api.prompt_price_per_mtok is None and api.completion_price_per_mtok is None
+    ):
+        return None
+    return Prices(api.prompt_price_per_mtok or 0.0, api.completion_price_per_mtok or 0.0)
+
+
+def judge_name(spec: ModelSpec) -> str:
+    """The name rows give a judge: its served model name behind an endpoint, else its model."""
+    if spec.generator.backend == "openai":
+        return spec.generator.openai.model or spec.model.path or "endpoint"
+    return spec.model.path or spec.model.kind
+
+
+class StrongJudge:
+    """A stage's stronger judge, made (a model loaded, or an endpoint's client) only once an item is
+    escalated, and closed by its owner: ``strong.generator()``, ``strong.usage()``, ``strong.close()``."""
+
+    def __init__(self, spec: ModelSpec, cache_dir: Path | None):
+        self.spec, self.cache_dir = spec, cache_dir
+        self.name = judge_name(spec)
+        self.prices = prices_of(spec.generator)
+        self._generator: Generator | None = None
+
+    def generator(self) -> Generator:
+        if self._generator is None:
+            from metareward.models import spec_model_dir
+
+            # Behind an endpoint it answers in text: no local model or tokenizer is needed.
+            endpoint = self.spec.generator.backend == "openai"
+            model_dir = (self.spec.model.path or "") if endpoint else spec_model_dir(self.spec)
+            self._generator = make_generator(model_dir, self.spec.model, self.spec.generator, self.cache_dir)
+        return self._generator
+
+    def usage(self) -> Usage:
+        return self._generator.usage if self._generator is not None else Usage()
+
+    def close(self) -> None:
+        if self._generator is not None:
+            self._generator.close()
+            self._generator = None
+
+
+@dataclass(frozen=True)
+class StageEscalation:
+    """What the judge or meta-judge stage needs to escalate: the settings, the strong judge, the name of
+    the local judge (for the rows) and the seed of the stage's draws."""
+
+    cfg: EscalationConfig
+    strong: StrongJudge
+    local_name: str
+    local_prices: Prices | None
+    seed: int
+
+
+def for_iteration(cfg, t: int, cache_dir: Path) -> dict[str, StageEscalation]:
+    """Iteration ``t``'s escalating stages (``judge.escalation``, ``meta_judge.escalation``, where
+    enabled) by role; the strong judges' answers are cached in ``cache_dir``."""
+    found = {}
+    for role in ("judge", "meta_judge"):
+        settings = getattr(cfg, role).escalation
+        if not settings.enabled:
+            continue
+        spec = getattr(cfg.roles, role)
+        if spec.own_model:
+            local_name, local_generator = judge_name(spec), spec.generator
+        else:
+            local_name, local_generator = f"M_{t - 1}", cfg.generator
+        found[role] = StageEscalation(
+            cfg=settings,
+            strong=StrongJudge(settings.judge, cache_dir),
+            local_name=local_name,
+            local_prices=prices_of(local_generator),
+            seed=zlib.crc32(f"{cfg.seed}/{t}/{role}_escalation".encode()),
+        )
+    return found
+
+
+def local_path(path: Path) -> Path:
+    """Where an escalating stage keeps the local judge's rows (``judgements_local.jsonl``)."""
+    return path.with_name(f"{path.stem}_local{path.suffix}")
+
+
+def strong_path(path: Path) -> Path:
+    """Where an escalating stage keeps the strong judge's rows (``judgements_strong.jsonl``)."""
+    return path.with_name(f"{path.stem}_strong{path.suffix}")
+
+
+def comparison_of(row: dict) -> str:
+    """The comparison a meta-judge row belongs to, the same for both of its orders."""
+    first, second = sorted((row["first_id"], row["second_id"]))
+    return f"{first}|{second}"
+
+
+# ------------------------------------------------------------------ what a stage's escalation did
+
+
+def _spent(rows: list[dict], name: str, prices: Prices | None) -> dict:
+    prompt = sum(r.get("prompt_tokens") or 0 for r in rows)
+    completion = sum(r.get("num_tokens") or 0 for r in rows)
+    return {
+        "name": name,
+        "answers": len(rows),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cost_usd": prices.cost(prompt, completion) if prices else None,
+    }
+
+
+def stage_metrics(
+    local_rows: list[dict], final_rows: list[dict], item_of, agree, esc: StageEscalation
+) -> dict:
+    """The escalated share of a stage's items, the agreement of the local and strong answers on the
+    escalated ones (``agree(local rows, strong rows)`` of one item: True, False or None when either has
+    no answer), and the answers, tokens and cost of each judge (the local judge answered every item)."""
+    confidence = {item_of(r): r.get("confidence") for r in final_rows}
+    strong_rows = [r for r in final_rows if r.get("escalated")]
+    strong_of: dict = {}
+    for row in strong_rows:
+        strong_of.setdefault(item_of(row), []).append(row)
+    local_of: dict = {}
+    for row in local_rows:
+        if item_of(row) in strong_of:
+            local_of.setdefault(item_of(row), []).append(row)
+    escalated = set(strong_of)
+    agreements = []
+    for item, strong in strong_of.items():
+        verdict = agree(local_of.get(item, []), strong)
+        if verdict is not None:
+            agreements.append(float(verdict))
+    return {
+        "signal": esc.cfg.signal,
+        "budget": {"fraction": esc.cfg.fraction, "threshold": esc.cfg.threshold},
+        "items": len(confidence),
+        "escalated": len(escalated),
+        "escalated_share": len(escalated) / len(confidence) if confidence else None,
+        "no_signal": sum(c is None for c in confidence.values()),
+        "agreement": mean_or_none(agreements),
+        "agreement_items": len(agreements),
+        "judges": {
+            "local": _spent(local_rows, esc.local_name, esc.local_prices),
+            "strong": _spent(strong_rows, esc.strong.name, esc.strong.prices),
+        },
+    }
+
+
+def iteration_metrics(directory: Path, escalations: dict[str, StageEscalation]) -> dict:
+    """Per escalating stage of an iteration: :func:`stage_metrics` from the stage's files (what the
+    work cost, whichever invocation did it)."""
+    found = {}
+    for role, esc in escalations.items():
+        path = directory / (JUDGEMENTS if role == "judge" else META_JUDGEMENTS)
+        local = read_jsonl(local_path(path)) if local_path(path).is_file() else []
+        if role == "judge":
+            found[role] = stage_metrics(
+                local, read_jsonl(path), lambda r: r["response_id"], scores_agree, esc
+            )
+        else:
+            found[role] = stage_metrics(local, read_jsonl(path), comparison_of, verdicts_agree, esc)
+    return found
+
+
+def scores_agree(local: list[dict], strong: list[dict]) -> bool | None:
+    """A response's local and strong mean scores are within half a point of each other."""
+    a = mean_or_none([r["score"] for r in local if r.get("score") is not None])
+    b = mean_or_none([r["score"] for r in strong if r.get("score") is not None])
+    return None if a is None or b is None else abs(a - b) <= 0.5
+
+
+def verdicts_agree(local: list[dict], strong: list[dict]) -> bool | None:
+    """Each order's local and strong verdicts name the same winning judgement (orders where both have one)."""
+    by_order = {(r["first_id"], r["second_id"]): r["winner"] for r in local}
+    same = [
+        by_order.get((r["first_id"], r["second_id"])) == r["winner"]
+        for r in strong
+        if r["winner"] is not None and by_order.get((r["first_id"], r["second_id"])) is not None
+    ]
+    return None if not same else all(same)
+
+
+# ------------------------------------------------------------------ the cascade curve in evaluation
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """Evaluation's strong judge: it answers every pair, and :func:`cascade` mixes its answers with the
+    local judge's."""
+
+    cfg: EvalEscalationConfig
+    strong: Generator
+    strong_prices: Prices | None
+    local_prices: Prices | None
+
+
+def _cost(judged: JudgedPair, prices: Prices | None) -> float:
+    return prices.cost(judged.prompt_tokens, judged.completion_tokens) if prices else 0.0
+
+
+def cascade(
+    local: list[JudgedPair], strong: list[JudgedPair], cfg: EvalEscalationConfig, prices: tuple, seed: int
+) -> dict:
+    """Accuracy and cost as the escalated share of a suite's pairs goes from 0 to 1, for ``cfg.signal``
+    and for random escalation; ``local[i]`` and ``strong[i]`` are the two judges' answers on pair i,
+    ``prices`` (local, strong) their :class:`Prices` or None.
+
+    Accuracy counts human-labelled pairs (ties left out, as in :func:`judge_metrics.suite_metrics`);
+    cost is the local judge on every pair plus the strong judge on the escalated ones. ``random_curve``
+    is the expectation over uniformly random choices of the escalated pairs (exact, not one draw), and
+    so is the signal's curve when the signal is ``random``. ``fraction_to_match_strong`` is the smallest
+    k/n, over every k, at which the cascade is within MATCH_TOLERANCE of the strong judge alone;
+    ``area_over_random`` the area between the signal's curve and random's (trapezoids over every k/n).
+    ``operating_point`` is what the budget (``cfg.fraction`` or ``cfg.threshold``) escalates."""
+    local_prices, strong_prices = prices
+    n = len(local)
+    if n == 0:
+        return {
+            "signal": cfg.signal,
+            "items": 0,
+            "curve": [],
+            "random_curve": [],
+            "strong_accuracy": None,
+            "local_accuracy": None,
+            "fraction_to_match_strong": None,
+            "area_over_random": None,
+        }
+    ids = [str(i) for i in range(n)]
+    confidences = {i: pair_confidence(cfg.signal, judged, seed) for i, judged in zip(ids, local, strict=True)}
+    labelled = [j.label in SIDES for j in local]
+    n_labelled = sum(labelled)
+    gain = [
+        credit(s.outcome(), s.label) - credit(lo.outcome(), lo.label) if lab else 0.0
+        for lo, s, lab in zip(local, strong, labelled, strict=True)
+    ]
+    local_credit = sum(credit(j.outcome(), j.label) for j, lab in zip(local, labelled, strict=True) if lab)
+    strong_cost = [_cost(j, strong_prices) for j in strong]
+    strong_tokens = [j.prompt_tokens + j.completion_tokens for j in strong]
+    base_cost = sum(_cost(j, local_prices) for j in local)
+
+    def accuracy(total_credit: float) -> float | None:
+        return total_credit / n_labelled if n_labelled else None
+
+    # Cumulative sums along the signal's order: the cascade at every k.
+    order = [int(i) for i in escalation_order(confidences, seed)]
+    at_k = [(0.0, 0.0, 0)]
+    for i in order:
+        credit_sum, cost_sum, tokens = at_k[-1]
+        at_k.append((credit_sum + gain[i], cost_sum + strong_cost[i], tokens + strong_tokens[i]))
+    total_gain, total_strong_cost, total_tokens = at_k[-1]
+
+    def signal_point(k: int) -> tuple:
+        if cfg.signal == "random":
+            return random_point(k)
+        credit_sum, cost_sum, tokens = at_k[k]
+        return accuracy(local_credit + credit_sum), cost_sum, tokens
+
+    def random_point(k: int) -> tuple:
+        share = k / n
+        return accuracy(local_credit + share * total_gain), share * total_strong_cost, share * total_tokens
+
+    def point(fraction: float, k: int, values: tuple) -> dict:
+        acc, cost, tokens = values
+        return {
+            "fraction": fraction,
+            "accuracy": acc,
+            "cost_usd": base_cost + cost if strong_prices or local_prices else None,
+            "escalated": k,
+            "strong_tokens": tokens,
+        }
+
+    fractions = [j / (cfg.curve_points - 1) for j in range(cfg.curve_points)]
+    curve = [point(f, fraction_count(f, n), signal_point(fraction_count(f, n))) for f in fractions]
+    random_curve = [point(f, fraction_count(f, n), random_point(fraction_count(f, n))) for f in fractions]
+    strong_accuracy = accuracy(local_credit + total_gain)
+    match = None
+    area = None
+    if strong_accuracy is not None:
+        match = next(
+            k / n for k in range(n + 1) if signal_point(k)[0] >= strong_accuracy - MATCH_TOLERANCE - 1e-12
+        )
+        lift = [signal_point(k)[0] - random_point(k)[0] for k in range(n + 1)]
+        area = sum((lift[k] + lift[k + 1]) / 2 for k in range(n)) / n
+    chosen = choose(confidences, cfg, seed)
+    chosen_gain = sum(gain[int(i)] for i in chosen)
+    operating = {
+        "fraction": cfg.fraction,
+        "threshold": cfg.threshold,
+        "escalated": len(chosen),
+        "accuracy": accuracy(local_credit + chosen_gain),
+        "cost_usd": base_cost + sum(strong_cost[int(i)] for i in chosen)
+        if strong_prices or local_prices
+        else None,
+        "strong_tokens": sum(strong_tokens[int(i)] for i in chosen),
+    }
+    return {
+        "signal": cfg.signal,
+        "items": n,
+        "no_signal": sum(c is None for c in confidences.values()),
+        "curve": curve,
+        "random_curve": random_curve,
+        "strong_accuracy": strong_accuracy,
+        "local_accuracy": accuracy(local_credit),
+        "fraction_to_match_strong": match,
+        "area_over_random": area,
+        "strong_cost_usd": total_strong_cost if strong_prices else None,
+        "operating_point": operating,
+        "escalated_pairs": sorted(int(i) for i in chosen),
+        "confidences": [confidences[i] for i in ids],
+    }
