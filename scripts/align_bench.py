@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2_135m", help="model kind: smollm2_135m or tiny")
-    parser.add_argument("--train-rows", type=int, default=32, help="PandaLM rows to train on (2 items each)")
-    parser.add_argument("--heldout-rows", type=int, default=24, help="PandaLM rows held out")
+    parser.add_argument("--train-rows", type=int, default=24, help="PandaLM rows to train on (2 items each)")
+    parser.add_argument("--heldout-rows", type=int, default=20, help="PandaLM rows held out")
     parser.add_argument("--learning-rate", type=float, default=2e-5)
     parser.add_argument("--num-epochs", type=float, default=1.0)
     parser.add_argument("--max-length", type=int, default=768, help="longer items are left out, counted")
