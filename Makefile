@@ -30,8 +30,10 @@ bench: $(STAMP)
 align-bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/align_bench.py --out align_bench.json
 
+# Two workers, one test file each at a time (a file's module fixtures are built once): many tests wait
+# on subprocesses, servers and disk, so the two overlap well even on two cores.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
