@@ -291,13 +291,18 @@ def _plot(path: Path, rows: list[dict], title: str, panels: list | None) -> bool
         if ax.get_legend_handles_labels()[0]:  # a panel with no data for any suite has nothing to name
             ax.legend(fontsize="small")
     fig.suptitle(title)
+    _save_png(fig, path)
+    return True
+
+
+def _save_png(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written atomically."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return True
 
 
 # (file, title, panels [(ylabel, reference y | None, [(label, row key)])] | None: histograms, caption)
@@ -408,12 +413,7 @@ def _plot_cascades(path: Path, model: str, cascades: dict) -> bool:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
     fig.suptitle(f"Escalating the judge of {model} to the strong judge")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _save_png(fig, path)
     return True
 
 

@@ -219,19 +219,18 @@ def judge(
         r["response_id"]: _confidence(escalation, r["response_id"], by_response.get(r["response_id"], []))
         for r in responses
     }
-    chosen = escalation_signals.choose(confidence, escalation.cfg, escalation.seed)
-    items = [r for r in responses if r["response_id"] in chosen]
-    of = -(-len(items) // ctx.chunk_size)
-    # The strong judge answers in text: its probabilities are not at hand behind an API.
-    strong = run_chunked(
-        ChunkedFile(escalation_signals.strong_path(out.path)),
-        items,
-        ctx.chunk_size,
-        lambda chunk, index: judged_rows(
+    return _escalated(
+        ctx,
+        out,
+        local,
+        confidence,
+        escalation,
+        item_of=lambda row: row["response_id"],
+        units_of=lambda chosen: [r for r in responses if r["response_id"] in chosen],
+        strong_rows=lambda chunk, index, of: judged_rows(
             escalation.strong.generator(), "judge_strong", "text", chunk, index, of
         ),
     )
-    return _merged(out, local, strong, "response_id", confidence, escalation)
 
 
 def _confidence(escalation: StageEscalation, item: str, rows: list[dict]) -> float | None:
@@ -245,17 +244,29 @@ def _confidence(escalation: StageEscalation, item: str, rows: list[dict]) -> flo
     return escalation_signals.score_confidence(signal, rows)
 
 
-def _merged(
+def _escalated(
+    ctx: StageContext,
     out: ChunkedFile,
     local: list[dict],
-    strong: list[dict],
-    key,
     confidence: dict,
     escalation: StageEscalation,
+    item_of: Callable[[dict], str],
+    units_of: Callable[[set], list],
+    strong_rows: Callable[[list, int, int], list[dict]],
 ) -> list[dict]:
-    """The stage's rows: each escalated item's strong rows in place of its local ones, in the local
-    order, every row marked; written to ``out``."""
-    item_of = key if callable(key) else (lambda row: row[key])
+    """The items the budget picks (``units_of(chosen)``: the work for the strong judge) answered by it
+    in chunks (``strong_rows(chunk, index, chunks)``, in text: its probabilities are not at hand
+    behind an API), then the stage's rows: each escalated item's strong rows in place of its local
+    ones, in the local order, every row marked; written to ``out``."""
+    chosen = escalation_signals.choose(confidence, escalation.cfg, escalation.seed)
+    units = units_of(chosen)
+    chunks = -(-len(units) // ctx.chunk_size)
+    strong = run_chunked(
+        ChunkedFile(escalation_signals.strong_path(out.path)),
+        units,
+        ctx.chunk_size,
+        lambda chunk, index: strong_rows(chunk, index, chunks),
+    )
     strong_of: dict = {}
     for row in strong:
         strong_of.setdefault(item_of(row), []).append(row)
@@ -263,20 +274,12 @@ def _merged(
     for row in local:
         item = item_of(row)
         if item not in strong_of:
-            rows.append(
-                {**row, "escalated": False, "judge": escalation.local_name, "confidence": confidence[item]}
-            )
+            marks = {"escalated": False, "judge": escalation.local_name, "confidence": confidence[item]}
+            rows.append({**row, **marks})
         elif item not in placed:
             placed.add(item)
-            for answer in strong_of[item]:
-                rows.append(
-                    {
-                        **answer,
-                        "escalated": True,
-                        "judge": escalation.strong.name,
-                        "confidence": confidence[item],
-                    }
-                )
+            marks = {"escalated": True, "judge": escalation.strong.name, "confidence": confidence[item]}
+            rows += [{**answer, **marks} for answer in strong_of[item]]
     write_jsonl(out.path, rows)
     return rows
 
@@ -430,19 +433,19 @@ def meta_judge(
     for row in local:
         by_comparison.setdefault(escalation_signals.comparison_of(row), []).append(row)
     confidence = {item: _confidence(escalation, item, rows) for item, rows in by_comparison.items()}
-    chosen = escalation_signals.choose(confidence, escalation.cfg, escalation.seed)
-    picked = [
-        (r["response_id"], r["first_id"], r["second_id"])
-        for r in local
-        if escalation_signals.comparison_of(r) in chosen
-    ]
-    of = -(-len(picked) // ctx.chunk_size)
-    strong = run_chunked(
-        ChunkedFile(escalation_signals.strong_path(out.path)),
-        picked,
-        ctx.chunk_size,
-        lambda chunk, index: verdict_rows(
+    return _escalated(
+        ctx,
+        out,
+        local,
+        confidence,
+        escalation,
+        item_of=escalation_signals.comparison_of,
+        units_of=lambda chosen: [
+            (r["response_id"], r["first_id"], r["second_id"])
+            for r in local
+            if escalation_signals.comparison_of(r) in chosen
+        ],
+        strong_rows=lambda chunk, index, of: verdict_rows(
             escalation.strong.generator(), "meta_judge_strong", "text", chunk, index, of
         ),
     )
-    return _merged(out, local, strong, escalation_signals.comparison_of, confidence, escalation)
