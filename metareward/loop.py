@@ -166,10 +166,9 @@ class Run:
             if cfg.eval.enabled and not (self.dir / records.EVAL_0).is_file():
                 # M_0's judge skill is the baseline every later iteration is compared with.
                 write_json(self.dir / records.EVAL_0, self._evaluate(model_dir, iteration=0))
-                tracker.log({"eval": records.read_json(self.dir / records.EVAL_0)["judge"]}, step=0)
-                tracking.log_cascade_curves(
-                    tracker, records.read_json(self.dir / records.EVAL_0)["judge"], step=0
-                )
+                judge_0 = records.read_json(self.dir / records.EVAL_0)["judge"]
+                tracker.log({"eval": judge_0}, step=0)
+                tracking.log_cascade_curves(tracker, judge_0, step=0)
             if cfg.eval.enabled:
                 judge_0 = records.read_json(self.dir / records.EVAL_0)["judge"]
                 log.info("\n".join(["== the seed model M_0 ==", *report.eval_lines(judge_0)]))
@@ -391,7 +390,8 @@ class Run:
         return stages.StageContext(generator, self.templates, self.cfg.seed, t, self.cfg.generator.chunk_size)
 
     def _track(self, tracker, t: int, directory: Path) -> None:
-        tracker.log(records.read_json(directory / records.METRICS), step=t)
+        metrics = records.read_json(directory / records.METRICS)
+        tracker.log(metrics, step=t)
         limit = self.cfg.tracking.table_rows
         for role, name in (("actor", records.ACTOR_PAIRS), ("judge", records.JUDGE_PAIRS)):
             rows = read_jsonl(directory / name)[:limit]
@@ -407,10 +407,8 @@ class Run:
                 for r in rows
             ]
             tracker.log_table(f"{role}_pairs", columns, table, step=t)
-        tracking.log_cascade_curves(
-            tracker, records.read_json(directory / records.METRICS).get("eval", {}), step=t
-        )
-        alarms = records.read_json(directory / records.METRICS).get("guards", {}).get("alarms", [])
+        tracking.log_cascade_curves(tracker, metrics.get("eval", {}), step=t)
+        alarms = metrics.get("guards", {}).get("alarms", [])
         rows = [[a["guard"], a["value"], a["threshold"], a["reason"]] for a in alarms]
         tracker.log_table("guard_alarms", ["guard", "value", "threshold", "reason"], rows, step=t)
 
