@@ -78,12 +78,24 @@ class StandInServer:
     "429-retry-after=S" (Retry-After: S), "503", "400" (its body echoes the Authorization header),
     "drop" (closes the connection without answering), "slow" (answers after ``slow_s`` more). ``log``
     has, per request in arrival order, its ``content``, ``status`` (None when dropped) and the
-    ``time.monotonic()`` it ``arrived`` and was ``answered``."""
+    ``time.monotonic()`` it ``arrived`` and was ``answered``. With ``gather=G`` the first requests are
+    held (at most ``gather_timeout_s``) until G are in flight at once, so a client that can keep G in
+    flight is seen to do so however slowly a busy machine lets it send them."""
 
-    def __init__(self, answer_chat=chat_answer, delay_s: float = 0.0, slow_s: float = 0.5):
+    def __init__(
+        self,
+        answer_chat=chat_answer,
+        delay_s: float = 0.0,
+        slow_s: float = 0.5,
+        gather: int = 0,
+        gather_timeout_s: float = 30.0,
+    ):
         self.answer_chat = answer_chat
         self.delay_s = delay_s
         self.slow_s = slow_s
+        self.gather = gather
+        self.gather_timeout_s = gather_timeout_s
+        self.gathered = asyncio.Event()
         self.faults: list[str] = []
         self.faults_for: dict[str, list[str]] = {}
         self.received: list[tuple[str, dict, dict]] = []  # (path, headers, body), in arrival order
@@ -154,6 +166,8 @@ class StandInServer:
         fault = self._next_fault(body)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if self.max_in_flight >= self.gather:
+            self.gathered.set()
         try:
             response = await self._answer(request, fault, body)
             entry["status"] = response.status
@@ -163,6 +177,8 @@ class StandInServer:
             entry["answered"] = time.monotonic()
 
     async def _answer(self, request: web.Request, fault: str | None, body: dict) -> web.StreamResponse:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.gathered.wait(), self.gather_timeout_s)
         await asyncio.sleep(self.delay_s)
         if fault == "drop":
             request.transport.close()
