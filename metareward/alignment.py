@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -288,18 +289,23 @@ def align_judge(
         raise RecordError(f"no held-out item fits in align.max_length={settings.max_length}")
 
     checkpoints = work_dir / CHECKPOINTS
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    _check_checkpoint_settings(checkpoints, settings, seed_dir)
+    # Under several training processes (Ray Train's workers) the first writes what is written once.
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if main:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        _check_checkpoint_settings(checkpoints, settings, seed_dir)
+    _barrier()
     model = AutoModelForCausalLM.from_pretrained(
         seed_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
     )
     if torch.cuda.is_available():
         model = model.to("cuda")
     before_path = checkpoints / BEFORE
-    if not before_path.is_file():
+    if main and not before_path.is_file():
         write_json(
             before_path, heldout_metrics(heldout, predict(model, heldout, pad_id, settings.eval_batch_size))
         )
+    _barrier()
     before = read_json(before_path)
 
     if settings.use_lora:
@@ -344,11 +350,18 @@ def align_judge(
         "objective": settings.objective,
         "model_dir": str(out_dir),
     }
-    save_atomically(trained.to("cpu"), tokenizer, out_dir, {"alignment": result})
-    shutil.rmtree(checkpoints)  # the model is whole: nothing left to resume
+    if main:
+        save_atomically(trained.to("cpu"), tokenizer, out_dir, {"alignment": result})
+        shutil.rmtree(checkpoints)  # the model is whole: nothing left to resume
+    _barrier()
     del trainer, model, trained
     release_memory()
     return result
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def result_lines(result: dict) -> list[str]:

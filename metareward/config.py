@@ -14,6 +14,7 @@ in the tree (``roles.meta_judge.generator.batch_size``, not ``generator.batch_si
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "fp32", "bf16")
 GENERATOR_BACKENDS = ("hf", "vllm", "openai")
 LAUNCHERS = ("inline", "accelerate")
+# Where a run's engines and training processes run: this process and its machine, or a Ray cluster.
+CLUSTER_KINDS = ("none", "ray")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ON_NO_PAIRS = ("stop", "carry")
 LONG_PROMPTS = ("skip", "truncate")
 DATA_KINDS = ("bundled", "jsonl", "hf", "synthetic")
@@ -795,6 +799,64 @@ class JudgeAlignmentConfig(Section):
 
 
 @dataclass
+class ClusterConfig(Section):
+    """``cluster=ray``: the run's generation engines are Ray actors and its training a Ray Train job, on a
+    Ray cluster (``pip install metareward[ray]``; cluster.py). The loop stays the one process writing
+    the run directory, so ``runs_dir`` must be on storage every node sees."""
+
+    where: ClassVar[str] = "cluster."
+
+    kind: str = "none"
+    # A running cluster ("auto": the one `ray start` made on this node; "ray://HEAD:10001": a remote
+    # one); empty: start a local one inside this process.
+    address: str | None = None
+    # A local cluster's CPUs; empty: this machine's.
+    local_cpus: int | None = None
+    # Engines per iteration for each model that generates (M_{t-1}, and each role on a model of its own);
+    # a stage's chunks are dealt to them.
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    # Empty: generator.vllm.tensor_parallel_size with generator=vllm, else none (the transformers
+    # backend then runs on CPU).
+    gpus_per_replica: int | None = None
+    # How the engines' placement group spreads them over nodes (Ray's strategies).
+    placement_strategy: str = "PACK"
+    # How long to wait for the cluster to have room for the engines before saying it has not.
+    placement_timeout_s: float = 600.0
+    # Engines lost during one stage (a dead node, an out-of-memory kill) that are replaced before the
+    # stage gives up; a lost engine's chunk is made again on its replacement.
+    max_restarts: int = 3
+    # Ray Train workers for DPO and the judge-alignment step (one process each, DDP or DeepSpeed as
+    # train.accelerate_config says); gpus_per_worker empty: 1 when the cluster has GPUs, else 0 (gloo).
+    train_workers: int = 1
+    train_cpus_per_worker: float = 1.0
+    train_gpus_per_worker: int | None = None
+
+    def check(self) -> None:
+        _require(self.kind in CLUSTER_KINDS, "kind", self.kind, f"one of {CLUSTER_KINDS} (cluster=ray)")
+        _require(
+            self.kind != "ray" or importlib.util.find_spec("ray") is not None,
+            "kind",
+            self.kind,
+            "needs Ray, which is not installed: pip install 'metareward[ray]'",
+        )
+        for name in ("replicas", "train_workers"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        _require(self.max_restarts >= 0, "max_restarts", self.max_restarts, "must be >= 0")
+        for name in ("cpus_per_replica", "train_cpus_per_worker", "placement_timeout_s"):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+        for name in ("gpus_per_replica", "train_gpus_per_worker", "local_cpus"):
+            value = getattr(self, name)
+            _require(value is None or value >= 0, name, value, "must be >= 0 (or null: chosen for you)")
+        _require(
+            self.placement_strategy in PLACEMENT_STRATEGIES,
+            "placement_strategy",
+            self.placement_strategy,
+            f"one of {PLACEMENT_STRATEGIES}",
+        )
+
+
+@dataclass
 class Config(Section):
     """A whole run. ``metareward --cfg job`` prints it resolved."""
 
@@ -822,9 +884,17 @@ class Config(Section):
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     judge_alignment: JudgeAlignmentConfig = field(default_factory=JudgeAlignmentConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def check(self) -> None:
         _require(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
+        _require(
+            self.cluster.kind != "ray" or self.train.launcher == "inline",
+            "train.launcher",
+            self.train.launcher,
+            "with cluster=ray training is a Ray Train job on cluster.train_workers; leave train.launcher "
+            "inline (accelerate is for one machine without Ray)",
+        )
         _require(bool(self.run_name) and "/" not in self.run_name, "run_name", self.run_name, "a plain name")
 
 

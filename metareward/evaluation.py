@@ -480,6 +480,7 @@ def evaluate_model(
     templates: Templates,
     cache_dir: Path,
     baseline: list | None = None,
+    make=make_generator,
 ) -> dict:
     """The judge skill of M_``iteration`` in ``model_dir`` on every suite and protocol, and its greedy
     answers to the held-out prompts; with ``baseline`` (M_0's answers) also its actor's win rate
@@ -490,13 +491,14 @@ def evaluate_model(
     the fixed evaluator's.
 
     Returns ``{"judge": {suite: {protocol: metrics}}, "per_pair": rows, "heldout_responses": rows[,
-    "actor": win rate]}``."""
+    "actor": win rate]}``. ``make`` makes the generators (``make_generator``'s arguments; the loop's
+    puts them on the cluster with cluster=ray)."""
     suites = load_suites(cfg.eval)
     heldout = load_heldout_prompts(cfg.eval.heldout_prompts, cfg.eval.num_heldout)
     fit = ContextFit.for_model(
         model_dir, cfg.model.trust_remote_code, cfg.eval.max_new_tokens, cfg.data.long_prompts
     )
-    generator = make_generator(model_dir, cfg.model, cfg.generator, cache_dir=cache_dir)
+    generator = make(model_dir, cfg.model, cfg.generator, cache_dir)
     strong = StrongJudge(cfg.eval.escalation.judge, cache_dir) if cfg.eval.escalation.enabled else None
     try:
         cascade = None
@@ -532,7 +534,7 @@ def evaluate_model(
     if baseline is not None and cfg.eval.win_rate:
         spec = cfg.eval.evaluator
         model, settings = (spec.model, spec.generator) if spec.own_model else (cfg.model, cfg.generator)
-        evaluator = make_generator(evaluator_dir, model, settings, cache_dir=cache_dir)
+        evaluator = make(evaluator_dir, model, settings, cache_dir)
         try:
             seed = cfg.eval.seed + iteration
             result["actor"] = win_rate(

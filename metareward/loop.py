@@ -34,6 +34,8 @@ from metareward.tracking import make_tracker
 log = logging.getLogger(__name__)
 
 CACHE = "cache"
+# Ray Train's own files of each training job with cluster=ray (its storage_path).
+RAY_TRAIN = "ray_train"
 # The iteration whose judge is most accurate on eval.select_by.
 BEST = "best.json"
 # Each evaluated model's held-out answers in alpaca_eval's and FastChat's formats: heldout/M_<t>/.
@@ -50,8 +52,11 @@ RESUMABLE_CHANGES = {
     # Synthesis chunks depend on their index only, so a larger budget goes on from the ones written.
     "data.synthetic.request_budget",
 }
-# Guards only decide whether the run goes on: a rerun with guards.on_alarm=warn goes past a stop.
-RESUMABLE_PREFIXES = ("guards.",)
+# Guards only decide whether the run goes on: a rerun with guards.on_alarm=warn goes past a stop. Where
+# engines run changes no row (a run may resume on a cluster, or off it); the number of training
+# processes does change what DPO averages over, so it is not among them.
+RESUMABLE_PREFIXES = ("guards.", "cluster.")
+UNRESUMABLE = {"cluster.train_workers"}
 
 
 class RunStopped(RuntimeError):
@@ -83,7 +88,7 @@ def check_run_config(run_dir: Path, cfg: Config) -> None:
             key
             for key in saved.keys() | current.keys()
             if key not in RESUMABLE_CHANGES
-            and not key.startswith(RESUMABLE_PREFIXES)
+            and (key in UNRESUMABLE or not key.startswith(RESUMABLE_PREFIXES))
             and saved.get(key) != current.get(key)
         )
         if changed and not cfg.allow_config_change:
@@ -144,7 +149,16 @@ class Run:
         with runlock.hold(self.dir):
             # Holding the lock proves every earlier writer of the directory gone: its temp files are stale.
             records.remove_stale_temps(self.dir)
-            return self._run_locked()
+            if self.cfg.cluster.kind != "ray":
+                return self._run_locked()
+            from metareward import cluster
+
+            started = cluster.connect(self.cfg.cluster)
+            try:
+                return self._run_locked()
+            finally:
+                if started:
+                    cluster.shutdown()
 
     def _run_locked(self) -> list[dict]:
         cfg = self.cfg
@@ -200,14 +214,23 @@ class Run:
             write_json(metrics_path, {**records.read_json(saved_log)["alignment"], "seed_model": seed_dir})
         if not metrics_path.is_file():
             log.info("== aligning the seed model as a judge (%s objective) ==", self.cfg.align.objective)
-            result = align_judge(
-                seed_dir,
-                self.cfg.align,
-                *rows,
-                out_dir=model_dir,
-                work_dir=work_dir,
-                trust_remote_code=self.cfg.model.trust_remote_code,
-            )
+            options = {
+                "out_dir": model_dir,
+                "work_dir": work_dir,
+                "trust_remote_code": self.cfg.model.trust_remote_code,
+            }
+            if self.cfg.cluster.kind == "ray":
+                from metareward.cluster import train_job
+
+                # The workers may start in another directory, on another node: absolute paths.
+                options.update(out_dir=model_dir.absolute(), work_dir=work_dir.absolute())
+                seed = str(Path(seed_dir).absolute()) if Path(seed_dir).exists() else seed_dir
+                job = {"kind": "align", "args": [seed, self.cfg.align, *rows], "kwargs": options}
+                cluster_cfg, accelerate_config = self.cfg.cluster, self.cfg.train.accelerate_config
+                train_job(cluster_cfg, accelerate_config, job, self.dir / RAY_TRAIN, "align")
+                result = records.read_json(saved_log)["alignment"]
+            else:
+                result = align_judge(seed_dir, self.cfg.align, *rows, **options)
             write_json(metrics_path, {**result, "seed_model": seed_dir})
             tracker.log({"align": {"heldout": result["heldout"], "train": result["train"]}}, step=0)
         result = records.read_json(metrics_path)
@@ -364,10 +387,10 @@ class Run:
         if not synthesis.pool_complete(self.dir):
             spec = cfg.roles.prompter
             if spec.own_model:
-                generator = make_generator(spec_model_dir(spec), spec.model, spec.generator, self.dir / CACHE)
+                generator = self._engine(spec_model_dir(spec), spec.model, spec.generator, self.dir / CACHE)
                 chunk_size = spec.generator.chunk_size
             else:
-                generator = make_generator(seed_dir, cfg.model, cfg.generator, self.dir / CACHE)
+                generator = self._engine(seed_dir, cfg.model, cfg.generator, self.dir / CACHE)
                 chunk_size = cfg.generator.chunk_size
             try:
                 synthesis.build_pool(generator, seeds, cfg.data.synthetic, self.dir, cfg.seed, chunk_size)
@@ -385,6 +408,17 @@ class Run:
             left_out,
         )
         return to_prompt_rows(rows, str(self.dir / synthesis.POOL))
+
+    def _engine(
+        self, model_dir: str, model, settings, cache_dir: Path | None = None, replicas: int | None = None
+    ) -> Generator:
+        """A generator serving ``model_dir``: here, or with cluster=ray (and a backend that is not an
+        endpoint) ``replicas`` engines on the cluster (default ``cluster.replicas``)."""
+        if self.cfg.cluster.kind == "ray" and settings.backend != "openai":
+            from metareward.cluster import ReplicaPool
+
+            return ReplicaPool(model_dir, model, settings, cache_dir, self.cfg.cluster, replicas)
+        return make_generator(model_dir, model, settings, cache_dir)
 
     def _context(self, generator: Generator | None, t: int) -> stages.StageContext:
         return stages.StageContext(generator, self.templates, self.cfg.seed, t, self.cfg.generator.chunk_size)
@@ -421,7 +455,15 @@ class Run:
         spec = self.cfg.eval.evaluator
         evaluator_dir = spec_model_dir(spec) if spec.own_model else self.seed_dir
         result = evaluate_model(
-            self.cfg, model_dir, iteration, evaluator_dir, self.templates, self.dir / CACHE, baseline
+            self.cfg,
+            model_dir,
+            iteration,
+            evaluator_dir,
+            self.templates,
+            self.dir / CACHE,
+            baseline,
+            # Evaluation is not dealt in chunks: one engine on the cluster serves it.
+            make=lambda *args: self._engine(*args, replicas=1),
         )
         if result["heldout_responses"]:
             # M_t's answers for alpaca_eval and MT-Bench's judge, to score it elsewhere.
@@ -445,7 +487,19 @@ class Run:
                 tracker.log_dpo_step(t, offset + int(row["step"]), row)
 
             common = {"seed": self.cfg.seed + t, "trust_remote_code": self.cfg.model.trust_remote_code}
-            if train.launcher == "accelerate":
+            if self.cfg.cluster.kind == "ray":
+                from metareward.cluster import train_job
+                from metareward.training import write_job
+
+                job_dir = directory / "train_job"
+                write_job(model_dir, rows, train.dpo, out, job_dir=job_dir, **common)
+                job = {"kind": "dpo", "job_dir": str(job_dir.absolute())}
+                train_job(
+                    self.cfg.cluster, train.accelerate_config, job, self.dir / RAY_TRAIN, f"iter_{t}_dpo"
+                )
+                for row in step_rows(records.read_json(out / records.TRAINING_LOG)):
+                    on_log(row)
+            elif train.launcher == "accelerate":
                 result = launch_dpo(
                     model_dir,
                     rows,
@@ -484,13 +538,11 @@ class Run:
             )
             if key not in made:
                 if spec.own_model:
-                    made[key] = make_generator(
+                    made[key] = self._engine(
                         spec_model_dir(spec), spec.model, spec.generator, self.dir / CACHE
                     )
                 else:
-                    made[key] = make_generator(
-                        model_dir, self.cfg.model, self.cfg.generator, self.dir / CACHE
-                    )
+                    made[key] = self._engine(model_dir, self.cfg.model, self.cfg.generator, self.dir / CACHE)
             by_role[role] = made[key]
         return by_role, list(made.values())
 

@@ -59,16 +59,32 @@ def finished_rows(out: ChunkedFile) -> list[dict] | None:
 
 
 def run_chunked(
-    out: ChunkedFile, items: list, chunk_size: int, work: Callable[[list, int], list[dict]]
+    out: ChunkedFile,
+    items: list,
+    chunk_size: int,
+    work: Callable[[Generator, list, int], list[dict]],
+    generator: Generator,
 ) -> list[dict]:
-    """Apply ``work(chunk, index)`` to each chunk not yet on disk, then join the chunks."""
+    """Apply ``work(generator, chunk, index)`` to each chunk not yet on disk, then join the chunks.
+
+    A generator that serves several engines (cluster.ReplicaPool) deals the chunks to them, handing
+    ``work`` one engine at a time; the chunks are written here, in order, as they are without it."""
     if (done := finished_rows(out)) is not None:
         return done
     chunks = [items[start : start + chunk_size] for start in range(0, len(items), chunk_size)]
-    for index, chunk in enumerate(chunks):
-        if not out.has_chunk(index):
-            out.write_chunk(index, work(chunk, index))
-            faults.point(f"chunk:{out.path.name}")
+    todo = [index for index in range(len(chunks)) if not out.has_chunk(index)]
+
+    def write(index: int, rows: list[dict]) -> None:
+        out.write_chunk(index, rows)
+        faults.point(f"chunk:{out.path.name}")
+
+    deal = getattr(generator, "deal", None) if todo else None
+    if deal is not None:
+        name = out.path.name.removesuffix(".jsonl").replace("_", " ")
+        deal(todo, lambda engine, index: work(engine, chunks[index], index), write, desc=name)
+    else:
+        for index in todo:
+            write(index, work(generator, chunks[index], index))
     return out.finish(len(chunks))
 
 
@@ -76,9 +92,9 @@ def actor(ctx: StageContext, prompts: list[dict], cfg: ActorConfig, out: Chunked
     """K sampled responses per prompt; exact duplicates of an earlier sample are dropped."""
     num_chunks = -(-len(prompts) // ctx.chunk_size)
 
-    def work(chunk: list[dict], index: int) -> list[dict]:
+    def work(generator: Generator, chunk: list[dict], index: int) -> list[dict]:
         params = ctx.sampling(cfg, cfg.num_responses, "actor", index)
-        outputs = ctx.generator.generate(
+        outputs = generator.generate(
             [p["messages"] for p in chunk], params, desc=f"actor {index + 1}/{num_chunks}"
         )
         rows = []
@@ -99,7 +115,7 @@ def actor(ctx: StageContext, prompts: list[dict], cfg: ActorConfig, out: Chunked
                 )
         return rows
 
-    return run_chunked(out, prompts, ctx.chunk_size, work)
+    return run_chunked(out, prompts, ctx.chunk_size, work, ctx.generator)
 
 
 def score_cue_text(judgement: str) -> str:
@@ -194,7 +210,7 @@ def judge(
         desc = f"{stage.replace('_', ' ')} {index + 1}/{of}"
         # Only the local judge's probabilities are read (for its confidence), where it has them (not an
         # endpoint without a local tokenizer: its items then have no signal); the strong judge's never are.
-        reads = read_probs and generator is ctx.generator and reads_probabilities(generator)
+        reads = read_probs and stage == "judge" and reads_probabilities(generator)
         judged = judge_requests(generator, requests, params, score_from, desc, read_probs=reads)
         return [
             {"response_id": response["response_id"], "judgement_id": f"{response['response_id']}/j{n}", **row}
@@ -207,7 +223,10 @@ def judge(
         out if escalation is None else ChunkedFile(escalation_signals.local_path(out.path)),
         responses,
         ctx.chunk_size,
-        lambda chunk, index: judged_rows(ctx.generator, "judge", cfg.score_from, chunk, index, num_chunks),
+        lambda generator, chunk, index: judged_rows(
+            generator, "judge", cfg.score_from, chunk, index, num_chunks
+        ),
+        ctx.generator,
     )
     if escalation is None:
         return local
@@ -227,8 +246,8 @@ def judge(
         escalation,
         item_of=lambda row: row["response_id"],
         units_of=lambda chosen: [r for r in responses if r["response_id"] in chosen],
-        strong_rows=lambda chunk, index, of: judged_rows(
-            escalation.strong.generator(), "judge_strong", "text", chunk, index, of
+        strong_rows=lambda generator, chunk, index, of: judged_rows(
+            generator, "judge_strong", "text", chunk, index, of
         ),
     )
 
@@ -252,20 +271,23 @@ def _escalated(
     escalation: StageEscalation,
     item_of: Callable[[dict], str],
     units_of: Callable[[set], list],
-    strong_rows: Callable[[list, int, int], list[dict]],
+    strong_rows: Callable[[Generator, list, int, int], list[dict]],
 ) -> list[dict]:
     """The items the budget picks (``units_of(chosen)``: the work for the strong judge) answered by it
-    in chunks (``strong_rows(chunk, index, chunks)``, in text: its probabilities are not at hand
+    in chunks (``strong_rows(generator, chunk, index, chunks)``, in text: its probabilities are not at hand
     behind an API), then the stage's rows: each escalated item's strong rows in place of its local
     ones, in the local order, every row marked; written to ``out``."""
     chosen = escalation_signals.choose(confidence, escalation.cfg, escalation.seed)
     units = units_of(chosen)
     chunks = -(-len(units) // ctx.chunk_size)
+    strong_out = ChunkedFile(escalation_signals.strong_path(out.path))
+    # The strong judge is made only when some item is escalated and not yet answered on disk.
     strong = run_chunked(
-        ChunkedFile(escalation_signals.strong_path(out.path)),
+        strong_out,
         units,
         ctx.chunk_size,
-        lambda chunk, index: strong_rows(chunk, index, chunks),
+        lambda generator, chunk, index: strong_rows(generator, chunk, index, chunks),
+        _Lazy(escalation.strong.generator),
     )
     strong_of: dict = {}
     for row in strong:
@@ -282,6 +304,17 @@ def _escalated(
             rows += [{**answer, **marks} for answer in strong_of[item]]
     write_jsonl(out.path, rows)
     return rows
+
+
+class _Lazy:
+    """A generator made by ``make()`` on its first use (the strong judge: nothing is loaded or sent
+    when no chunk of its stage is left to make)."""
+
+    def __init__(self, make: Callable[[], Generator]):
+        self.make = make
+
+    def __getattr__(self, name: str):
+        return getattr(self.make(), name)
 
 
 def sample_verdict(probs: list[float], temperature: float, rng: random.Random) -> str | None:
@@ -404,7 +437,7 @@ def meta_judge(
             )
         params = ctx.sampling(cfg, 1, stage, index)
         desc = f"{stage.replace('_', '-', 1).replace('_', ' ')} {index + 1}/{of}"
-        reads = read_probs and generator is ctx.generator and reads_probabilities(generator)
+        reads = read_probs and stage == "meta_judge" and reads_probabilities(generator)
         verdicts = verdict_requests(generator, requests, params, winner_from, desc=desc, read_probs=reads)
         return [
             {
@@ -422,9 +455,10 @@ def meta_judge(
         out if escalation is None else ChunkedFile(escalation_signals.local_path(out.path)),
         items,
         ctx.chunk_size,
-        lambda chunk, index: verdict_rows(
-            ctx.generator, "meta_judge", cfg.winner_from, chunk, index, num_chunks
+        lambda generator, chunk, index: verdict_rows(
+            generator, "meta_judge", cfg.winner_from, chunk, index, num_chunks
         ),
+        ctx.generator,
     )
     if escalation is None:
         return local
@@ -445,7 +479,7 @@ def meta_judge(
             for r in local
             if escalation_signals.comparison_of(r) in chosen
         ],
-        strong_rows=lambda chunk, index, of: verdict_rows(
-            escalation.strong.generator(), "meta_judge_strong", "text", chunk, index, of
+        strong_rows=lambda generator, chunk, index, of: verdict_rows(
+            generator, "meta_judge_strong", "text", chunk, index, of
         ),
     )

@@ -18,6 +18,9 @@ the pairs and settings into a job directory and runs this module under ``acceler
 (``CONFIG``: ``train.accelerate_config``, by default ``metareward/accelerate_configs/deepspeed_zero3.yaml``)::
 
     accelerate launch --config_file CONFIG -m metareward.training JOB_DIR
+
+With ``cluster=ray`` the same job directory (:func:`write_job`) is run by Ray Train's workers
+(cluster.train_job), each calling :func:`run_job`.
 """
 
 from __future__ import annotations
@@ -291,6 +294,8 @@ def train_dpo(
         "global_steps": int(trainer.state.global_step),
         "step_seconds": clock.seconds,
         "computes_in": "bfloat16" if args.bf16 else "float32",
+        # Training processes (accelerate launch's or Ray Train's); each takes batch_size pairs a step.
+        "processes": trainer.accelerator.num_processes,
     }
     if trainer.accelerator.num_processes > 1 or trainer.is_deepspeed_enabled:
         _save_gathered(trainer, tokenizer, settings, Path(out_dir), log)
@@ -331,19 +336,9 @@ def launch_dpo(
     trust_remote_code: bool = False,
 ) -> dict:
     """:func:`train_dpo` in ``accelerate launch`` processes (one per GPU, as the config file says)."""
-    from metareward.records import write_json, write_jsonl
-
-    if not rows:
-        raise ValueError("launch_dpo needs at least one preference pair; rows is empty")
-    job = {
-        "model_dir": model_dir,
-        "settings": asdict(settings),
-        "out_dir": str(out_dir),
-        "seed": seed,
-        "trust_remote_code": trust_remote_code,
-    }
-    write_jsonl(job_dir / JOB_PAIRS, [{key: row[key] for key in PAIR_KEYS} for row in rows])
-    write_json(job_dir / JOB, job)
+    write_job(
+        model_dir, rows, settings, out_dir, seed=seed, job_dir=job_dir, trust_remote_code=trust_remote_code
+    )
     config = accelerate_config or str(DEFAULT_ACCELERATE_CONFIG)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
     command += ["-m", "metareward.training", str(job_dir)]
@@ -358,8 +353,36 @@ def launch_dpo(
     return json.loads((Path(out_dir) / TRAINING_LOG).read_text())
 
 
-def _job_main(job_dir: str) -> None:
-    """Entry point of each ``accelerate launch`` process: the job written by :func:`launch_dpo`."""
+def write_job(
+    model_dir: str,
+    rows: list[dict],
+    settings: DPOSettings,
+    out_dir: Path,
+    *,
+    seed: int,
+    job_dir: Path,
+    trust_remote_code: bool = False,
+) -> None:
+    """The pairs and settings of a DPO job, for processes started elsewhere (``accelerate launch``, Ray
+    Train workers) to run with :func:`run_job`; paths are made absolute, as those may start elsewhere."""
+    from metareward.records import write_json, write_jsonl
+
+    if not rows:
+        raise ValueError("a DPO job needs at least one preference pair; rows is empty")
+    local = Path(model_dir)
+    job = {
+        "model_dir": str(local.absolute()) if local.exists() else model_dir,
+        "settings": asdict(settings),
+        "out_dir": str(Path(out_dir).absolute()),
+        "seed": seed,
+        "trust_remote_code": trust_remote_code,
+    }
+    write_jsonl(job_dir / JOB_PAIRS, [{key: row[key] for key in PAIR_KEYS} for row in rows])
+    write_json(job_dir / JOB, job)
+
+
+def run_job(job_dir: str) -> None:
+    """Entry point of each training process: the job written by :func:`write_job`."""
     from metareward.allocator import keep_freed_memory
     from metareward.records import read_jsonl
 
@@ -376,4 +399,4 @@ def _job_main(job_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    _job_main(sys.argv[1])
+    run_job(sys.argv[1])

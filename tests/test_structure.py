@@ -95,3 +95,25 @@ def test_every_console_script_lives_in_the_cli_module():
         assert function in {
             n.name for n in ast.parse((PACKAGE / "cli.py").read_text()).body if hasattr(n, "name")
         }
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    """The top-level names of everything ``path`` imports, lazily or not."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def test_heavy_optional_engines_are_imported_by_their_own_module_only():
+    owners = {
+        "ray": {"metareward.cluster"},
+        "vllm": {"metareward.generation.vllm"},
+        "trl": {"metareward.training"},
+    }
+    for library, allowed in owners.items():
+        importers = {_module_name(p) for p in PACKAGE.rglob("*.py") if library in _third_party_imports(p)}
+        assert importers == allowed, library

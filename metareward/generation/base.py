@@ -55,12 +55,23 @@ class Usage:
     def since(self, before: Usage) -> dict:
         """The counts spent between ``before`` (a copy taken earlier) and now, and the median and 95th
         percentile latency of the requests sent since (None when there were none)."""
+        spent = self.minus(before)
+        counts = asdict(spent)
+        latencies = counts.pop("latencies_s")
+        counts["latency_p50_s"] = percentile(latencies, 50)
+        counts["latency_p95_s"] = percentile(latencies, 95)
+        return counts
+
+    def minus(self, before: Usage) -> Usage:
+        """What was spent since ``before`` (a copy taken earlier), as a Usage of its own."""
         now, then = asdict(self), asdict(before)
         spent = {key: now[key] - then[key] for key in now if key != "latencies_s"}
-        latencies = self.latencies_s[len(before.latencies_s) :]
-        spent["latency_p50_s"] = percentile(latencies, 50)
-        spent["latency_p95_s"] = percentile(latencies, 95)
-        return spent
+        return Usage(**spent, latencies_s=self.latencies_s[len(before.latencies_s) :])
+
+    def add(self, spent: Usage) -> None:
+        """Count ``spent`` (another generator's, e.g. an engine replica's) in this one."""
+        for key, value in asdict(spent).items():
+            setattr(self, key, getattr(self, key) + value)
 
     def copy(self) -> Usage:
         return Usage(**asdict(self))

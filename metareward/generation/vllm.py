@@ -34,7 +34,11 @@ def _generation_eos(model_dir: str, trust_remote_code: bool) -> int | list[int] 
 
 
 class VLLMGenerator:
-    def __init__(self, model_dir: str, model: ModelConfig, settings: GeneratorConfig):
+    def __init__(
+        self, model_dir: str, model: ModelConfig, settings: GeneratorConfig, executor: str | None = None
+    ):
+        """``executor``: vLLM's ``distributed_executor_backend`` (None: vLLM chooses; a Ray engine
+        actor asks for "mp", its tensor-parallel workers then being processes on its own GPUs)."""
         self.settings = settings
         self.usage = Usage()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=model.trust_remote_code)
@@ -53,6 +57,7 @@ class VLLMGenerator:
             max_logprobs=engine.max_logprobs,
             # Weights from safetensors only: a pickled checkpoint could run code when loaded.
             load_format="safetensors",
+            distributed_executor_backend=executor,
         )
 
     def _engine(self) -> LLM:
