@@ -411,15 +411,20 @@ def align_judge_main(argv: list[str] | None = None) -> None:
     work_dir, model_dir = align_paths(config)
     try:
         seed_dir = resolve_model(config.model)
-        result = align_judge(
-            seed_dir,
-            config.align,
-            train,
-            heldout,
-            out_dir=model_dir,
-            work_dir=work_dir,
-            trust_remote_code=config.model.trust_remote_code,
-        )
+        if config.cluster.kind == "ray":  # a Ray Train job on cluster.train_workers
+            from metareward.cluster import align_on_cluster
+
+            result = align_on_cluster(config, seed_dir, train, heldout, out_dir=model_dir, work_dir=work_dir)
+        else:
+            result = align_judge(
+                seed_dir,
+                config.align,
+                train,
+                heldout,
+                out_dir=model_dir,
+                work_dir=work_dir,
+                trust_remote_code=config.model.trust_remote_code,
+            )
     except (RecordError, OSError) as error:
         _fail(str(error), code=1, prog=prog)
     out = args.out or work_dir / ALIGN_METRICS

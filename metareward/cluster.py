@@ -38,8 +38,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
-from metareward.config import DEFAULT_ACCELERATE_CONFIG, ClusterConfig, GeneratorConfig, ModelConfig
+from metareward.config import DEFAULT_ACCELERATE_CONFIG, ClusterConfig, Config, GeneratorConfig, ModelConfig
 from metareward.generation.base import Completion, Messages, SamplingParams, Usage
+from metareward.records import TRAINING_LOG, read_json
 
 log = logging.getLogger(__name__)
 
@@ -412,3 +413,25 @@ def train_job(cfg: ClusterConfig, accelerate_config: str | None, job: dict, stor
         trainer.fit()
     except Exception as error:  # ray.train.TrainingFailedError: the worker's error is its message
         raise ClusterError(f"training on the cluster failed: {error}") from error
+
+
+def align_on_cluster(
+    cfg: Config, seed_dir: str, train: list, heldout: list, *, out_dir: Path, work_dir: Path
+) -> dict:
+    """alignment.align_judge as a Ray Train job (connecting to the cluster if this process is not);
+    returns its result, read from the saved model's log. Ray Train's files go to ``work_dir/ray_train``."""
+    started = connect(cfg.cluster)
+    try:
+        # The workers may start in another directory, on another node: absolute paths.
+        seed = str(Path(seed_dir).absolute()) if Path(seed_dir).exists() else seed_dir
+        options = {
+            "out_dir": Path(out_dir).absolute(),
+            "work_dir": Path(work_dir).absolute(),
+            "trust_remote_code": cfg.model.trust_remote_code,
+        }
+        job = {"kind": "align", "args": [seed, cfg.align, train, heldout], "kwargs": options}
+        train_job(cfg.cluster, cfg.train.accelerate_config, job, Path(work_dir) / "ray_train", "align")
+    finally:
+        if started:
+            shutdown()
+    return read_json(Path(out_dir) / TRAINING_LOG)["alignment"]

@@ -214,23 +214,14 @@ class Run:
             write_json(metrics_path, {**records.read_json(saved_log)["alignment"], "seed_model": seed_dir})
         if not metrics_path.is_file():
             log.info("== aligning the seed model as a judge (%s objective) ==", self.cfg.align.objective)
-            options = {
-                "out_dir": model_dir,
-                "work_dir": work_dir,
-                "trust_remote_code": self.cfg.model.trust_remote_code,
-            }
+            places = {"out_dir": model_dir, "work_dir": work_dir}
             if self.cfg.cluster.kind == "ray":
-                from metareward.cluster import train_job
+                from metareward.cluster import align_on_cluster
 
-                # The workers may start in another directory, on another node: absolute paths.
-                options.update(out_dir=model_dir.absolute(), work_dir=work_dir.absolute())
-                seed = str(Path(seed_dir).absolute()) if Path(seed_dir).exists() else seed_dir
-                job = {"kind": "align", "args": [seed, self.cfg.align, *rows], "kwargs": options}
-                cluster_cfg, accelerate_config = self.cfg.cluster, self.cfg.train.accelerate_config
-                train_job(cluster_cfg, accelerate_config, job, self.dir / RAY_TRAIN, "align")
-                result = records.read_json(saved_log)["alignment"]
+                result = align_on_cluster(self.cfg, seed_dir, *rows, **places)
             else:
-                result = align_judge(seed_dir, self.cfg.align, *rows, **options)
+                trust = self.cfg.model.trust_remote_code
+                result = align_judge(seed_dir, self.cfg.align, *rows, **places, trust_remote_code=trust)
             write_json(metrics_path, {**result, "seed_model": seed_dir})
             tracker.log({"align": {"heldout": result["heldout"], "train": result["train"]}}, step=0)
         result = records.read_json(metrics_path)

@@ -16,18 +16,24 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from metareward import cluster, faults, records, training
+from metareward import cluster, faults, records, stages, training
 from metareward.alignment import align_judge
 from metareward.config import (
     DEFAULT_ACCELERATE_CONFIG,
+    ActorConfig,
     ClusterConfig,
     ConfigError,
     DPOSettings,
     GeneratorConfig,
+    ModelConfig,
     VLLMSettings,
     load_config,
 )
+from metareward.generation import make_generator
 from metareward.loop import Run
+from metareward.prompts import Templates
+from metareward.records import ChunkedFile
+from metareward.stages import StageContext
 from tests.test_align import small_settings, small_split
 from tests.test_loop import tiny_config
 
@@ -189,13 +195,14 @@ def test_judge_alignment_on_two_ray_train_workers_equals_the_inline_alignment(
     ray_cluster, tiny_model_dir, tmp_path
 ):
     train, heldout = small_split(tmp_path)
-    options = {"trust_remote_code": False}
-    job = {
-        "kind": "align",
-        "args": [tiny_model_dir, small_settings(batch_size=1), train, heldout],
-        "kwargs": {"out_dir": tmp_path / "ray", "work_dir": tmp_path / "ray_work", **options},
-    }
-    cluster.train_job(ClusterConfig(kind="ray", train_workers=2), None, job, tmp_path / "store", "align")
+    settings = "batch_size=1 save_steps=2 learning_rate=1e-3 progress=false max_length=1024 eval_batch_size=4"
+    cfg = load_config(
+        None,
+        ["model=tiny", "cluster=ray", "cluster.train_workers=2", *(f"align.{s}" for s in settings.split())],
+    )
+    on_ray = cluster.align_on_cluster(
+        cfg, tiny_model_dir, train, heldout, out_dir=tmp_path / "ray", work_dir=tmp_path / "ray_work"
+    )
     inline = align_judge(
         tiny_model_dir,
         small_settings(batch_size=2),
@@ -203,9 +210,8 @@ def test_judge_alignment_on_two_ray_train_workers_equals_the_inline_alignment(
         heldout,
         out_dir=tmp_path / "inline",
         work_dir=tmp_path / "inline_work",
-        **options,
     )
-    on_ray = records.read_json(tmp_path / "ray" / records.TRAINING_LOG)["alignment"]
+    assert on_ray == records.read_json(tmp_path / "ray" / records.TRAINING_LOG)["alignment"]
     assert on_ray["train"]["steps"] == inline["train"]["steps"] == 9
     assert on_ray["heldout"]["before"] == inline["heldout"]["before"]
     assert not (tmp_path / "ray_work" / "checkpoints").exists()
@@ -214,9 +220,54 @@ def test_judge_alignment_on_two_ray_train_workers_equals_the_inline_alignment(
     assert largest_difference(weights, tensors(tmp_path / "inline")) < 1e-4
 
 
-def test_engines_that_do_not_fit_are_refused_naming_what_to_lower(ray_cluster, tiny_model_dir):
-    from metareward.config import ModelConfig
+class DriverStopped(Exception):
+    """Stands in for the driver being killed at a kill point (the process would die there)."""
 
+
+def test_a_stage_stopped_mid_way_resumes_on_the_cluster_making_only_its_missing_chunks(
+    ray_cluster, tiny_model_dir, tmp_path, monkeypatch
+):
+    prompts = [
+        {"prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"Say something about {i}."}]}
+        for i in range(8)
+    ]
+    role = ActorConfig(num_responses=2, max_new_tokens=8)
+    model, settings = ModelConfig(kind="tiny"), GeneratorConfig(progress=False)
+    plain = make_generator(tiny_model_dir, model, settings)
+    expected = stages.actor(
+        StageContext(plain, Templates(), 0, 1, 2), prompts, role, ChunkedFile(tmp_path / "plain.jsonl")
+    )
+    pool = cluster.ReplicaPool(tiny_model_dir, model, settings, None, ClusterConfig(kind="ray", replicas=2))
+    on_pool = StageContext(pool, Templates(), 0, 1, 2)
+    out = ChunkedFile(tmp_path / "resumed.jsonl")
+    point, hits = faults.point, []
+
+    def stop_after_the_second_chunk(name: str) -> None:
+        point(name)
+        hits.append(name)
+        if name == "chunk:resumed.jsonl" and hits.count(name) == 2:
+            raise DriverStopped
+
+    monkeypatch.setattr(faults, "point", stop_after_the_second_chunk)
+    with pytest.raises(DriverStopped):
+        stages.actor(on_pool, prompts, role, out)
+    assert sorted(p.name for p in out.parts.glob("*.jsonl")) == ["000000.jsonl", "000001.jsonl"]
+
+    write_chunk, written = ChunkedFile.write_chunk, []
+
+    def record(self, index, rows):
+        written.append(index)
+        write_chunk(self, index, rows)
+
+    monkeypatch.setattr(ChunkedFile, "write_chunk", record)
+    try:
+        assert stages.actor(on_pool, prompts, role, out) == expected
+    finally:
+        pool.close()
+    assert written == [2, 3]
+
+
+def test_engines_that_do_not_fit_are_refused_naming_what_to_lower(ray_cluster, tiny_model_dir):
     settings = ClusterConfig(kind="ray", replicas=3, placement_timeout_s=2)
     with pytest.raises(cluster.ClusterError, match=r"3 engine\(s\) of \{'CPU': 1.0\}.*cluster.replicas"):
         cluster.ReplicaPool(tiny_model_dir, ModelConfig(kind="tiny"), GeneratorConfig(), None, settings)
