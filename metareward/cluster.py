@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -69,13 +70,31 @@ def connect(cfg: ClusterConfig) -> bool:
     env = {**{k: os.environ[k] for k in PASSED_ENV if k in os.environ}, **WORKER_ENV}
     options: dict = {"runtime_env": {"env_vars": env}, "logging_level": logging.WARNING}
     if cfg.address:
-        ray.init(address=cfg.address, **options)
+        _check_reachable(cfg.address)
+        try:
+            ray.init(address=cfg.address, **options)
+        except ConnectionError as error:
+            raise ClusterError(f"cluster.address={cfg.address!r}: {error}") from None
     else:
         # A local cluster: a small object store (what passes through it is requests and answers).
         cpus = cfg.local_cpus or os.cpu_count()
         ray.init(num_cpus=cpus, object_store_memory=256 * 2**20, **options)
     log.info("ray cluster: %s", _resources(ray.cluster_resources()))
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a HOST:PORT head address nothing listens on (Ray itself would retry for minutes)."""
+    host, _, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as error:
+        raise ClusterError(
+            f"cluster.address={address!r}: no Ray head answers there ({error.strerror or error}); start one "
+            "with `ray start --head` on that node, or use cluster.address=auto on a node of the cluster"
+        ) from None
 
 
 def shutdown() -> None:

@@ -153,12 +153,15 @@ class Run:
                 return self._run_locked()
             from metareward import cluster
 
-            started = cluster.connect(self.cfg.cluster)
             try:
-                return self._run_locked()
-            finally:
-                if started:
-                    cluster.shutdown()
+                started = cluster.connect(self.cfg.cluster)
+                try:
+                    return self._run_locked()
+                finally:
+                    if started:
+                        cluster.shutdown()
+            except cluster.ClusterError as error:  # one line: what the cluster cannot do, and what to change
+                raise RunStopped(str(error)) from None
 
     def _run_locked(self) -> list[dict]:
         cfg = self.cfg

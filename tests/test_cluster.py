@@ -341,3 +341,24 @@ def test_cluster_ray_without_ray_installed_is_refused_before_anything_runs(monke
     )
     with pytest.raises(ConfigError, match=r"cluster.kind='ray': needs Ray, which is not installed"):
         load_config(None, ["cluster=ray"])
+
+
+def test_a_cluster_that_is_not_there_is_one_line_naming_the_address(tmp_path):
+    import subprocess
+    import sys
+
+    command = [
+        str(Path(sys.executable).parent / "metareward"),
+        "model=tiny",
+        "tracking=none",
+        f"runs_dir={tmp_path}",
+        "cluster=ray",
+        "cluster.address=127.0.0.1:1",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("metareward: error: cluster.address='127.0.0.1:1': ")
+        and "Traceback" not in done.stderr
+    )
