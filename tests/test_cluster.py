@@ -16,14 +16,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from metareward import cluster, faults, records, stages, training
+from metareward import cluster, faults, records, stages
 from metareward.alignment import align_judge
 from metareward.config import (
     DEFAULT_ACCELERATE_CONFIG,
     ActorConfig,
     ClusterConfig,
     ConfigError,
-    DPOSettings,
     GeneratorConfig,
     ModelConfig,
     VLLMSettings,
@@ -111,7 +110,8 @@ def test_two_replicas_write_the_rows_of_one_engine_through_a_lost_engine_and_fre
         "cluster=ray",
         "cluster.replicas=2",
         "cluster.train_workers=2",
-        "train.dpo.batch_size=1",
+        # Two workers of 2 pairs a step: the 4 pairs a step of the run without Ray (its default batch).
+        "train.dpo.batch_size=2",
     )
     Run(cfg).run()
     directory = tmp_path / "ray" / "iter_1"
@@ -126,11 +126,25 @@ def test_two_replicas_write_the_rows_of_one_engine_through_a_lost_engine_and_fre
     ((available, total),) = before_training
     assert scheduling(available) == scheduling(total) and scheduling(total)["CPU"] == 2
     assert not any(key.startswith("bundle_group_") for key in available)
-    # M_1 was trained by two Ray Train workers, loads, and is not M_0.
+    # M_1 was trained by two Ray Train workers, loads, is not M_0, and equals the inline trainer's M_1 on
+    # the same pairs and seed up to float rounding in the all-reduce (1e-4, where training moves weights
+    # by over 1e-3): accelerate deals each process every other batch of the same shuffled order, so two
+    # workers of 2 average the gradient one process takes over 4. They would differ in the last step
+    # when the pairs are not a multiple of 4 (accelerate then evens out the last batch by repeating pairs).
     log = records.read_json(directory / records.MODEL / records.TRAINING_LOG)
     assert log["processes"] == 2 and log["global_steps"] >= 1
     AutoModelForCausalLM.from_pretrained(directory / records.MODEL)
-    assert largest_difference(tensors(directory / records.MODEL), tensors(tiny_model_dir)) > 0
+    trained = tensors(directory / records.MODEL)
+    assert (
+        len(
+            records.read_jsonl(directory / records.ACTOR_PAIRS)
+            + records.read_jsonl(directory / records.JUDGE_PAIRS)
+        )
+        % 4
+        == 0
+    )
+    assert largest_difference(trained, tensors(tiny_model_dir)) > 1e-3
+    assert largest_difference(trained, tensors(plain_iteration / records.MODEL)) < 1e-4
 
 
 def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -139,56 +153,6 @@ def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def largest_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def dpo_rows(count: int) -> list[dict]:
-    return [
-        {
-            "prompt": [{"role": "user", "content": f"question number {i}"}],
-            "chosen": [{"role": "assistant", "content": f"a good answer {i} " * (i % 3 + 1)}],
-            "rejected": [{"role": "assistant", "content": f"bad {i}"}],
-        }
-        for i in range(count)
-    ]
-
-
-def test_dpo_on_two_ray_train_workers_equals_the_inline_trainer_on_the_same_pairs(
-    ray_cluster, tiny_model_dir, tmp_path
-):
-    """Two DDP workers of batch 2 average the gradient of the four pairs one process takes at batch 4
-    (accelerate deals each process every other batch of the same shuffled order), so the two agree
-    up to float rounding in the all-reduce: within 1e-4 where training moves weights by over 1e-3."""
-    rows, seed = dpo_rows(16), 3
-    job = tmp_path / "job"
-    training.write_job(
-        tiny_model_dir,
-        rows,
-        DPOSettings(batch_size=2, learning_rate=1e-3),
-        tmp_path / "ray",
-        seed=seed,
-        job_dir=job,
-    )
-    cluster.train_job(
-        ClusterConfig(kind="ray", train_workers=2),
-        None,
-        {"kind": "dpo", "job_dir": str(job)},
-        tmp_path / "store",
-        "dpo",
-    )
-    training.train_dpo(
-        tiny_model_dir, rows, DPOSettings(batch_size=4, learning_rate=1e-3), tmp_path / "inline", seed=seed
-    )
-    on_ray, inline, m0 = tensors(tmp_path / "ray"), tensors(tmp_path / "inline"), tensors(tiny_model_dir)
-    assert largest_difference(on_ray, m0) > 1e-3
-    assert largest_difference(on_ray, inline) < 1e-4
-    ray_log = records.read_json(tmp_path / "ray" / records.TRAINING_LOG)
-    assert ray_log["processes"] == 2
-    assert (
-        ray_log["global_steps"]
-        == records.read_json(tmp_path / "inline" / records.TRAINING_LOG)["global_steps"]
-        == 4
-    )
-    AutoModelForCausalLM.from_pretrained(tmp_path / "ray")
 
 
 def test_judge_alignment_on_two_ray_train_workers_equals_the_inline_alignment(
