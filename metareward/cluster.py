@@ -260,7 +260,10 @@ class ReplicaPool:
             ray.kill(replica.actor, no_restart=True)
             log.warning("metareward: %s; starting another, which makes its chunk again", error)
             replica.actor = self._start(replica.index)
-        ray.get(replica.actor.ready.remote())
+        try:
+            ray.get(replica.actor.ready.remote())
+        except RayActorError as again:  # the replacement died too: one more loss, within the same bound
+            self.replace_lost(replica, ReplicaLost(f"engine {replica.index}'s replacement was lost: {again}"))
 
     def _on_one(self, method: str, *args):
         replica = self.replicas[0]
@@ -378,15 +381,9 @@ def accelerate_env(config_path: str | None, use_gpu: bool) -> dict[str, str]:
         "gradient_clipping": "ACCELERATE_GRADIENT_CLIPPING",
     }
     env = {"ACCELERATE_USE_DEEPSPEED": "true"}
-    env.update(
-        {
-            names[k]: str(v).lower()
-            for k, v in deepspeed.items()
-            if k in names and k != "deepspeed_config_file"
-        }
-    )
-    if "deepspeed_config_file" in deepspeed:
-        env[names["deepspeed_config_file"]] = str(deepspeed["deepspeed_config_file"])
+    for key, value in deepspeed.items():
+        if key in names:  # accelerate writes the flags lower-case, and a file path as it is
+            env[names[key]] = str(value) if key == "deepspeed_config_file" else str(value).lower()
     if "mixed_precision" in settings:
         env["ACCELERATE_MIXED_PRECISION"] = str(settings["mixed_precision"]).lower()
     return env
