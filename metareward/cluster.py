@@ -31,6 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import ray
 import yaml
@@ -135,13 +136,14 @@ class _Engine:
         return True
 
     def generate(self, requests: list[Messages], params: SamplingParams, desc: str):
-        before = self.generator.usage.copy()
-        return self.generator.generate(requests, params, desc=desc), self.generator.usage.minus(before)
+        return self._measured(self.generator.generate, requests, params, desc)
 
     def next_token_probs(self, texts: list[str], candidates: list[str]):
+        return self._measured(self.generator.next_token_probs, texts, candidates)
+
+    def _measured(self, method: Callable, *args):
         before = self.generator.usage.copy()
-        probs = self.generator.next_token_probs(texts, candidates)
-        return probs, self.generator.usage.minus(before)
+        return method(*args), self.generator.usage.minus(before)
 
 
 class Replica:
@@ -265,13 +267,16 @@ class ReplicaPool:
         except RayActorError as again:  # the replacement died too: one more loss, within the same bound
             self.replace_lost(replica, ReplicaLost(f"engine {replica.index}'s replacement was lost: {again}"))
 
-    def _on_one(self, method: str, *args):
-        replica = self.replicas[0]
+    def _until_done(self, replica: Replica, work: Callable[[Replica], Any]):
+        """``work(replica)``, made again on a replacement each time the replica's engine is lost."""
         while True:
             try:
-                return self.call(replica, method, *args)
+                return work(replica)
             except ReplicaLost as lost:
                 self.replace_lost(replica, lost)
+
+    def _on_one(self, method: str, *args):
+        return self._until_done(self.replicas[0], lambda replica: self.call(replica, method, *args))
 
     # -- the Generator protocol, on the first engine ---------------------------------------------------
 
@@ -302,11 +307,7 @@ class ReplicaPool:
         def task(index: int) -> list[dict]:
             replica = free.get()
             try:
-                while True:
-                    try:
-                        return compute(replica, index)
-                    except ReplicaLost as lost:
-                        self.replace_lost(replica, lost)
+                return self._until_done(replica, lambda engine: compute(engine, index))
             finally:
                 free.put(replica)
 
