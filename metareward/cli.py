@@ -25,9 +25,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from metareward import records, report, runlock
+from metareward import report
 from metareward.config import Config, ConfigError, load_config, override_error, register_configs, to_config
-from metareward.records import RecordError
+from metareward.store import records, runlock
+from metareward.store.records import RecordError
 
 log = logging.getLogger("metareward")
 register_configs()
@@ -120,7 +121,7 @@ def check_jobs(argv: list[str]) -> list[Config]:
 def print_plan(config: Config) -> None:
     """The dry run: generation calls and a bound on generated tokens, per iteration and stage."""
     from metareward.data import load_prompts
-    from metareward.plan import format_plan, plan
+    from metareward.loop.plan import format_plan, plan
 
     try:
         # data=synthetic loads its seed set; the iterations draw from the pool it writes.
@@ -143,7 +144,7 @@ def print_plan(config: Config) -> None:
 
 def _print_alignment_plan(config: Config) -> None:
     """The EFT step's share of the dry run: what it would train on."""
-    from metareward.align_data import load_align_split
+    from metareward.align.data import load_align_split
 
     align = config.align
     try:
@@ -161,10 +162,10 @@ def _print_alignment_plan(config: Config) -> None:
 
 @hydra.main(config_path="pkg://metareward.conf", config_name="config", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
-    from metareward.allocator import keep_freed_memory
+    from metareward.compute.allocator import keep_freed_memory
     from metareward.generation.openai import OpenAIError
-    from metareward.loop import Run, RunStopped
-    from metareward.tracking import TrackingError
+    from metareward.loop.run import Run, RunStopped
+    from metareward.report.tracking import TrackingError
 
     try:
         config = to_config(cfg)
@@ -195,14 +196,14 @@ def _run(cfg: DictConfig) -> None:
 def main() -> None:
     """``metareward [overrides]``: every job's config is checked (and a dry run answered) before Hydra
     creates a run directory."""
-    from metareward.loop import RunStopped, check_writable
+    from metareward.loop.run import RunStopped, check_writable
 
     configs = check_jobs(sys.argv[1:])
     if configs and all(config.dry_run for config in configs):
         for config in configs:
             print_plan(config)
         return
-    from metareward.evaluation import load_suites
+    from metareward.judging.evaluation import load_suites
 
     try:
         for config in configs:
@@ -227,8 +228,8 @@ def main() -> None:
 
 def pairs_main(argv: list[str] | None = None) -> None:
     """Rebuild actor_pairs.jsonl and judge_pairs.jsonl from an iteration's stage files."""
-    from metareward.pairs import build_pairs, write_pairs
-    from metareward.prompts import Templates
+    from metareward.judging.prompts import Templates
+    from metareward.loop.pairs import build_pairs, write_pairs
 
     prog = "metareward-pairs"
     parser = argparse.ArgumentParser(prog=prog, description=pairs_main.__doc__)
@@ -319,12 +320,12 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
     pair too, and each suite and protocol gets its cascade curve: accuracy and cost as the share of
     pairs escalated to it grows (``"escalation"`` in the JSON, a table printed). Its answers are cached
     in ``<stem>_cache/`` beside PATH: run again with another signal or budget and nothing is paid twice."""
-    from metareward.allocator import keep_freed_memory
-    from metareward.escalation import Cascade, StrongJudge, prices_of
-    from metareward.evaluation import ContextFit, evaluate_suites, load_suites
+    from metareward.compute.allocator import keep_freed_memory
+    from metareward.compute.models import resolve_model
     from metareward.generation import make_generator
-    from metareward.models import resolve_model
-    from metareward.prompts import Templates
+    from metareward.judging.escalation import Cascade, StrongJudge, prices_of
+    from metareward.judging.evaluation import ContextFit, evaluate_suites, load_suites
+    from metareward.judging.prompts import Templates
 
     prog = "metareward-eval-judge"
     parser = argparse.ArgumentParser(prog=prog, description=eval_judge_main.__doc__)
@@ -391,9 +392,9 @@ def align_judge_main(argv: list[str] | None = None) -> None:
 
     Prints the held-out metrics before and after training and writes them as JSON to PATH (default
     runs/<run_name>/align/metrics.json). Run again after a kill, it resumes from its last checkpoint."""
-    from metareward.align_data import ALIGN_METRICS, align_paths, load_align_split
-    from metareward.alignment import align_judge, result_lines
-    from metareward.models import resolve_model
+    from metareward.align.data import ALIGN_METRICS, align_paths, load_align_split
+    from metareward.align.trainer import align_judge, result_lines
+    from metareward.compute.models import resolve_model
 
     prog = "metareward-align-judge"
     parser = argparse.ArgumentParser(prog=prog, description=align_judge_main.__doc__)
@@ -412,7 +413,7 @@ def align_judge_main(argv: list[str] | None = None) -> None:
     try:
         seed_dir = resolve_model(config.model)
         if config.cluster.kind == "ray":  # a Ray Train job on cluster.train_workers
-            from metareward.cluster import align_on_cluster
+            from metareward.engines.cluster import align_on_cluster
 
             result = align_on_cluster(config, seed_dir, train, heldout, out_dir=model_dir, work_dir=work_dir)
         else:

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from metareward.config import DataConfig
-from metareward.records import RecordError, read_jsonl_numbered
+from metareward.store.records import RecordError, read_jsonl_numbered
 
 BUNDLED_PROMPTS = "prompts_self_instruct_seed_tasks.jsonl"
 

@@ -44,11 +44,11 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from metareward import faults, records
+from metareward.compute.hardware import bf16_is_native
 from metareward.config import DEFAULT_ACCELERATE_CONFIG, DPOSettings, FineTuning
-from metareward.hardware import bf16_is_native
-from metareward.metrics import flatten
-from metareward.records import TRAINING_LOG
+from metareward.report.tracking import flatten
+from metareward.store import faults, records
+from metareward.store.records import TRAINING_LOG
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 
@@ -365,7 +365,7 @@ def write_job(
 ) -> None:
     """The pairs and settings of a DPO job, for processes started elsewhere (``accelerate launch``, Ray
     Train workers) to run with :func:`run_job`; paths are made absolute, as those may start elsewhere."""
-    from metareward.records import write_json, write_jsonl
+    from metareward.store.records import write_json, write_jsonl
 
     if not rows:
         raise ValueError("a DPO job needs at least one preference pair; rows is empty")
@@ -383,8 +383,8 @@ def write_job(
 
 def run_job(job_dir: str) -> None:
     """Entry point of each training process: the job written by :func:`write_job`."""
-    from metareward.allocator import keep_freed_memory
-    from metareward.records import read_jsonl
+    from metareward.compute.allocator import keep_freed_memory
+    from metareward.store.records import read_jsonl
 
     keep_freed_memory()
     job = json.loads((Path(job_dir) / JOB).read_text())

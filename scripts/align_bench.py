@@ -23,11 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from metareward.align_data import load_align_items, split_by_prompt
-from metareward.alignment import align_judge
+from metareward.align.data import load_align_items, split_by_prompt
+from metareward.align.trainer import align_judge
+from metareward.compute.models import resolve_model
 from metareward.config import AlignConfig, ModelConfig
-from metareward.models import resolve_model
-from metareward.prompts import Templates
+from metareward.judging.prompts import Templates
 
 RUNS = (
     ("point", {"objective": "point"}),

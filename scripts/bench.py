@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from metareward import allocator
+from metareward.compute import allocator
 
 GIB = 1024**3
 
@@ -227,7 +227,7 @@ def add_decode_mfu(report: dict, rates: dict) -> None:
 def dpo_pairs(count: int) -> list[dict]:
     """Human preference pairs (hh-rlhf, bundled) as TRL conversational rows."""
     from metareward.data import bundled_path
-    from metareward.records import read_jsonl
+    from metareward.store.records import read_jsonl
 
     rows = read_jsonl(bundled_path("hh_rlhf_helpful_dev.jsonl"))[:count]
     return [
@@ -297,9 +297,9 @@ def add_dpo_mfu(report: dict, rates: dict) -> None:
 
 def instrument(stats: dict) -> None:
     """Wrap the loop's stage functions so that each adds its seconds and generator usage to ``stats``."""
-    import metareward.loop as loop
-    import metareward.pairs as pairs
-    import metareward.stages as stages
+    import metareward.loop.pairs as pairs
+    import metareward.loop.run as loop
+    import metareward.loop.stages as stages
     import metareward.training as training
 
     def wrap(module, name: str, label: str, has_ctx: bool) -> None:
@@ -333,9 +333,9 @@ def instrument(stats: dict) -> None:
 
 
 def demo_child(out: Path, overrides: list[str]) -> None:
-    from metareward import records
     from metareward.cli import load_config
-    from metareward.loop import Run
+    from metareward.loop.run import Run
+    from metareward.store import records
 
     stats: dict = {}
     instrument(stats)
@@ -403,8 +403,8 @@ def run(args) -> dict:
         return {"machine": {"cpus": os.cpu_count(), "load_average_start": load_average()}, **endpoint(args)}
 
     from metareward.cli import load_config
+    from metareward.compute.models import resolve_model
     from metareward.generation import SamplingParams
-    from metareward.models import resolve_model
 
     quick = args.quick
     # The demo's own settings (model dtype, DPO batch) are the ones measured, unless overridden here.

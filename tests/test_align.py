@@ -18,12 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from metareward import align_loss, faults
-from metareward.align_data import load_align_items, split_by_prompt
-from metareward.alignment import align_judge, collate, encode_item, label_log_probs
+from metareward.align import loss as align_loss
+from metareward.align.data import load_align_items, split_by_prompt
+from metareward.align.trainer import align_judge, collate, encode_item, label_log_probs
 from metareward.cli import align_judge_main
 from metareward.config import AlignConfig, load_config
-from metareward.prompts import PAIRWISE_CUE, SCORE_CUE, Templates
+from metareward.judging.prompts import PAIRWISE_CUE, SCORE_CUE, Templates
+from metareward.store import faults
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,7 +233,7 @@ def test_align_judge_trains_saves_a_loadable_model_and_reports_both_sides(tmp_pa
     aligned = load_file(out / "model.safetensors")
     assert any(not torch.equal(seed[k], aligned[k]) for k in seed)
     # Loadable as any model: the hf model kind resolves it, with its tokenizer and chat template.
-    from metareward.models import resolve_model
+    from metareward.compute.models import resolve_model
 
     config = load_config(None, ["model=hf", f"model.path={out}"])
     assert resolve_model(config.model) == str(out)
@@ -258,7 +259,7 @@ def test_point_objective_leaves_out_items_without_a_majority(tmp_path, tiny_mode
 
 
 def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, tiny_model_dir):
-    from metareward.records import RecordError
+    from metareward.store.records import RecordError
 
     train, heldout = small_split(tmp_path)
     work = tmp_path / "w"
@@ -276,10 +277,10 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, tiny_model_dir)
 ALIGN_SCRIPT = """
 import sys
 from pathlib import Path
-from metareward.align_data import load_align_items, split_by_prompt
-from metareward.alignment import align_judge
+from metareward.align.data import load_align_items, split_by_prompt
+from metareward.align.trainer import align_judge
 from metareward.config import AlignConfig
-from metareward.prompts import Templates
+from metareward.judging.prompts import Templates
 model, data, work = sys.argv[1:4]
 train, heldout = split_by_prompt(load_align_items(data, Templates()), 0.25, seed=0)
 settings = AlignConfig(batch_size=2, save_steps=2, learning_rate=1e-3, progress=False, max_length=1024)
@@ -401,8 +402,9 @@ def test_the_command_writes_the_model_and_the_json(tmp_path, capsys, tiny_model_
 def test_the_eft_step_aligns_the_seed_once_and_iteration_1_trains_from_it(
     tmp_path, tiny_model_dir, monkeypatch
 ):
-    from metareward import alignment, records
-    from metareward.loop import Run
+    from metareward.align import trainer as alignment
+    from metareward.loop.run import Run
+    from metareward.store import records
     from tests.test_loop import TINY_RUN
 
     data = write_rows(tmp_path / "align.jsonl", [pandalm_row(i, (1, 1, 2)) for i in range(8)])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from metareward.allocator import GPU_DRIVER_FILES
+from metareward.compute.allocator import GPU_DRIVER_FILES
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 # argv[2], if given, replaces the GPU driver files looked for.
 PROBE = """
 import sys
-from metareward import allocator
+from metareward.compute import allocator
 mode = sys.argv[1]
 if len(sys.argv) > 2:
     allocator.GPU_DRIVER_FILES = (sys.argv[2],)

@@ -25,11 +25,11 @@ from transformers import (
     Qwen2Config,
 )
 
+from metareward.compute.models import build_tiny_tokenizer
 from metareward.config import GeneratorConfig, ModelConfig
 from metareward.generation import SamplingParams, hf
 from metareward.generation.tokens import encode, next_token_query
-from metareward.models import build_tiny_tokenizer
-from metareward.prompts import SCORE_CUE, SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
+from metareward.judging.prompts import SCORE_CUE, SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
 
 WINDOW = 16
 REQUESTS = [

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from metareward import records
+from metareward.compute.models import resolve_model
 from metareward.config import DataConfig, ModelConfig
 from metareward.data import fit_prompts, load_prompts
-from metareward.models import resolve_model
-from metareward.records import RecordError
+from metareward.store import records
+from metareward.store.records import RecordError
 
 CLI = Path(sys.executable).parent / "metareward"
 

@@ -16,8 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from metareward import cluster, faults, records, stages
-from metareward.alignment import align_judge
+from metareward.align.trainer import align_judge
 from metareward.config import (
     DEFAULT_ACCELERATE_CONFIG,
     ActorConfig,
@@ -28,11 +27,13 @@ from metareward.config import (
     VLLMSettings,
     load_config,
 )
+from metareward.engines import cluster
 from metareward.generation import make_generator
-from metareward.loop import Run
-from metareward.prompts import Templates
-from metareward.records import ChunkedFile
-from metareward.stages import StageContext
+from metareward.judging.prompts import Templates
+from metareward.loop.run import Run, stages
+from metareward.loop.stages import StageContext
+from metareward.store import faults, records
+from metareward.store.records import ChunkedFile
 from tests.test_align import small_settings, small_split
 from tests.test_loop import tiny_config
 
@@ -287,7 +288,7 @@ def test_bad_cluster_settings_are_refused_by_their_full_key(override, message):
 
 
 def test_where_engines_run_may_change_on_resume_but_not_the_training_processes(tmp_path):
-    from metareward.loop import RunStopped, check_run_config
+    from metareward.loop.run import RunStopped, check_run_config
 
     check_run_config(tmp_path, load_config(None, []))
     check_run_config(tmp_path, load_config(None, ["cluster=ray", "cluster.replicas=4"]))

@@ -10,7 +10,7 @@ import pytest
 
 from metareward.config import DataConfig
 from metareward.data import BUNDLED_PROMPTS, bundled_path, load_prompts, prompts_for_iteration, to_prompt_rows
-from metareward.records import RecordError
+from metareward.store.records import RecordError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

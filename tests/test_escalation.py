@@ -17,16 +17,18 @@ import zlib
 
 import pytest
 
-from metareward import escalation, records, report, stages
+from metareward import report
 from metareward.config import ConfigError, EscalationConfig, JudgeConfig, load_config
-from metareward.escalation import Cascade, StageEscalation, StrongJudge
-from metareward.evaluation import evaluate_suites
 from metareward.generation import Completion, Usage, make_generator
-from metareward.judge_metrics import JudgedPair, Verdict
-from metareward.loop import Run
-from metareward.prompts import Templates
-from metareward.records import ChunkedFile, read_jsonl
-from metareward.suites import SuitePair
+from metareward.judging import escalation
+from metareward.judging.escalation import Cascade, StageEscalation, StrongJudge
+from metareward.judging.evaluation import evaluate_suites
+from metareward.judging.judge_metrics import JudgedPair, Verdict
+from metareward.judging.prompts import Templates
+from metareward.judging.suites import SuitePair
+from metareward.loop.run import Run, stages
+from metareward.store import records
+from metareward.store.records import ChunkedFile, read_jsonl
 from tests.openai_standin import StandInServer
 
 GOOD = "GOOD"
@@ -331,7 +333,7 @@ class KilledStandIn(Exception):
 def test_a_run_escalates_its_share_says_so_in_rows_and_metrics_and_pays_once(
     monkeypatch, tmp_path, tiny_model_dir
 ):
-    from metareward import faults
+    from metareward.store import faults
 
     real_point = faults.point
     strong_chunks = []
@@ -461,7 +463,7 @@ def test_fraction_0_leaves_every_judgement_as_it_was_and_calls_no_strong_judge(t
 
 
 def test_the_report_plots_the_latest_cascade_and_wandb_gets_its_table(tmp_path):
-    from metareward import tracking
+    from metareward.report import tracking
 
     server = StandInServer(answer_chat=oracle([]))
     try:

@@ -1,4 +1,4 @@
-"""Tests for metareward.evaluation: judge-vs-human agreement, win rate and the eval CLI."""
+"""Tests for metareward.judging.evaluation: judge-vs-human agreement, win rate and the eval CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from dataclasses import replace
 import pytest
 
 from metareward.config import EvalConfig, GeneratorConfig, ModelConfig
-from metareward.evaluation import (
+from metareward.generation import Completion, make_generator
+from metareward.judging.evaluation import (
     evaluate_suites,
     generate_responses,
     judge_pointwise,
@@ -19,12 +20,11 @@ from metareward.evaluation import (
     load_suites,
     win_rate,
 )
-from metareward.generation import Completion, make_generator
-from metareward.judge_metrics import agreement_stats, suite_metrics
-from metareward.parsing import parse_pairwise_winner
-from metareward.prompts import PAIRWISE_CUE, Templates
-from metareward.records import RecordError
-from metareward.suites import SuitePair
+from metareward.judging.judge_metrics import agreement_stats, suite_metrics
+from metareward.judging.parsing import parse_pairwise_winner
+from metareward.judging.prompts import PAIRWISE_CUE, Templates
+from metareward.judging.suites import SuitePair
+from metareward.store.records import RecordError
 
 
 class _StandInGenerator:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from metareward.exports import ALPACA_EVAL_OUTPUTS, FASTCHAT_ANSWERS, write_heldout_exports
+from metareward.judging.exports import ALPACA_EVAL_OUTPUTS, FASTCHAT_ANSWERS, write_heldout_exports
 
 PROMPTS = [
     {"prompt_id": "81", "messages": [{"role": "user", "content": "Compose a travel blog post."}]},

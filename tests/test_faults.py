@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from metareward import faults, records
+from metareward.store import faults, records
 from metareward.training import TRAINING_LOG
 
 # Whole runs of the loop (make test-fast leaves them out).
@@ -181,7 +181,7 @@ def test_kill_point_spec(spec, expected):
 
 def point_script(kill_at: str | None) -> subprocess.CompletedProcess:
     code = (
-        "from metareward import faults\n"
+        "from metareward.store import faults\n"
         "for name in ['a', 'b', 'a', 'b', 'b']:\n"
         "    faults.point(name)\n"
         "    print('passed', name, flush=True)\n"
@@ -222,7 +222,7 @@ def as_from_a_terminal(umask: int | None = None):
 
 @pytest.mark.parametrize(("fault", "ends"), FAULTS)
 def test_a_point_can_fill_the_disk_or_send_a_signal_instead(fault, ends):
-    code = "from metareward import faults\nfaults.point('a')\nprint('passed', flush=True)\n"
+    code = "from metareward.store import faults\nfaults.point('a')\nprint('passed', flush=True)\n"
     env = {key: value for key, value in os.environ.items() if key != faults.ENV}
     env.update({faults.ENV: "a", faults.WITH_ENV: fault})
     result = subprocess.run(

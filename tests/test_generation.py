@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from metareward.config import GeneratorConfig, ModelConfig
 from metareward.generation import Completion, SamplingParams, hf, make_generator
 from metareward.generation.hf import sample
-from metareward.prompts import SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
+from metareward.judging.prompts import SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
 
 REQUESTS = [
     [{"role": "user", "content": "Hi"}],

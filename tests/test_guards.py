@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from metareward import guards, loop, records, report
+from metareward import report
 from metareward.config import ConfigError, GuardsConfig, load_config
 from metareward.generation import Completion, Usage
-from metareward.loop import Run, RunStopped
+from metareward.loop import run as loop
+from metareward.loop.run import Run, RunStopped, guards
+from metareward.store import records
 
 RESPONSES = [{"response_id": "p/r0", "num_tokens": 10}, {"response_id": "p/r1", "num_tokens": 30}]
 JUDGEMENTS = [

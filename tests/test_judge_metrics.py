@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from metareward.judge_metrics import (
+from metareward.judging.judge_metrics import (
     JudgedPair,
     Verdict,
     expected_calibration_error,

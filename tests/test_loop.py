@@ -13,9 +13,9 @@ import datasets
 import pytest
 from safetensors.torch import load_file
 
-from metareward import records
 from metareward.config import load_config
-from metareward.loop import Run, RunStopped
+from metareward.loop.run import Run, RunStopped
+from metareward.store import records
 from tests.wandb_files import offline_files, read_run, rows_at
 
 # Whole runs of the loop (make test-fast leaves them out).

@@ -7,8 +7,7 @@ import math
 
 import pytest
 
-from metareward.metrics import (
-    flatten,
+from metareward.loop.metrics import (
     higher_score_win_share,
     iteration_metrics,
     judge_metrics,
@@ -17,6 +16,7 @@ from metareward.metrics import (
     score_histogram,
     train_metrics,
 )
+from metareward.report.tracking import flatten
 
 UNIFORM = [1 / 6] * 6
 

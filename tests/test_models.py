@@ -1,4 +1,4 @@
-"""Behaviour tests for metareward.models: the embedded SmolLM2 conversion, model=hf paths, the tiny
+"""Behaviour tests for metareward.compute.models: the embedded SmolLM2 conversion, model=hf paths, the tiny
 model, and the crash-safe cache."""
 
 from __future__ import annotations
@@ -15,11 +15,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import metareward.models
+import metareward.compute.models
+from metareward.compute.models import (
+    SMOLLM2_DIR,
+    TINY_DIR,
+    TINY_SPECIAL,
+    TINY_VOCAB,
+    build_tiny_model,
+    resolve_model,
+)
 from metareward.config import ConfigError, ModelConfig
 from metareward.generation.tokens import next_token_query
-from metareward.models import SMOLLM2_DIR, TINY_DIR, TINY_SPECIAL, TINY_VOCAB, build_tiny_model, resolve_model
-from metareward.prompts import SCORE_CUE, SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
+from metareward.judging.prompts import SCORE_CUE, SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
 from tests.conftest import REPO, requires_smollm2
 
 # ---------------------------------------------------------------- the embedded model
@@ -65,7 +72,7 @@ def test_embedded_model_converts_once_and_answers(tmp_path: Path, monkeypatch):
     def must_not_convert(out_dir):
         raise AssertionError("converted a second time")
 
-    monkeypatch.setattr(metareward.models, "_convert_smollm2", must_not_convert)
+    monkeypatch.setattr(metareward.compute.models, "_convert_smollm2", must_not_convert)
     assert Path(resolve_model(ModelConfig())) == model_dir
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == mtime
 
@@ -204,7 +211,7 @@ BLOCKED_SMOLLM2 = textwrap.dedent(
 
     from metareward.config import GeneratorConfig, ModelConfig
     from metareward.generation import SamplingParams, make_generator
-    from metareward.models import resolve_model, smollm2_gguf_path
+    from metareward.compute.models import resolve_model, smollm2_gguf_path
 
     try:
         smollm2_gguf_path()
@@ -256,13 +263,13 @@ def test_cache_builds_once_and_replaces_a_leftover(tmp_path: Path, monkeypatch):
         builds.append(out_dir)
         (out_dir / "config.json").write_text("{}")
 
-    monkeypatch.setattr(metareward.models, "build_tiny_model", fake_build)
+    monkeypatch.setattr(metareward.compute.models, "build_tiny_model", fake_build)
     first = resolve_model(ModelConfig(kind="tiny"))
     second = resolve_model(ModelConfig(kind="tiny"))
     assert first == second == str(leftover)
     assert len(builds) == 1
     assert builds[0] != leftover  # built elsewhere, then renamed into place
-    assert sorted(p.name for p in leftover.iterdir()) == [metareward.models.COMPLETE, "config.json"]
+    assert sorted(p.name for p in leftover.iterdir()) == [metareward.compute.models.COMPLETE, "config.json"]
     # Beside the entry only the lock its builders take turns on.
     assert sorted(p.name for p in cache.iterdir()) == [f".{TINY_DIR}.lock", TINY_DIR]
 
@@ -275,7 +282,7 @@ def test_failed_build_leaves_nothing_that_looks_finished(tmp_path: Path, monkeyp
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(metareward.models, "build_tiny_model", failing_build)
+    monkeypatch.setattr(metareward.compute.models, "build_tiny_model", failing_build)
     with pytest.raises(KeyboardInterrupt):
         resolve_model(ModelConfig(kind="tiny"))
     assert not (cache / TINY_DIR).exists()

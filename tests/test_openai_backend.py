@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from metareward import records
 from metareward.config import ConfigError, GeneratorConfig, ModelConfig, OpenAISettings, load_config
 from metareward.generation import SamplingParams, Usage, make_generator
 from metareward.generation.openai import OpenAIError, OpenAIGenerator, sample_seed
-from metareward.prompts import SCORE_TOKENS, WINNER_TOKENS
+from metareward.judging.prompts import SCORE_TOKENS, WINNER_TOKENS
+from metareward.store import records
 from tests.openai_standin import StandInServer, chat_answer, stand_in_process
 from tests.test_loop import TINY_RUN
 
@@ -439,7 +439,7 @@ def role_answer(body: dict) -> dict:
 def test_one_loop_iteration_through_the_server_and_a_resume_from_the_cache(
     serve, tmp_path, tiny_model_dir, monkeypatch
 ):
-    from metareward.loop import Run
+    from metareward.loop.run import Run
 
     monkeypatch.setenv(KEY_ENV, API_KEY)
     server = serve(answer_chat=role_answer)

@@ -8,7 +8,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metareward.pairs import actor_pairs, judge_pairs, usable_judgements
+from metareward.loop.pairs import actor_pairs, judge_pairs, usable_judgements
 
 # A tier boundary closer than this is left alone: pairs.py lets float rounding fall either way there.
 EDGE = 1e-6

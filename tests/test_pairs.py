@@ -1,4 +1,4 @@
-"""Behaviour tests for metareward.pairs: hand-computed examples plus hypothesis properties."""
+"""Behaviour tests for metareward.loop.pairs: hand-computed examples plus hypothesis properties."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from metareward.pairs import (
+from metareward.loop.pairs import (
     actor_pairs,
     battle_matrix,
     fit_elo,
@@ -451,7 +451,7 @@ def test_consistent_verdicts_only_counts_a_comparison_only_when_both_orders_agre
 
 
 def test_consistent_battle_matrix_adds_one_per_agreeing_comparison():
-    from metareward.pairs import consistent_battle_matrix
+    from metareward.loop.pairs import consistent_battle_matrix
 
     ids = ["r/j0", "r/j1", "r/j2"]
     metas = both_orders("r/j0", "r/j1", "r/j1") + both_orders("r/j2", "r/j0", "r/j0")
@@ -504,7 +504,7 @@ def score_cap_world():
 
 
 def test_judge_chosen_score_cap_keeps_the_most_pairs_with_no_score_above_its_share():
-    from metareward.pairs import cap_chosen_scores
+    from metareward.loop.pairs import cap_chosen_scores
 
     pairs, _ = judge_pairs(*score_cap_world(), judge_prompt)
     assert [r["chosen_score"] for r in pairs] == [5.0, 5.0, 5.0, 4.0, 3.0]
@@ -521,7 +521,7 @@ def test_judge_chosen_score_cap_keeps_the_most_pairs_with_no_score_above_its_sha
 
 
 def write_iteration(iter_dir, prompts, responses, judgements, metas):
-    from metareward import records
+    from metareward.store import records
 
     iter_dir.mkdir(parents=True)
     for name, rows in [
@@ -572,7 +572,7 @@ def test_pairs_cli_applies_each_option_to_a_saved_iteration(override, tmp_path):
     import sys
     from pathlib import Path
 
-    from metareward import records
+    from metareward.store import records
 
     world, role, without, with_option = PAIR_OPTION_CASES[override]
     iter_dir = tmp_path / "run" / "iter_1"
@@ -605,7 +605,7 @@ def test_pairs_rewritten_between_the_pair_and_dpo_steps_are_the_pairs_trained_on
     import sys
     from pathlib import Path
 
-    from metareward import faults, records
+    from metareward.store import faults, records
 
     bin_dir = Path(sys.executable).parent
     args = [str(bin_dir / "metareward"), *TRAINED_RUN, f"runs_dir={tmp_path}"]

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metareward.parsing import parse_pairwise_winner, parse_score, parse_winner
+from metareward.judging.parsing import parse_pairwise_winner
+from metareward.parsing import parse_score, parse_winner
 
 # ---------------------------------------------------------------- parse_score
 

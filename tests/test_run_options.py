@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from metareward import loop, models, records
+from metareward.compute import models
 from metareward.config import load_config
 from metareward.generation import Completion, Usage
-from metareward.loop import Run, RunStopped
+from metareward.loop import run as loop
+from metareward.loop.run import Run, RunStopped
+from metareward.store import records
 
 CLI = Path(sys.executable).parent / "metareward"
 # Text-only scores and verdicts, so what the stand-ins write is all there is.
@@ -336,7 +338,7 @@ def test_prompts_too_long_are_skipped_or_truncated_and_counted(
 
 
 def test_the_plan_counts_every_suite_under_every_protocol():
-    from metareward.plan import plan
+    from metareward.loop.plan import plan
 
     cfg = load_config(
         None,

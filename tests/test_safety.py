@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from metareward.compute.models import resolve_model
 from metareward.config import DPOSettings, GeneratorConfig, ModelConfig
 from metareward.generation import make_generator
-from metareward.models import resolve_model
 from tests.wandb_files import offline_files
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from metareward import faults, models, records, runlock
+from metareward.compute import models
 from metareward.config import ConfigError, ModelConfig, load_config
-from metareward.judge_metrics import JudgedPair, Verdict, suite_metrics
-from metareward.prompts import Templates
+from metareward.judging.judge_metrics import JudgedPair, Verdict, suite_metrics
+from metareward.judging.prompts import Templates
+from metareward.store import faults, records, runlock
 from tests.test_faults import CHAIN_RUN, ROW_FILES, as_from_a_terminal
 
 BIN = Path(sys.executable).parent
@@ -108,7 +109,7 @@ def test_the_lock_is_held_by_one_holder_and_freed_when_its_process_dies(tmp_path
             pass
     runlock.check_free(tmp_path)  # released
     code = (
-        f"from metareward import runlock; from pathlib import Path; import time\n"
+        f"from metareward.store import runlock; from pathlib import Path; import time\n"
         f"with runlock.hold(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(60)\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -255,7 +256,7 @@ def test_a_cache_entry_whose_files_do_not_match_its_marker_is_built_again(tmp_pa
 
 
 def test_a_damaged_cache_entry_whose_source_is_gone_is_refused_before_any_run_file(tmp_path, monkeypatch):
-    from metareward.loop import Run
+    from metareward.loop.run import Run
 
     monkeypatch.setenv("METAREWARD_CACHE", str(tmp_path / "cache"))
     entry = tmp_path / "cache" / models.SMOLLM2_DIR

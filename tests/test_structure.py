@@ -29,7 +29,7 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
             if node.level:
                 anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{anchor}.{base}" if base else anchor
-            # `from metareward import records` imports the module metareward.records.
+            # `from metareward.store import records` imports the module metareward.store.records.
             targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
         else:
             continue
@@ -69,7 +69,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert "metareward.cli" in graph and "metareward.loop" in graph["metareward.cli"]  # the walk sees imports
+    assert "metareward.loop.run" in graph["metareward.cli"]  # the walk sees imports
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
@@ -110,7 +110,7 @@ def _third_party_imports(path: Path) -> set[str]:
 
 def test_heavy_optional_engines_are_imported_by_their_own_module_only():
     owners = {
-        "ray": {"metareward.cluster"},
+        "ray": {"metareward.engines.cluster"},
         "vllm": {"metareward.generation.vllm"},
         "trl": {"metareward.training"},
     }

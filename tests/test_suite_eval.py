@@ -11,10 +11,10 @@ import pytest
 
 from metareward.cli import eval_judge_main
 from metareward.config import EvalConfig
-from metareward.evaluation import evaluate_suites, judge_pairwise, judge_pointwise, load_suites
 from metareward.generation import Completion
-from metareward.prompts import Templates
-from metareward.suites import SuitePair
+from metareward.judging.evaluation import evaluate_suites, judge_pairwise, judge_pointwise, load_suites
+from metareward.judging.prompts import Templates
+from metareward.judging.suites import SuitePair
 from tests.test_openai_backend import StandInServer, chat_answer
 
 GOOD = "GOOD"
@@ -81,7 +81,7 @@ CFG = EvalConfig(bootstrap_samples=100, num_judgements=2)
 
 
 def metrics_of(judged) -> dict:
-    from metareward.judge_metrics import suite_metrics
+    from metareward.judging.judge_metrics import suite_metrics
 
     return suite_metrics(judged, 100, 0)
 

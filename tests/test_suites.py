@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from metareward.data import bundled_path
-from metareward.records import RecordError
-from metareward.suites import BUNDLED_SUITES, SuitePair, load_suite
+from metareward.judging.suites import BUNDLED_SUITES, SuitePair, load_suite
+from metareward.store.records import RecordError
 
 
 def write(path: Path, rows: list) -> Path:

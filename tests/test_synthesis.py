@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from metareward import faults, records, synthesis
 from metareward.config import SynthesisConfig, load_config
 from metareward.generation import Completion, Usage, make_generator
-from metareward.plan import plan
-from metareward.synthesis import NearDuplicates, first_task, rouge_l, rouge_tokens
+from metareward.loop import synthesis
+from metareward.loop.plan import plan
+from metareward.loop.synthesis import NearDuplicates, first_task, rouge_l, rouge_tokens
+from metareward.store import faults, records
 
 CLI = Path(sys.executable).parent / "metareward"
 SEEDS = [

@@ -15,7 +15,7 @@ import os
 import pytest
 
 from metareward.config import TrackingConfig
-from metareward.tracking import RUN_ID_FILE, NullTracker, make_tracker, wandb_mode
+from metareward.report.tracking import RUN_ID_FILE, NullTracker, make_tracker, wandb_mode
 from tests.wandb_files import offline_files, read_run, rows_at, series
 
 os.environ["WANDB_MODE"] = "offline"
@@ -160,8 +160,8 @@ TRACKED_RUN = [
 def test_a_tracked_run_logs_every_dpo_step_of_its_iteration(tmp_path, tiny_model_dir):
     """Needs the loop to pass ``on_log`` to train_dpo (or log ``step_rows`` of the training log)."""
     from metareward.cli import load_config
-    from metareward.loop import Run
-    from metareward.records import TRAINING_LOG
+    from metareward.loop.run import Run
+    from metareward.store.records import TRAINING_LOG
     from metareward.training import step_rows
 
     Run(load_config(None, [*TRACKED_RUN, f"runs_dir={tmp_path}", "run_name=dpo-steps"])).run()

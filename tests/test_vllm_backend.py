@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from metareward import records
 from metareward.config import GeneratorConfig, ModelConfig, VLLMSettings, load_config
 from metareward.generation import Completion, SamplingParams, make_generator
-from metareward.prompts import SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
+from metareward.judging.prompts import SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
+from metareward.store import records
 
 STANDIN = Path(__file__).parent / "vllm_standin"
 REQUESTS = [
@@ -292,7 +292,7 @@ def test_loop_uses_one_engine_per_iteration_and_frees_it_before_training(
     tiny_model_dir, standin, monkeypatch, tmp_path
 ):
     import metareward.training
-    from metareward.loop import Run
+    from metareward.loop.run import Run
 
     standin.LLM.script = RolePlay()
     events = standin.LLM.events

@@ -52,10 +52,10 @@ from transformers import (
     LogitsProcessorList,
 )
 
+from metareward.compute.hardware import bf16_is_native
 from metareward.config import GeneratorConfig, ModelConfig
 from metareward.generation.base import Completion, Messages, SamplingParams, Usage
 from metareward.generation.tokens import encode, next_token_query, stop_token_ids
-from metareward.hardware import bf16_is_native
 
 logger = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from metareward.config import GeneratorConfig, ModelConfig
 from metareward.generation.base import Completion, Messages, SamplingParams, Usage
-from metareward.records import read_json, write_json
+from metareward.store.records import read_json, write_json
 
 # Top log-probabilities asked for per scored position (vLLM's default limit).
 TOP_LOGPROBS = 20

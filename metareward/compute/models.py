@@ -26,9 +26,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from metareward import records
 from metareward.config import ModelConfig
-from metareward.runlock import exclusive
+from metareward.store import records
+from metareward.store.runlock import exclusive
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metareward import records
 from metareward.config import PairsConfig
+from metareward.store import records
 
 # Slack in the actor tier thresholds, so float rounding in S_max - rho*(S_max - S_min)
 # does not drop a response whose mean sits exactly on the threshold.

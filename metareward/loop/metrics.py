@@ -29,7 +29,8 @@
     logged step), ``rewards_margins``, ``rewards_accuracies``, ``rewards_chosen``,
     ``rewards_rejected`` (last logged values), ``steps``, ``train_runtime``.
 
-:func:`flatten` turns the nested dict into ``"judge/mean_score"``-style keys for a tracker.
+:func:`metareward.report.tracking.flatten` turns the nested dict into ``"judge/mean_score"``-style keys for a
+tracker.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+
+from metareward.judging.judge_metrics import mean_or_none
 
 # Unit bins over the 0..5 judge scale; the last bin is closed ([4, 5]).
 SCORE_BIN_EDGES = [0, 1, 2, 3, 4, 5]
@@ -54,12 +57,6 @@ def _num(value) -> float | None:
     if value is None or isinstance(value, bool) or not math.isfinite(value):
         return None
     return float(value)
-
-
-def mean_or_none(values) -> float | None:
-    """The mean, or None for no values."""
-    values = list(values)
-    return math.fsum(values) / len(values) if values else None
 
 
 def _share(flags) -> float | None:
@@ -216,20 +213,3 @@ def iteration_metrics(
         "meta_judge": meta_judge_metrics(judgements, verdicts),
         "train": train_metrics(training),
     }
-
-
-def flatten(metrics: dict, prefix: str = "") -> dict[str, float | int]:
-    """``{"judge": {"mean_score": 3.5}}`` -> ``{"judge/mean_score": 3.5}``; numbers only (bools as 0/1).
-
-    None, strings and lists (histograms) are left out.
-    """
-    flat: dict[str, float | int] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}/"))
-        elif isinstance(value, bool):
-            flat[name] = int(value)
-        elif isinstance(value, int | float):
-            flat[name] = value
-    return flat

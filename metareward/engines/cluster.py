@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from metareward.config import DEFAULT_ACCELERATE_CONFIG, ClusterConfig, Config, GeneratorConfig, ModelConfig
 from metareward.generation.base import Completion, Messages, SamplingParams, Usage
-from metareward.records import TRAINING_LOG, read_json
+from metareward.store.records import TRAINING_LOG, read_json
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,7 @@ def _train_worker(job: dict) -> None:
 
         run_job(job["job_dir"])
     else:
-        from metareward.alignment import align_judge
+        from metareward.align.trainer import align_judge
 
         align_judge(*job["args"], **job["kwargs"])
 

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from metareward.config import TrackingConfig
-from metareward.metrics import flatten
-from metareward.records import write_text
+from metareward.store.records import write_text
 
 RUN_ID_FILE = "wandb_run_id"
 # The step metrics (x-axes) of iteration-level and of DPO-step rows.
@@ -35,6 +34,23 @@ DPO_STEP = DPO_PREFIX + "global_step"
 WANDB_MODES = {"offline": "offline", "wandb": "online"}
 # Config keys that name a credential are never sent, whatever the caller passes ("max_new_tokens" is fine).
 SECRET_KEY = re.compile(r"(^|[_.-])(api_?key|token|secret|password|passwd|credentials?)([_.-]|$)", re.I)
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict[str, float | int]:
+    """``{"judge": {"mean_score": 3.5}}`` -> ``{"judge/mean_score": 3.5}``; numbers only (bools as 0/1).
+
+    None, strings and lists (histograms) are left out.
+    """
+    flat: dict[str, float | int] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}/"))
+        elif isinstance(value, bool):
+            flat[name] = int(value)
+        elif isinstance(value, int | float):
+            flat[name] = value
+    return flat
 
 
 class Tracker(Protocol):

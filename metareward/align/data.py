@@ -17,7 +17,7 @@ one of, and the human distribution over those labels. Three kinds of rows, told 
   optional ``"cue"`` (default ``Answer: ``): any judgement whose verdict is one of a few labels.
 
 A distribution must be non-negative and sum to 1 (within 0.001, then it is renormalised); votes are
-non-negative integers, not all zero. Every refusal is a :class:`~metareward.records.RecordError`
+non-negative integers, not all zero. Every refusal is a :class:`~metareward.store.records.RecordError`
 naming ``file:line`` (the file alone for an empty or missing one).
 """
 
@@ -31,9 +31,16 @@ from pathlib import Path
 
 from metareward.config import Config
 from metareward.data import bundled_path
-from metareward.prompts import PAIRWISE_CUE, SCORE_CUE, SCORE_TOKENS, WINNER_TOKENS, Templates, question_text
-from metareward.records import RecordError, read_jsonl_numbered
-from metareward.suites import BUNDLED_SUITES, detect_format, is_suite_row, prompt_messages, suite_pair
+from metareward.judging.prompts import (
+    PAIRWISE_CUE,
+    SCORE_CUE,
+    SCORE_TOKENS,
+    WINNER_TOKENS,
+    Templates,
+    question_text,
+)
+from metareward.judging.suites import BUNDLED_SUITES, detect_format, is_suite_row, prompt_messages, suite_pair
+from metareward.store.records import RecordError, read_jsonl_numbered
 
 GENERIC_CUE = "Answer: "
 # Under the run directory: the aligned model, its checkpoints while it trains, and its metrics.

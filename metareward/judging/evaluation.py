@@ -23,16 +23,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from metareward import escalation, stages
 from metareward.config import Config, ConfigError, EvalConfig
 from metareward.data import bundled_path, to_prompt_rows
-from metareward.escalation import Cascade, StrongJudge, prices_of
 from metareward.generation import Generator, SamplingParams, make_generator, reads_probabilities
-from metareward.judge_metrics import JudgedPair, Verdict, agreement_stats, suite_metrics
-from metareward.metrics import mean_or_none
-from metareward.prompts import Templates
-from metareward.records import RecordError, read_jsonl_numbered
-from metareward.suites import SuiteEntryError, SuitePair, load_suite
+from metareward.judging import escalation
+from metareward.judging.escalation import Cascade, StrongJudge, prices_of
+from metareward.judging.judge_metrics import JudgedPair, Verdict, agreement_stats, mean_or_none, suite_metrics
+from metareward.judging.prompts import Templates
+from metareward.judging.suites import SuiteEntryError, SuitePair, load_suite
+from metareward.loop import stages
+from metareward.store.records import RecordError, read_jsonl_numbered
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,8 @@ def evaluate_suites(
     cascade: Cascade | None = None,
 ) -> tuple[dict, list[dict]]:
     """Every suite under every protocol of ``cfg.protocols``: ``({"suites": {name: {protocol:
-    metrics}}}, per-pair rows)``, metrics as :func:`~metareward.judge_metrics.suite_metrics` gives them,
+    metrics}}}, per-pair rows)``, metrics as
+    :func:`~metareward.judging.judge_metrics.suite_metrics` gives them,
     plus what was left out before judging: ``identical_pairs`` (both responses the same text: no
     preference to find), and with ``fit`` the pairs too long for the judge's context,
     ``skipped_too_long`` and ``truncated`` (null when not checked).

@@ -18,18 +18,22 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from metareward import escalation, guards, pairs, records, report, runlock, stages, synthesis, tracking
-from metareward.align_data import ALIGN_METRICS, align_paths, load_align_split
+from metareward import report
+from metareward.align.data import ALIGN_METRICS, align_paths, load_align_split
+from metareward.compute.models import resolve_model, spec_model_dir
 from metareward.config import Config
 from metareward.data import fit_to_model, load_prompts, prompts_for_iteration, reuse_notice, to_prompt_rows
-from metareward.evaluation import evaluate_model, load_heldout_prompts, load_suites
-from metareward.exports import write_heldout_exports
 from metareward.generation import Generator, Usage, make_generator
-from metareward.metrics import iteration_metrics
-from metareward.models import resolve_model, spec_model_dir
-from metareward.prompts import Templates
-from metareward.records import ChunkedFile, iter_dir, read_jsonl, write_json, write_jsonl
-from metareward.tracking import make_tracker
+from metareward.judging import escalation
+from metareward.judging.evaluation import evaluate_model, load_heldout_prompts, load_suites
+from metareward.judging.exports import write_heldout_exports
+from metareward.judging.prompts import Templates
+from metareward.loop import guards, pairs, stages, synthesis
+from metareward.loop.metrics import iteration_metrics
+from metareward.report import tracking
+from metareward.report.tracking import make_tracker
+from metareward.store import records, runlock
+from metareward.store.records import ChunkedFile, iter_dir, read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +155,7 @@ class Run:
             records.remove_stale_temps(self.dir)
             if self.cfg.cluster.kind != "ray":
                 return self._run_locked()
-            from metareward import cluster
+            from metareward.engines import cluster
 
             try:
                 started = cluster.connect(self.cfg.cluster)
@@ -208,7 +212,7 @@ class Run:
     def _aligned_seed(self, seed_dir: str, rows: tuple[list, list], tracker) -> str:
         """The EFT step: the seed trained as a judge toward human label distributions (``align.*``),
         once; the aligned model is M_0 for every role. Its metrics are in align/metrics.json."""
-        from metareward.alignment import align_judge, result_lines
+        from metareward.align.trainer import align_judge, result_lines
 
         work_dir, model_dir = align_paths(self.cfg)
         metrics_path = work_dir / ALIGN_METRICS
@@ -219,7 +223,7 @@ class Run:
             log.info("== aligning the seed model as a judge (%s objective) ==", self.cfg.align.objective)
             places = {"out_dir": model_dir, "work_dir": work_dir}
             if self.cfg.cluster.kind == "ray":
-                from metareward.cluster import align_on_cluster
+                from metareward.engines.cluster import align_on_cluster
 
                 result = align_on_cluster(self.cfg, seed_dir, *rows, **places)
             else:
@@ -409,7 +413,7 @@ class Run:
         """A generator serving ``model_dir``: here, or with cluster=ray (and a backend that is not an
         endpoint) ``replicas`` engines on the cluster (default ``cluster.replicas``)."""
         if self.cfg.cluster.kind == "ray" and settings.backend != "openai":
-            from metareward.cluster import ReplicaPool
+            from metareward.engines.cluster import ReplicaPool
 
             return ReplicaPool(model_dir, model, settings, cache_dir, self.cfg.cluster, replicas)
         return make_generator(model_dir, model, settings, cache_dir)
@@ -482,7 +486,7 @@ class Run:
 
             common = {"seed": self.cfg.seed + t, "trust_remote_code": self.cfg.model.trust_remote_code}
             if self.cfg.cluster.kind == "ray":
-                from metareward.cluster import train_job
+                from metareward.engines.cluster import train_job
                 from metareward.training import write_job
 
                 job_dir = directory / "train_job"

@@ -30,10 +30,10 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-from metareward import faults
 from metareward.config import SynthesisConfig
 from metareward.generation import Generator, SamplingParams
-from metareward.records import ChunkedFile, read_chunk, read_json, read_jsonl, write_json
+from metareward.store import faults
+from metareward.store.records import ChunkedFile, read_chunk, read_json, read_jsonl, write_json
 
 POOL = "prompt_pool.jsonl"
 REJECTED = "prompt_pool_rejected.jsonl"

@@ -39,13 +39,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCa
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from metareward import align_loss, faults
-from metareward.align_data import AlignItem
+from metareward.align import loss as align_loss
+from metareward.align.data import AlignItem
 from metareward.config import AlignConfig
 from metareward.generation.tokens import encode
-from metareward.judge_metrics import expected_calibration_error, jensen_shannon
-from metareward.metrics import mean_or_none
-from metareward.records import RecordError, read_json, write_json
+from metareward.judging.judge_metrics import expected_calibration_error, jensen_shannon, mean_or_none
+from metareward.store import faults
+from metareward.store.records import RecordError, read_json, write_json
 from metareward.training import autocasts_bf16, lora_config, release_memory, save_atomically
 
 log = logging.getLogger("metareward")

@@ -60,7 +60,7 @@ def _evaluation(cfg: Config, iteration: int) -> list[dict]:
 def _synthesis(cfg: Config) -> list[dict]:
     """data=synthetic: the prompter's requests, once per run, up to its budget (it stops once the pool is
     full)."""
-    from metareward.synthesis import plan_requests
+    from metareward.loop.synthesis import plan_requests
 
     spec = cfg.roles.prompter
     chunk_size = (spec.generator if spec.own_model else cfg.generator).chunk_size
@@ -69,14 +69,14 @@ def _synthesis(cfg: Config) -> list[dict]:
 
 
 def _reads_probabilities(settings) -> bool:
-    from metareward.escalation import needs_probabilities
+    from metareward.judging.escalation import needs_probabilities
 
     return settings.enabled and needs_probabilities(settings.signal)
 
 
 def _escalated(settings, items: int) -> int:
     """Items a budget escalates at most: its fraction of them, or all of them under a threshold."""
-    from metareward.escalation import fraction_count
+    from metareward.judging.escalation import fraction_count
 
     return items if settings.threshold is not None else fraction_count(settings.fraction, items)
 

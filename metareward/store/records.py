@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from metareward import faults
+from metareward.store import faults
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from metareward.metrics import mean_or_none
+
+def mean_or_none(values) -> float | None:
+    """The mean, or None for no values."""
+    values = list(values)
+    return math.fsum(values) / len(values) if values else None
+
 
 SIDES = ("A", "B")
 # Equal-width confidence bins of the expected calibration error.

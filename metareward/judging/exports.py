@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from metareward.records import write_json, write_jsonl
+from metareward.store.records import write_json, write_jsonl
 
 ALPACA_EVAL_OUTPUTS = "alpaca_eval_model_outputs.json"
 FASTCHAT_ANSWERS = "fastchat_answers.jsonl"

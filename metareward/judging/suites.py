@@ -47,7 +47,7 @@ Details:
 - A pair's id is its ``pair_id``, ``id`` or ``idx`` when present, else ``p<row index>``; ids must be
   unique.
 
-Every refusal is a :class:`~metareward.records.RecordError` naming ``file:line`` (the file alone for an
+Every refusal is a :class:`~metareward.store.records.RecordError` naming ``file:line`` (the file alone for an
 empty one): a row of no format or of two, a file mixing formats (naming the earlier rows' format), a
 row not of the declared format, missing or empty fields, bad labels (with the value), duplicate ids.
 """
@@ -62,7 +62,7 @@ from pathlib import Path
 
 from metareward.config import SUITE_ENTRY_KEYS
 from metareward.data import bundled_path
-from metareward.records import RecordError, read_jsonl_numbered
+from metareward.store.records import RecordError, read_jsonl_numbered
 
 BUNDLED_SUITES = {
     "hh_rlhf": "hh_rlhf_helpful_dev.jsonl",

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from metareward.records import FILE_MODE, HOST
+from metareward.store.records import FILE_MODE, HOST
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from metareward.prompts import template_problem
+from metareward.judging.prompts import template_problem
 
 # `accelerate launch` config files shipped with metareward (train.accelerate_config); not Hydra options.
-ACCELERATE_CONFIGS = Path(__file__).parent / "accelerate_configs"
+ACCELERATE_CONFIGS = Path(__file__).parent.parent / "accelerate_configs"
 DEFAULT_ACCELERATE_CONFIG = ACCELERATE_CONFIGS / "deepspeed_zero3.yaml"
 
 MODEL_KINDS = ("smollm2_135m", "hf", "tiny")

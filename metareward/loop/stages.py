@@ -16,14 +16,22 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from metareward import escalation as escalation_signals
-from metareward import faults, pairs
 from metareward.config import ActorConfig, JudgeConfig, MetaJudgeConfig
-from metareward.escalation import StageEscalation
 from metareward.generation import Generator, Messages, SamplingParams, reads_probabilities
-from metareward.parsing import SCORE_KEY, WINNER_KEY, parse_pairwise_winner, parse_score, parse_winner
-from metareward.prompts import PAIRWISE_CUE, SCORE_CUE, SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS, Templates
-from metareward.records import ChunkedFile, read_jsonl, write_jsonl
+from metareward.judging import escalation as escalation_signals
+from metareward.judging.escalation import StageEscalation
+from metareward.judging.parsing import SCORE_KEY, WINNER_KEY, parse_pairwise_winner, parse_score, parse_winner
+from metareward.judging.prompts import (
+    PAIRWISE_CUE,
+    SCORE_CUE,
+    SCORE_TOKENS,
+    WINNER_CUE,
+    WINNER_TOKENS,
+    Templates,
+)
+from metareward.loop import pairs
+from metareward.store import faults
+from metareward.store.records import ChunkedFile, read_jsonl, write_jsonl
 
 
 @dataclass(frozen=True)

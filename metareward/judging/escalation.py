@@ -38,9 +38,8 @@ from pathlib import Path
 
 from metareward.config import EscalationConfig, EvalEscalationConfig, GeneratorConfig, ModelSpec
 from metareward.generation import Generator, Usage, make_generator
-from metareward.judge_metrics import SIDES, JudgedPair, credit
-from metareward.metrics import mean_or_none
-from metareward.records import JUDGEMENTS, META_JUDGEMENTS, read_jsonl
+from metareward.judging.judge_metrics import SIDES, JudgedPair, credit, mean_or_none
+from metareward.store.records import JUDGEMENTS, META_JUDGEMENTS, read_jsonl
 
 NUM_SCORES = 6  # the rubric's 0..5
 # "Within 1 accuracy point of the strong judge alone" (fraction_to_match_strong).
@@ -179,7 +178,7 @@ class StrongJudge:
 
     def generator(self) -> Generator:
         if self._generator is None:
-            from metareward.models import spec_model_dir
+            from metareward.compute.models import spec_model_dir
 
             # Behind an endpoint it answers in text: no local model or tokenizer is needed.
             endpoint = self.spec.generator.backend == "openai"

@@ -20,7 +20,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
-from metareward import records
+from metareward.store import records
 
 CLIP = 600
 # fmt: off
