@@ -1,5 +1,5 @@
 """Every console entry point: parse the command line, call a library, print. The config is built here,
-once, and handed down as dataclasses.
+once, and handed down as dataclasses. Over 400 lines: every console script lives in this one module.
 
 - ``metareward [overrides]``: run or resume a self-training run (a Hydra app; ``-m`` for a multirun,
   each job in its own run directory ``<run_name>_<job number>``).
@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import re
 import signal
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from omegaconf import DictConfig
 
 from metareward import report
 from metareward.config import Config, ConfigError, load_config, override_error, register_configs, to_config
-from metareward.store import records, runlock
+from metareward.store import layout, records, runlock
 from metareward.store.records import RecordError
 
 log = logging.getLogger("metareward")
@@ -239,12 +238,11 @@ def pairs_main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. pairs.rho=0.2")
     args = parser.parse_intermixed_args(argv)
-    match = re.fullmatch(r"iter_(\d+)", args.iter_dir.resolve().name)
-    if not match or not args.iter_dir.is_dir():
+    iteration = layout.iteration_of(args.iter_dir.resolve())
+    if iteration is None or not args.iter_dir.is_dir():
         _fail(f"{args.iter_dir} is not an iteration directory (iter_<t>)", prog=prog)
-    iteration = int(match.group(1))
     try:
-        config = load_config(args.iter_dir.resolve().parent / records.CONFIG, args.overrides)
+        config = load_config(args.iter_dir.resolve().parent / layout.CONFIG, args.overrides)
         templates = Templates.load(
             config.judge.template, config.meta_judge.template, config.eval.pairwise_template
         )
@@ -274,7 +272,7 @@ def _run_dir_arg(parser: argparse.ArgumentParser, argv: list[str] | None) -> tup
     parser.add_argument("run_dir", metavar="RUN_DIR")
     args = parser.parse_args(argv)
     if not report.is_run_dir(run := Path(args.run_dir)):
-        parser.error(f"{run} is not a run directory (no {records.CONFIG} and no iter_* directories)")
+        parser.error(f"{run} is not a run directory (no {layout.CONFIG} and no iter_* directories)")
     return args, run.resolve()  # resolved: "." has a name too
 
 
@@ -299,7 +297,7 @@ def report_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", metavar="FILE", help="HTML file to write (default RUN_DIR/report.html)")
     args, run = _run_dir_arg(parser, argv)
     try:
-        print(report.write_report(run, Path(args.out) if args.out else run / "report.html"))
+        print(report.write_report(run, Path(args.out) if args.out else run / layout.REPORT_HTML))
     except RecordError as error:
         parser.error(str(error))
 
@@ -321,10 +319,11 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
     pairs escalated to it grows (``"escalation"`` in the JSON, a table printed). Its answers are cached
     in ``<stem>_cache/`` beside PATH: run again with another signal or budget and nothing is paid twice."""
     from metareward.compute.allocator import keep_freed_memory
-    from metareward.compute.models import resolve_model
-    from metareward.generation import make_generator
-    from metareward.judging.escalation import Cascade, StrongJudge, prices_of
-    from metareward.judging.evaluation import ContextFit, evaluate_suites, load_suites
+    from metareward.engines import Engines
+    from metareward.judging.cascade import Cascade
+    from metareward.judging.context_fit import ContextFit
+    from metareward.judging.escalation import StrongJudge, prices_of
+    from metareward.judging.evaluation import evaluate_suites, load_suites
     from metareward.judging.prompts import Templates
 
     prog = "metareward-eval-judge"
@@ -341,23 +340,26 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
     except RecordError as error:
         _fail(str(error), code=1, prog=prog)
     keep_freed_memory(cuda=_on_cuda(config.generator.device))
+    # The strong judge's answers are kept beside --out, so trying another signal or budget pays nothing.
+    engines = Engines(config, cache_dir=args.out.with_name(f"{args.out.stem}_cache"))
     try:
         templates = Templates.load(
             config.judge.template, config.meta_judge.template, config.eval.pairwise_template
         )
         # Behind an endpoint the model is a served name: nothing is loaded here.
-        endpoint = config.generator.backend == "openai"
-        model_dir = (config.model.path or "") if endpoint else resolve_model(config.model)
+        model_dir = engines.locate(config.model, config.generator, local_tokenizer=False)
     except (RecordError, OSError) as error:
         _fail(str(error), code=1, prog=prog)
     # Pairs too long for the judge's context follow data.long_prompts (skipped or truncated, counted).
     fit = ContextFit.for_model(
         model_dir, config.model.trust_remote_code, config.eval.max_new_tokens, config.data.long_prompts
     )
-    generator = make_generator(model_dir, config.model, config.generator)
-    # The strong judge's answers are kept beside --out, so trying another signal or budget pays nothing.
-    cache_dir = args.out.with_name(f"{args.out.stem}_cache")
-    strong = StrongJudge(config.eval.escalation.judge, cache_dir) if config.eval.escalation.enabled else None
+    generator = engines.start(engines.seat(None, model_dir), cached=False)
+    strong = (
+        StrongJudge(config.eval.escalation.judge, engines.strong_judge)
+        if config.eval.escalation.enabled
+        else None
+    )
     try:
         cascade = None
         if strong is not None:
@@ -393,8 +395,8 @@ def align_judge_main(argv: list[str] | None = None) -> None:
     Prints the held-out metrics before and after training and writes them as JSON to PATH (default
     runs/<run_name>/align/metrics.json). Run again after a kill, it resumes from its last checkpoint."""
     from metareward.align.data import ALIGN_METRICS, align_paths, load_align_split
-    from metareward.align.trainer import align_judge, result_lines
-    from metareward.compute.models import resolve_model
+    from metareward.align.trainer import result_lines
+    from metareward.engines import engines_for
 
     prog = "metareward-align-judge"
     parser = argparse.ArgumentParser(prog=prog, description=align_judge_main.__doc__)
@@ -411,21 +413,9 @@ def align_judge_main(argv: list[str] | None = None) -> None:
         _fail(str(error), code=1, prog=prog)
     work_dir, model_dir = align_paths(config)
     try:
-        seed_dir = resolve_model(config.model)
-        if config.cluster.kind == "ray":  # a Ray Train job on cluster.train_workers
-            from metareward.engines.cluster import align_on_cluster
-
-            result = align_on_cluster(config, seed_dir, train, heldout, out_dir=model_dir, work_dir=work_dir)
-        else:
-            result = align_judge(
-                seed_dir,
-                config.align,
-                train,
-                heldout,
-                out_dir=model_dir,
-                work_dir=work_dir,
-                trust_remote_code=config.model.trust_remote_code,
-            )
+        # With cluster=ray, a Ray Train job on cluster.train_workers.
+        engines = engines_for(config)
+        result = engines.align(engines.seed(), train, heldout, out_dir=model_dir, work_dir=work_dir)
     except (RecordError, OSError) as error:
         _fail(str(error), code=1, prog=prog)
     out = args.out or work_dir / ALIGN_METRICS

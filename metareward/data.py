@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from metareward.config import DataConfig
+from metareward.generation.context import ContextBudget, context_length, most_kept
 from metareward.store.records import RecordError, read_jsonl_numbered
 
 BUNDLED_PROMPTS = "prompts_self_instruct_seed_tasks.jsonl"
@@ -124,34 +125,15 @@ def reuse_notice(total: int, iteration: int, per_iteration: int) -> str | None:
     )
 
 
-def _prompt_tokens(tokenizer, messages: list[dict]) -> int:
-    """Tokens the model reads for ``messages``: chat template and generation prompt included."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _truncated(tokenizer, messages: list[dict], max_tokens: int) -> list[dict] | None:
-    """``messages`` with the last user turn cut (keeping its start) to fit ``max_tokens``; None if
-    even a few of its tokens do not fit beside the rest of the conversation."""
+def _truncated(budget: ContextBudget, messages: list[dict]) -> list[dict] | None:
+    """``messages`` with the last user turn cut (keeping its start) to fit the budget; None if even a
+    few of its tokens do not fit beside the rest of the conversation."""
     original = messages[-1]["content"]
-    ids = tokenizer(original, add_special_tokens=False)["input_ids"]
 
     def cut(keep: int) -> list[dict]:
-        content = tokenizer.decode(ids[:keep], skip_special_tokens=True)
-        if not original.startswith(content):  # a cut inside a character's bytes decodes to U+FFFD
-            content = content.rstrip("\ufffd")
-        return [*messages[:-1], {**messages[-1], "content": content}]
+        return [*messages[:-1], {**messages[-1], "content": budget.cut(original, keep)}]
 
-    # Binary search for the most content tokens that fit; the cut text is re-tokenised in context,
-    # so only the rendered length decides.
-    low, high = 0, len(ids)
-    while low < high:
-        middle = (low + high + 1) // 2
-        if _prompt_tokens(tokenizer, cut(middle)) <= max_tokens:
-            low = middle
-        else:
-            high = middle - 1
-    fitted = cut(low)
+    fitted = cut(most_kept(budget.text_tokens(original), lambda keep: budget.fits(cut(keep))))
     return fitted if fitted[-1]["content"].strip() else None
 
 
@@ -165,12 +147,13 @@ def fit_prompts(prompts: list[dict], tokenizer, max_tokens: int, mode: str) -> t
     """
     if mode not in ("skip", "truncate"):
         raise ValueError(f"mode={mode!r}: must be 'skip' or 'truncate'")
+    budget = ContextBudget(tokenizer, max_tokens)
     kept, counts = [], {"kept": 0, "skipped_too_long": 0, "truncated": 0}
     for prompt in prompts:
-        if _prompt_tokens(tokenizer, prompt["messages"]) <= max_tokens:
+        if budget.fits(prompt["messages"]):
             kept.append(prompt)
             continue
-        fitted = _truncated(tokenizer, prompt["messages"], max_tokens) if mode == "truncate" else None
+        fitted = _truncated(budget, prompt["messages"]) if mode == "truncate" else None
         if fitted is None:
             counts["skipped_too_long"] += 1
             continue
@@ -185,14 +168,12 @@ def fit_to_model(
 ) -> tuple[list[dict], dict]:
     """Leave out (or truncate, ``data.long_prompts``) prompts too long for the model in ``model_dir``:
     longer than ``data.max_prompt_tokens``, or than its context minus the actor's ``max_new_tokens``."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     limit = cfg.max_prompt_tokens
     if limit is None:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        # Text models keep it at the top; some multimodal configs only in their text part.
-        context = getattr(config.get_text_config(), "max_position_embeddings", None)
+        context = context_length(model_dir, trust_remote_code)
         if context is None:  # the model states no context length: nothing to check against
             return prompts, {"kept": len(prompts), "skipped_too_long": 0, "truncated": 0}
         limit = max(context - max_new_tokens, 1)

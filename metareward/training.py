@@ -1,6 +1,7 @@
 """One DPO iteration: train M_t from M_{t-1} on preference pairs with TRL.
 
-This is the only module that imports ``trl``. The loop calls::
+This is the only module that imports ``trl`` (so TRL's version drift stays in one file, slightly over 400
+lines). The run's engines (:mod:`metareward.engines`) call::
 
     result = train_dpo(str(prev_model_dir), pair_rows, cfg.train.dpo, next_model_dir, seed=cfg.seed,
                        on_log=lambda row: ...)
@@ -13,14 +14,14 @@ pair count, optimiser steps, seconds per step) is JSON-serialisable and saved be
 ``training_log.json``. ``on_log`` receives each optimiser step's row as it is logged (see
 :func:`step_rows`, which gives the same rows from a finished training log).
 
-Across GPUs (``train.launcher=accelerate``) the loop calls :func:`launch_dpo` instead, which writes
+Across GPUs (``train.launcher=accelerate``) they call :func:`launch_dpo` instead, which writes
 the pairs and settings into a job directory and runs this module under ``accelerate launch``
 (``CONFIG``: ``train.accelerate_config``, by default ``metareward/accelerate_configs/deepspeed_zero3.yaml``)::
 
     accelerate launch --config_file CONFIG -m metareward.training JOB_DIR
 
 With ``cluster=ray`` the same job directory (:func:`write_job`) is run by Ray Train's workers
-(cluster.train_job), each calling :func:`run_job`.
+(``engines.cluster.train_job``), each calling :func:`run_job`.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ from trl import DPOConfig, DPOTrainer
 from metareward.compute.hardware import bf16_is_native
 from metareward.config import DEFAULT_ACCELERATE_CONFIG, DPOSettings, FineTuning
 from metareward.report.tracking import flatten
-from metareward.store import faults, records
-from metareward.store.records import TRAINING_LOG
+from metareward.store import faults, layout, records
+from metareward.store.layout import TRAINING_LOG
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 
@@ -320,8 +321,8 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-JOB = "job.json"
-JOB_PAIRS = "pairs.jsonl"
+JOB = layout.JOB
+JOB_PAIRS = layout.JOB_PAIRS
 
 
 def launch_dpo(

@@ -99,7 +99,7 @@ def bench_requests(count: int) -> list[list[dict]]:
 def plain_generate(model, tokenizer, stop_ids, requests, params, batch_size) -> int:
     """The baseline: left-padded batches through ``model.generate``; returns the tokens generated
     (up to each row's first stop token, as the backend counts them)."""
-    from metareward.generation.hf import generation_config
+    from metareward.generation.sampling import generation_config
 
     config = generation_config(params, tokenizer.pad_token_id, stop_ids)
     texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in requests]
@@ -297,6 +297,7 @@ def add_dpo_mfu(report: dict, rates: dict) -> None:
 
 def instrument(stats: dict) -> None:
     """Wrap the loop's stage functions so that each adds its seconds and generator usage to ``stats``."""
+    import metareward.engines.local as engines
     import metareward.loop.pairs as pairs
     import metareward.loop.run as loop
     import metareward.loop.stages as stages
@@ -326,7 +327,7 @@ def instrument(stats: dict) -> None:
 
     for name in ("actor", "judge", "meta_judge"):
         wrap(stages, name, name, has_ctx=True)
-    wrap(loop, "make_generator", "load_model", has_ctx=False)
+    wrap(engines, "make_generator", "load_model", has_ctx=False)
     # The loop calls the pair builder as pairs.build_pairs, or under its own name if it imports it.
     wrap(loop if hasattr(loop, "build_pairs") else pairs, "build_pairs", "pairs", has_ctx=False)
     wrap(training, "train_dpo", "dpo", has_ctx=False)

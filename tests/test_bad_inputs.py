@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,15 +11,14 @@ from transformers import AutoTokenizer
 from metareward.compute.models import resolve_model
 from metareward.config import DataConfig, ModelConfig
 from metareward.data import fit_prompts, load_prompts
-from metareward.store import records
+from metareward.store import layout
 from metareward.store.records import RecordError
+from tests.helpers import run_cli
 
-CLI = Path(sys.executable).parent / "metareward"
 
-
-def run_cli(runs: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = [str(CLI), "model=tiny", "tracking=none", "eval.enabled=false", f"runs_dir={runs}", "run_name=bad"]
-    return subprocess.run([*args, *overrides], capture_output=True, text=True, timeout=300)
+def run_bad_input(runs: Path, *overrides: str) -> subprocess.CompletedProcess:
+    args = ["model=tiny", "tracking=none", "eval.enabled=false", f"runs_dir={runs}", "run_name=bad"]
+    return run_cli(*args, *overrides, timeout=300)
 
 
 def assert_refused_cleanly(result: subprocess.CompletedProcess, run_dir: Path, *expected: str) -> None:
@@ -33,7 +31,7 @@ def assert_refused_cleanly(result: subprocess.CompletedProcess, run_dir: Path, *
         assert text in errors[0], errors[0]
     assert "Traceback" not in result.stderr + result.stdout
     assert not list(run_dir.glob("iter_*")), "an iteration was started"
-    assert not (run_dir / records.CONFIG).exists(), (
+    assert not (run_dir / layout.CONFIG).exists(), (
         "the run's config.yaml was written for a run that never ran"
     )
 
@@ -63,13 +61,13 @@ def test_bad_prompt_file_is_refused_by_the_cli(tmp_path, case):
     content, expected = PROMPT_FILES[case]
     path = tmp_path / "prompts.jsonl"
     path.write_bytes(content)
-    result = run_cli(tmp_path / "runs", "data=jsonl", f"data.path={path}")
+    result = run_bad_input(tmp_path / "runs", "data=jsonl", f"data.path={path}")
     assert_refused_cleanly(result, tmp_path / "runs" / "bad", *(text.format(path=path) for text in expected))
 
 
 def test_missing_model_path_is_refused_by_the_cli(tmp_path):
     missing = tmp_path / "no-such-model"
-    result = run_cli(tmp_path / "runs", "model=hf", f"model.path={missing}")
+    result = run_bad_input(tmp_path / "runs", "model=hf", f"model.path={missing}")
     assert_refused_cleanly(result, tmp_path / "runs" / "bad", "model.path", str(missing))
 
 

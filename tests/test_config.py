@@ -3,8 +3,10 @@ with a message naming the setting, and the console script fails before loading a
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import os
+import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -14,25 +16,34 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 from metareward.config import (
     ACCELERATE_CONFIGS,
+    ActorConfig,
+    AlignConfig,
     Config,
     ConfigError,
+    FineTuning,
     GeneratorConfig,
+    JudgeConfig,
+    MetaJudgeConfig,
     PairsConfig,
+    Sampling,
+    Section,
+    SynthesisConfig,
     load_config,
     register_configs,
     to_config,
 )
+from metareward.config.checks import OneOf, Range, place_of, rules_of
+from tests.helpers import REPO, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 # The configs as the installed package finds them (the top-level conf/ in an editable install).
 CONF = Path(str(resources.files("metareward.conf")))
 NOT_GROUPS = ("experiment", "__pycache__")
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in NOT_GROUPS)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-SCRIPT = Path(sys.executable).parent / "metareward"
 
 register_configs()
 
@@ -70,7 +81,7 @@ def required_extras(group: str, option: str, tmp_path: Path) -> list[str]:
         prompts = tmp_path / "prompts.jsonl"
         prompts.write_text('{"prompt": "hello"}\n', encoding="utf-8")
         return [f"data.path={prompts}"]
-    if (group, option) == ("data", "hf_dataset"):
+    if (group, option) in {("data", "hf"), ("data", "hf_dataset")}:
         return ["data.hf_name=x"]
     return []
 
@@ -109,6 +120,7 @@ def test_every_group_option_composes_and_validates(group: str, option: str, tmp_
     # Every value the option's file sets reaches the typed config (unless an extra override set it).
     overridden = {extra.split("=", 1)[0] for extra in extras}
     values = yaml.safe_load((CONF / group / f"{option}.yaml").read_text(encoding="utf-8")) or {}
+    values.pop("defaults", None)  # another option this one pulls in (a former name), not settings
     for key, value in leaves(values, f"{group}."):
         if key in overridden:
             continue
@@ -206,7 +218,7 @@ def test_bad_values_raise_config_error_naming_setting_and_value(overrides, setti
 @pytest.mark.parametrize(("overrides", "setting", "value"), BAD, ids=[" ".join(b[0]) for b in BAD])
 def test_cli_names_every_bad_setting_in_one_line(overrides, setting, value, tmp_path: Path):
     cache = tmp_path / "cache"
-    result = run_cli(overrides, tmp_path, cache)
+    result = run_script(overrides, tmp_path, cache)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -346,11 +358,13 @@ def test_rho_for():
 # ---------------------------------------------------------------- the console script
 
 
-def run_cli(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "METAREWARD_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+def run_script(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    return run_cli(
+        *args,
+        unset=["HYDRA_FULL_ERROR"],
+        extra_env={"METAREWARD_CACHE": str(cache), "HF_HUB_OFFLINE": "1"},
+        cwd=cwd,
+        timeout=120,
     )
 
 
@@ -361,7 +375,7 @@ def assert_no_model_loaded(cache: Path) -> None:
 
 def test_cli_invalid_value_fails_with_one_line_naming_the_setting(tmp_path: Path):
     cache = tmp_path / "cache"
-    result = run_cli(["actor.num_responses=1"], tmp_path, cache)
+    result = run_script(["actor.num_responses=1"], tmp_path, cache)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -374,7 +388,7 @@ def test_cli_invalid_value_fails_with_one_line_naming_the_setting(tmp_path: Path
 
 def test_cli_unknown_key_fails_naming_it(tmp_path: Path):
     cache = tmp_path / "cache"
-    result = run_cli(["foo=1"], tmp_path, cache)
+    result = run_script(["foo=1"], tmp_path, cache)
     assert result.returncode != 0
     assert "foo" in result.stderr
     assert "Traceback" not in result.stderr
@@ -382,7 +396,7 @@ def test_cli_unknown_key_fails_naming_it(tmp_path: Path):
 
 
 def test_cli_help(tmp_path: Path):
-    result = run_cli(["--help"], tmp_path, tmp_path / "cache")
+    result = run_script(["--help"], tmp_path, tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     assert "model: hf, smollm2_135m, tiny" in result.stdout
     assert "experiment: demo" in result.stdout
@@ -390,7 +404,7 @@ def test_cli_help(tmp_path: Path):
 
 
 def test_cli_cfg_job_prints_the_resolved_config(tmp_path: Path):
-    result = run_cli(["--cfg", "job", "experiment=demo"], tmp_path, tmp_path / "cache")
+    result = run_script(["--cfg", "job", "experiment=demo"], tmp_path, tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["run_name"] == "demo"
@@ -410,3 +424,182 @@ def test_shipped_accelerate_configs_are_valid_launch_configs():
     assert zero3.deepspeed_config["zero3_save_16bit_model"] is True
     single = load_config_from_file(str(ACCELERATE_CONFIGS / "single_process.yaml"))
     assert single.num_processes == 1
+
+
+# ---------------------------------------------------------------- declared rules and places
+
+
+def _sections(section, where: str = ""):
+    """(place, section) for ``section`` and every section inside it."""
+    yield where, section
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, Section):
+            yield from _sections(value, f"{where}{f.name}.")
+
+
+def _refused_value(rule, is_list: bool):
+    """A value ``rule`` refuses (below a range's lower bound, a name it does not list, no file)."""
+    if isinstance(rule, Range):
+        low = float(re.findall(r"-?[\d.]+", rule.text)[0])
+        value = int(low) - 1 if low == int(low) else low - 1
+    elif isinstance(rule, OneOf):
+        value = "bogus"
+    else:
+        value = "/nonexistent/file"
+    return [value] if is_list else value
+
+
+SECTION_CLASSES = sorted(
+    {type(section) for _, section in _sections(Config())} | {FineTuning, Sampling}, key=lambda c: c.__name__
+)
+
+
+@pytest.mark.parametrize("cls", SECTION_CLASSES, ids=lambda c: c.__name__)
+def test_every_declared_rule_is_enforced_where_the_section_is_made(cls):
+    for name, (rule, _, is_list) in rules_of(cls).items():
+        value = _refused_value(rule, is_list)
+        with pytest.raises(ConfigError) as info:
+            cls(**{name: value})
+        error = info.value
+        shown = value[0] if is_list else value
+        assert (error.key, error.value, error.where) == (name, shown, place_of(cls)), str(error)
+        assert str(error).startswith(f"{place_of(cls)}{name}={shown!r}: "), str(error)
+
+
+def test_a_subclass_that_changes_a_default_keeps_the_rule():
+    assert rules_of(AlignConfig)["learning_rate"] == rules_of(FineTuning)["learning_rate"]
+    assert rules_of(SynthesisConfig)["top_p"] == rules_of(Sampling)["top_p"]
+    with pytest.raises(ConfigError, match=r"^data\.synthetic\.top_p=0: must be in \(0, 1\]$"):
+        SynthesisConfig(top_p=0)
+
+
+PLACES = [
+    (where, name) for where, section in _sections(Config()) for name in list(rules_of(type(section)))[:1]
+]
+
+
+@pytest.mark.parametrize(("where", "name"), PLACES, ids=[f"{w}{n}" for w, n in PLACES])
+def test_a_refusal_is_named_at_the_place_the_section_sits(where: str, name: str):
+    section = Config()
+    for part in where.split(".")[:-1]:
+        section = getattr(section, part)
+    rule, _, is_list = rules_of(type(section))[name]
+    value = _refused_value(rule, is_list)
+    tree: dict = {}
+    node = tree
+    for part in where.split(".")[:-1]:
+        node = node.setdefault(part, {})
+    node[name] = value
+    with pytest.raises(ConfigError) as info:
+        to_config(OmegaConf.create(tree))
+    assert str(info.value).startswith(f"{where}{name}="), str(info.value)
+
+
+def test_the_sampling_settings_are_declared_once():
+    for cls in (ActorConfig, JudgeConfig, MetaJudgeConfig, SynthesisConfig):
+        assert issubclass(cls, Sampling), cls
+    for cls, defaults in ((ActorConfig, (0.8, 0.95, 512)), (SynthesisConfig, (0.7, 0.5, 256))):
+        made = cls()
+        assert (made.temperature, made.top_p, made.max_new_tokens) == defaults, cls
+
+
+def test_choice_values_stay_plain_strings():
+    config = load_config(None, ["experiment=demo"])
+    for value in (config.model.kind, config.judge.score_from, config.cluster.placement_strategy):
+        assert type(value) is str
+    assert json.loads(json.dumps(dataclasses.asdict(config)))["model"]["kind"] == "smollm2_135m"
+
+
+# ---------------------------------------------------------------- the package's shape
+
+
+CONFIG_PACKAGE = REPO / "metareward" / "config"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_PACKAGE.glob("*.py")), ids=lambda p: p.name)
+def test_config_modules_are_small_documented_and_import_no_other_layer(path: Path):
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    assert ast.get_docstring(tree), f"{path.name} says nothing about what it owns"
+    assert len(source.splitlines()) < 400, path.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("metareward"):
+            assert node.module.startswith(("metareward.config.", "metareward.store")), node.module
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                assert not alias.name.startswith("metareward") or alias.name.startswith(
+                    ("metareward.config.", "metareward.store")
+                ), alias.name
+
+
+# ---------------------------------------------------------------- the installed Hydra
+
+
+def test_the_installed_hydra_behaves_as_the_override_checks_expect():
+    """What override_error and the CLI's pre-check (cli.check_jobs) rely on in hydra-core 1.3: the
+    attributes of the errors a bad override raises, and the argument parser and sweep splitting the
+    pre-check calls before Hydra starts. A Hydra that changes any of them fails here first."""
+    import hydra
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    assert hydra.__version__.startswith("1.3."), hydra.__version__
+
+    def refusal(overrides: list[str]) -> Exception:
+        with pytest.raises(Exception) as info:
+            compose_config(overrides)
+        return info.value
+
+    missing = refusal(["data=gpt5"])
+    assert isinstance(missing, MissingConfigException)
+    assert missing.missing_cfg_file == "data/gpt5"
+    assert {"bundled", "hf", "hf_dataset", "jsonl", "self_instruct_seed", "synthetic"} <= set(missing.options)
+    malformed = refusal(["model.kind=[a"])
+    assert isinstance(malformed, OverrideParseException) and malformed.override == "model.kind=[a"
+    unknown = refusal(["roles.judge.generator.batch_sise=2"])
+    assert isinstance(unknown, ConfigCompositionException)
+    assert isinstance(unknown.__cause__, ConfigKeyError | ConfigAttributeError)
+    assert unknown.__cause__.full_key == "roles.judge.generator.batch_sise"
+    mistyped = refusal(["roles.judge.generator.batch_size=abc"])
+    assert isinstance(mistyped.__cause__, ValidationError)
+    assert mistyped.__cause__.full_key == "roles.judge.generator.batch_size"
+
+    args, _ = get_args_parser().parse_known_args(["-m", "--config-dir", "mine", "iterations=1,2", "seed=3"])
+    assert args.multirun and args.config_dir == "mine" and args.overrides == ["iterations=1,2", "seed=3"]
+    assert args.config_path is None and args.config_name is None
+    # The flags that print something and run no job (--version exits while parsing: no attribute).
+    for flag in ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun"):
+        assert hasattr(args, flag), flag
+    parsed = OverridesParser.create().parse_overrides(["iterations=1,2", "seed=3,4"])
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    assert jobs == [
+        ["iterations=1", "seed=3"],
+        ["iterations=1", "seed=4"],
+        ["iterations=2", "seed=3"],
+        ["iterations=2", "seed=4"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data=gpt5"], "data='gpt5': no such option (options: bundled, hf, hf_dataset, jsonl, "),
+        (["model.kind=[a"], "model.kind=[a: not a valid override (no viable alternative at input '[a')"),
+        (["eval.evaluator.kind=tiny"], "eval.evaluator.kind: no such setting"),
+        (["iterations=abc"], "iterations: Value 'abc' of type 'str' could not be converted to Integer"),
+    ],
+)
+def test_override_refusals_read_as_one_line(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_the_former_data_option_names_still_work():
+    assert build(["data=self_instruct_seed"]) == build(["data=bundled"]) == build([])
+    assert build(["data=hf_dataset", "data.hf_name=x"]) == build(["data=hf", "data.hf_name=x"])
+    assert build(["data=hf", "data.hf_name=x"]).data.kind == "hf"

@@ -11,8 +11,7 @@ import pytest
 from metareward.config import DataConfig
 from metareward.data import BUNDLED_PROMPTS, bundled_path, load_prompts, prompts_for_iteration, to_prompt_rows
 from metareward.store.records import RecordError
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.helpers import ASSETS
 
 
 def user(content: str) -> list[dict]:
@@ -223,7 +222,7 @@ def test_bundled_prompt_includes_its_instance_input():
 
 
 def test_shared_user_oriented_prompts_load():
-    path = SHARED_DATA / "prompts_self_instruct_user_oriented.jsonl"
+    path = ASSETS / "prompts_self_instruct_user_oriented.jsonl"
     if not path.is_file():
         pytest.skip(f"{path} is missing")
     raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -17,11 +17,10 @@ import pytest
 from metareward.compute.models import resolve_model
 from metareward.config import DPOSettings, GeneratorConfig, ModelConfig
 from metareward.generation import make_generator
+from tests.helpers import REPO, run_cli
 from tests.wandb_files import offline_files
 
-REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted((REPO / "metareward").rglob("*.py"))
-CLI = Path(sys.executable).parent / "metareward"
 
 # ---------------------------------------------------------------- the source, read as a syntax tree
 
@@ -262,10 +261,8 @@ SECRETS_RUN = [
 
 @pytest.mark.slow
 def test_secrets_in_the_environment_never_reach_the_run_directory_or_the_logs(tmp_path, tiny_model_dir):
-    env = {key: value for key, value in os.environ.items() if key != "WANDB_MODE"}
-    env.update(SECRETS)
-    result = subprocess.run(
-        [str(CLI), *SECRETS_RUN, f"runs_dir={tmp_path}"], env=env, capture_output=True, timeout=600
+    result = run_cli(
+        *SECRETS_RUN, f"runs_dir={tmp_path}", unset=["WANDB_MODE"], extra_env=SECRETS, text=False
     )
     assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
     run_dir = tmp_path / "secret-scan-run"

@@ -117,3 +117,79 @@ def test_heavy_optional_engines_are_imported_by_their_own_module_only():
     for library, allowed in owners.items():
         importers = {_module_name(p) for p in PACKAGE.rglob("*.py") if library in _third_party_imports(p)}
         assert importers == allowed, library
+
+
+# What each part of the package may import (besides itself): imports point down this list, never up.
+# The README's architecture picture shows the same.
+ALLOWED_IMPORTS = {
+    "store": set(),
+    "config": {"store"},
+    "compute": {"store", "config"},
+    "generation": {"store", "config", "compute"},
+    "data": {"store", "config", "generation"},
+    "judging": {"store", "config", "compute", "generation", "data"},
+    "parsing": {"judging"},
+    "report": {"store", "config"},
+    "training": {"store", "config", "compute", "report"},
+    "align": {"store", "config", "compute", "generation", "judging", "data", "training"},
+    "engines": {"store", "config", "compute", "generation", "align", "training"},
+    "loop": {
+        "store",
+        "config",
+        "compute",
+        "generation",
+        "data",
+        "judging",
+        "report",
+        "training",
+        "align",
+        "engines",
+    },
+    "cli": {
+        "store",
+        "config",
+        "compute",
+        "generation",
+        "data",
+        "judging",
+        "report",
+        "align",
+        "engines",
+        "loop",
+    },
+}
+
+
+def _part(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else module
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of ``graph`` from one part of the package into a part it may not import."""
+    return sorted(
+        f"{name} -> {target}"
+        for name, imported in graph.items()
+        for target in imported
+        if name != "metareward"
+        and _part(target) != _part(name)
+        and _part(target) not in ALLOWED_IMPORTS[_part(name)]
+    )
+
+
+def test_imports_point_down_the_layers():
+    graph = import_graph()
+    parts = {_part(name) for name in graph if name != "metareward"} - {"conf"}
+    assert parts == set(ALLOWED_IMPORTS), "a new part of the package needs its place in ALLOWED_IMPORTS"
+    assert upward_imports(graph) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {
+        "metareward.generation.hf": {"metareward.judging.prompts", "metareward.generation.base"},
+        "metareward.loop.run": {"metareward.judging.prompts"},
+        "metareward.judging.evaluation": {"metareward.loop.stages"},
+    }
+    assert upward_imports(graph) == [
+        "metareward.generation.hf -> metareward.judging.prompts",
+        "metareward.judging.evaluation -> metareward.loop.stages",
+    ]

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import metareward.training as training
 from metareward.compute.models import build_tiny_model
 from metareward.config import ACCELERATE_CONFIGS, DPOSettings
-from metareward.store.records import TRAINING_LOG
+from metareward.store.layout import TRAINING_LOG
 from metareward.training import autocasts_bf16, step_rows, train_dpo
 
 

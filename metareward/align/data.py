@@ -4,8 +4,9 @@
     train, heldout = split_by_prompt(items, fraction=0.2, seed=0)
 
 Each :class:`AlignItem` is one judge prompt, the cue its answer begins with, the labels the verdict is
-one of, and the human distribution over those labels. Three kinds of rows, told apart by their fields
-(../shared/CONTRACT.md, "Judge alignment data"):
+one of, and the human distribution over those labels; the model's distribution, set against it, is the
+probabilities of each label's first token after the cue, renormalised. Three kinds of rows, told apart
+by their fields:
 
 - **pairwise**: a row of any preference-suite format (suites.py: chosen/rejected, A/B, LLMBar, PandaLM,
   Auto-J). The pairwise judge's prompt, cue ``Winner: Response `` and labels A, B; the distribution is
@@ -40,12 +41,13 @@ from metareward.judging.prompts import (
     question_text,
 )
 from metareward.judging.suites import BUNDLED_SUITES, detect_format, is_suite_row, prompt_messages, suite_pair
+from metareward.store import layout
 from metareward.store.records import RecordError, read_jsonl_numbered
 
 GENERIC_CUE = "Answer: "
 # Under the run directory: the aligned model, its checkpoints while it trains, and its metrics.
-ALIGN_DIR = "align"
-ALIGN_METRICS = "metrics.json"
+ALIGN_DIR = layout.ALIGN_DIR
+ALIGN_METRICS = layout.ALIGN_METRICS
 # How far a given distribution's sum may be from 1 (rounding in the file) before it is refused.
 SUM_TOLERANCE = 1e-3
 
@@ -244,4 +246,4 @@ def align_paths(cfg: Config) -> tuple[Path, Path]:
     """(the alignment's own directory, where its model goes): runs/<run_name>/align and, unless
     ``align.model_dir`` says otherwise, its model/ inside."""
     work_dir = Path(cfg.runs_dir) / cfg.run_name / ALIGN_DIR
-    return work_dir, Path(cfg.align.model_dir) if cfg.align.model_dir else work_dir / "model"
+    return work_dir, Path(cfg.align.model_dir) if cfg.align.model_dir else work_dir / layout.MODEL

@@ -44,17 +44,17 @@ from metareward.align.data import AlignItem
 from metareward.config import AlignConfig
 from metareward.generation.tokens import encode
 from metareward.judging.judge_metrics import expected_calibration_error, jensen_shannon, mean_or_none
-from metareward.store import faults
+from metareward.store import faults, layout
 from metareward.store.records import RecordError, read_json, write_json
 from metareward.training import autocasts_bf16, lora_config, release_memory, save_atomically
 
 log = logging.getLogger("metareward")
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = layout.CHECKPOINTS
 # Beside the checkpoints: the settings they were made with (a resume must use the same ones) and the
 # untrained model's held-out metrics (measured once).
-CHECKPOINT_SETTINGS = "settings.json"
-BEFORE = "heldout_before.json"
+CHECKPOINT_SETTINGS = layout.CHECKPOINT_SETTINGS
+BEFORE = layout.ALIGN_BEFORE
 
 
 @dataclass(frozen=True)

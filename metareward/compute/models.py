@@ -76,15 +76,6 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def spec_model_dir(spec) -> str:
-    """Where the model of a :class:`~metareward.config.ModelSpec` (a role's own model, a strong judge)
-    is: a directory, or for a model behind an API its served name (the tokenizer of that name is used
-    when one is at hand)."""
-    if spec.generator.backend == "openai" and spec.model.kind == "hf":
-        return spec.model.path or ""
-    return resolve_model(spec.model)
-
-
 def resolve_model(spec: ModelConfig) -> str:
     """A local directory (or, for ``kind=hf``, possibly a hub id) holding the seed model."""
     if spec.kind == "smollm2_135m":

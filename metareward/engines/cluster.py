@@ -12,11 +12,13 @@ The loop stays the one process that decides the order of work and writes the run
   it was killed) is replaced in its bundle and the chunk made again on the new one; its rows are
   written once. :meth:`ReplicaPool.close` kills the engines and removes the placement group, and
   returns once its resources are free again, before training starts;
+- :class:`RayEngines` is the run's engines seam on the cluster (:mod:`metareward.engines.local`);
 - :func:`train_job` runs DPO or the judge alignment as a Ray Train ``TorchTrainer`` on
   ``cluster.train_workers`` workers (DDP over gloo or NCCL, or DeepSpeed as ``train.accelerate_config``
   says), which read their job from and save the model into the run directory.
 
-This is the only module that imports ray.
+This is the only module that imports ray; over 400 lines because of it (the engines and the training
+jobs share its connection, resources and environment).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,8 +44,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from metareward.config import DEFAULT_ACCELERATE_CONFIG, ClusterConfig, Config, GeneratorConfig, ModelConfig
-from metareward.generation.base import Completion, Messages, SamplingParams, Usage
-from metareward.store.records import TRAINING_LOG, read_json
+from metareward.engines.local import ClusterError, Engines, Seat
+from metareward.generation.base import Completion, Generator, Messages, SamplingParams, Usage
+from metareward.store import layout
+from metareward.store.records import read_json
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +58,6 @@ PASSED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "TRANSFORMERS_OFFLINE
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}
 # How long close() waits for Ray to report a removed placement group's resources free.
 RELEASE_TIMEOUT_S = 60.0
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot do what the run asks (too few resources, engines lost too often)."""
 
 
 class ReplicaLost(RuntimeError):
@@ -447,8 +448,47 @@ def align_on_cluster(
             "trust_remote_code": cfg.model.trust_remote_code,
         }
         job = {"kind": "align", "args": [seed, cfg.align, train, heldout], "kwargs": options}
-        train_job(cfg.cluster, cfg.train.accelerate_config, job, Path(work_dir) / "ray_train", "align")
+        train_job(cfg.cluster, cfg.train.accelerate_config, job, Path(work_dir) / layout.RAY_TRAIN, "align")
     finally:
         if started:
             shutdown()
-    return read_json(Path(out_dir) / TRAINING_LOG)["alignment"]
+    return read_json(Path(out_dir) / layout.TRAINING_LOG)["alignment"]
+
+
+class RayEngines(Engines):
+    """``cluster=ray``: engines as :class:`ReplicaPool` s on the cluster (an endpoint backend stays a
+    client in this process), DPO and the judge alignment as Ray Train jobs."""
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        started = connect(self.cfg.cluster)
+        try:
+            yield
+        finally:
+            if started:
+                shutdown()
+
+    def start(self, seat: Seat, replicas: int | None = None, cached: bool = True) -> Generator:
+        if seat.generator.backend == "openai":
+            return super().start(seat, replicas, cached)
+        cache_dir = self.cache_dir if cached else None
+        return ReplicaPool(seat.model_dir, seat.model, seat.generator, cache_dir, self.cfg.cluster, replicas)
+
+    def strong_judge(self, spec) -> Generator:
+        # The strong judge runs in this process, as without Ray (behind an endpoint, a client).
+        model_dir = self.locate(spec.model, spec.generator, local_tokenizer=False)
+        return Engines.start(self, Seat(model_dir, spec.model, spec.generator))
+
+    def train_dpo(self, model_dir, rows, out, *, job_dir, name, seed, on_log) -> None:
+        from metareward.training import step_rows, write_job
+
+        common = {"seed": seed, "trust_remote_code": self.cfg.model.trust_remote_code}
+        write_job(model_dir, rows, self.cfg.train.dpo, out, job_dir=job_dir, **common)
+        job = {"kind": "dpo", "job_dir": str(job_dir.absolute())}
+        storage = (self.run_dir or job_dir.parent) / layout.RAY_TRAIN
+        train_job(self.cfg.cluster, self.cfg.train.accelerate_config, job, storage, name)
+        for row in step_rows(read_json(out / layout.TRAINING_LOG)):
+            on_log(row)
+
+    def align(self, seed_dir, train, heldout, *, out_dir, work_dir) -> dict:
+        return align_on_cluster(self.cfg, seed_dir, train, heldout, out_dir=out_dir, work_dir=work_dir)

@@ -12,7 +12,7 @@ URL, spread round-robin over ``base_urls``. (Measured against a stand-in server,
 more requests a second than ``AsyncOpenAI`` on one event loop, whose single thread the client's
 per-request work saturates first; see the endpoint section of scripts/bench.py.) A 429 pauses the
 whole pool, not only the request that got it; ``requests_per_minute`` / ``tokens_per_minute`` pace
-every request.
+every request (that flow control is in :mod:`metareward.generation.pacing`).
 
 Each sample is its own request (``n=1``), so every completion has an exact token count for length
 control; sample ``j`` uses a seed derived from the call's seed and ``j``. With a cache directory, each
@@ -26,8 +26,6 @@ endpoint (vLLM serves it), through the same client; ``render`` needs the model's
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
 import hashlib
 import json
 import math
@@ -35,7 +33,6 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -45,12 +42,11 @@ from tqdm.auto import tqdm
 
 from metareward.config import GeneratorConfig, ModelConfig
 from metareward.generation.base import Completion, Messages, SamplingParams, Usage
+from metareward.generation.pacing import Attempts, Pace, PoolPause, retry_after
 from metareward.store.records import read_json, write_json
 
 # Top log-probabilities asked for per scored position (vLLM's default limit).
 TOP_LOGPROBS = 20
-# The longest pause of the whole pool after 429s without Retry-After (a rate window is a minute).
-MAX_POOL_PAUSE_S = 60.0
 # Characters per token, to estimate a prompt's tokens for tokens_per_minute before the server counts them.
 CHARS_PER_TOKEN = 4
 # Statuses the client retries (its own rule); the rest are refused at once.
@@ -72,93 +68,6 @@ def candidate_prob(top_logprobs: dict[str, float], candidate: str) -> float:
     leading whitespace (" 4" and "4" both count as "4"), a candidate outside the top ones is 0."""
     want = candidate.lstrip()
     return min(1.0, sum(math.exp(lp) for token, lp in top_logprobs.items() if token.lstrip() == want))
-
-
-def retry_after(headers) -> float | None:
-    """Seconds to wait from ``Retry-After-Ms`` / ``Retry-After`` (seconds or an HTTP date), when the
-    client would honour them too (more than 0, at most two minutes)."""
-    wait = None
-    if headers.get("retry-after-ms"):
-        with contextlib.suppress(ValueError):
-            wait = float(headers["retry-after-ms"]) / 1000
-    value = headers.get("retry-after")
-    if wait is None and value:
-        try:
-            wait = float(value)
-        except ValueError:
-            try:
-                wait = (email.utils.parsedate_to_datetime(value).timestamp()) - time.time()
-            except (TypeError, ValueError):
-                return None
-    return wait if wait is not None and 0 < wait <= 120 else None
-
-
-class PoolPause:
-    """A 429 means the server is over its limit for every request, not only the refused one: all of the
-    pool's requests wait out the pause before they are sent. The pause is the answer's Retry-After, else
-    ``backoff_s``, doubled for each 429 in a row on a request sent after the previous pause began (one
-    that pause did not cover); 429s of requests already in flight when it began are the same burst."""
-
-    def __init__(self, backoff_s: float):
-        self.backoff_s = backoff_s
-        self.until = 0.0
-        self.began = -math.inf
-        self.streak = 0
-        self.lock = threading.Lock()
-
-    def wait(self) -> None:
-        while (left := self.until - time.monotonic()) > 0:
-            time.sleep(left)
-
-    def refused(self, sent_at: float, wait: float | None) -> None:
-        with self.lock:
-            now = time.monotonic()
-            if sent_at >= self.began:
-                self.streak += 1
-                self.began = now
-                if wait is None:
-                    wait = min(self.backoff_s * 2 ** (self.streak - 1), MAX_POOL_PAUSE_S)
-            self.until = max(self.until, now + (wait or 0.0))
-
-    def answered(self, sent_at: float) -> None:
-        with self.lock:
-            if sent_at >= self.began:
-                self.streak = 0
-
-
-class Pace:
-    """At most ``per_minute`` units (requests or tokens) a minute, evenly spaced: a start waits until the
-    previous one's units x 60 / per_minute seconds have passed. Nothing is booked ahead and no burst is
-    allowed, so the rate holds over any stretch of time, and ``settle`` can correct an estimate (a
-    request's tokens) once the server has counted them, before the next start is decided."""
-
-    def __init__(self, per_minute: float):
-        self.seconds_per_unit = 60.0 / per_minute
-        self.next_start = 0.0
-        self.lock = threading.Lock()
-
-    def take(self, units: float) -> None:
-        while True:
-            with self.lock:
-                now = time.monotonic()
-                if self.next_start <= now:
-                    self.next_start = now + units * self.seconds_per_unit
-                    return
-                wait = self.next_start - now
-            time.sleep(wait)
-
-    def settle(self, estimated: float, counted: float) -> None:
-        with self.lock:
-            self.next_start += (counted - estimated) * self.seconds_per_unit
-
-
-@dataclass
-class Attempts:
-    """One request's tries, seen by the client's send hooks (which run on the request's thread)."""
-
-    tokens: float
-    count: int = 0
-    sent_at: float = 0.0
 
 
 class OpenAIGenerator:

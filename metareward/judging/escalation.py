@@ -3,8 +3,8 @@
 Fine-tuned judges are strong in their domain and weak outside it; handing the cases they are least
 confident about to a strong judge reaches the strong judge's accuracy at a fraction of its cost
 (Huang et al., "An Empirical Study of LLM-as-a-Judge"). Settings: ``judge.escalation``,
-``meta_judge.escalation`` (stages.py applies them in a run) and ``eval.escalation`` (evaluation.py
-draws the cascade curve with :func:`cascade`).
+``meta_judge.escalation`` (``loop.stages`` applies them in a run) and ``eval.escalation``
+(``judging.cascade`` draws the cascade curve in evaluation).
 
 Confidence signals, each in [0, 1] (higher: surer), None when an item lacks the signal's inputs (such an
 item is escalated first, and counted as ``no_signal``):
@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from metareward.config import EscalationConfig, EvalEscalationConfig, GeneratorConfig, ModelSpec
-from metareward.generation import Generator, Usage, make_generator
-from metareward.judging.judge_metrics import SIDES, JudgedPair, credit, mean_or_none
-from metareward.store.records import JUDGEMENTS, META_JUDGEMENTS, read_jsonl
+from metareward.config import EscalationConfig, GeneratorConfig, ModelSpec
+from metareward.generation import Generator, Usage
+from metareward.judging.judge_metrics import JudgedPair, mean_or_none
+from metareward.store.layout import JUDGEMENTS, META_JUDGEMENTS
+from metareward.store.records import read_jsonl
 
 NUM_SCORES = 6  # the rubric's 0..5
 # "Within 1 accuracy point of the strong judge alone" (fraction_to_match_strong).
@@ -167,23 +168,19 @@ def judge_name(spec: ModelSpec) -> str:
 
 
 class StrongJudge:
-    """A stage's stronger judge, made (a model loaded, or an endpoint's client) only once an item is
-    escalated, and closed by its owner: ``strong.generator()``, ``strong.usage()``, ``strong.close()``."""
+    """A stage's stronger judge, started (a model loaded, or an endpoint's client) only once an item is
+    escalated, and closed by its owner: ``strong.generator()``, ``strong.usage()``, ``strong.close()``.
+    ``start`` makes its generator from its settings (the engines' ``strong_judge``)."""
 
-    def __init__(self, spec: ModelSpec, cache_dir: Path | None):
-        self.spec, self.cache_dir = spec, cache_dir
+    def __init__(self, spec: ModelSpec, start: Callable[[ModelSpec], Generator]):
+        self.spec, self.start = spec, start
         self.name = judge_name(spec)
         self.prices = prices_of(spec.generator)
         self._generator: Generator | None = None
 
     def generator(self) -> Generator:
         if self._generator is None:
-            from metareward.compute.models import spec_model_dir
-
-            # Behind an endpoint it answers in text: no local model or tokenizer is needed.
-            endpoint = self.spec.generator.backend == "openai"
-            model_dir = (self.spec.model.path or "") if endpoint else spec_model_dir(self.spec)
-            self._generator = make_generator(model_dir, self.spec.model, self.spec.generator, self.cache_dir)
+            self._generator = self.start(self.spec)
         return self._generator
 
     def usage(self) -> Usage:
@@ -207,9 +204,9 @@ class StageEscalation:
     seed: int
 
 
-def for_iteration(cfg, t: int, cache_dir: Path) -> dict[str, StageEscalation]:
+def for_iteration(cfg, t: int, start: Callable[[ModelSpec], Generator]) -> dict[str, StageEscalation]:
     """Iteration ``t``'s escalating stages (``judge.escalation``, ``meta_judge.escalation``, where
-    enabled) by role; the strong judges' answers are cached in ``cache_dir``."""
+    enabled) by role; ``start`` makes a strong judge's generator."""
     found = {}
     for role in ("judge", "meta_judge"):
         settings = getattr(cfg, role).escalation
@@ -222,7 +219,7 @@ def for_iteration(cfg, t: int, cache_dir: Path) -> dict[str, StageEscalation]:
             local_name, local_generator = f"M_{t - 1}", cfg.generator
         found[role] = StageEscalation(
             cfg=settings,
-            strong=StrongJudge(settings.judge, cache_dir),
+            strong=StrongJudge(settings.judge, start),
             local_name=local_name,
             local_prices=prices_of(local_generator),
             seed=zlib.crc32(f"{cfg.seed}/{t}/{role}_escalation".encode()),
@@ -330,133 +327,3 @@ def verdicts_agree(local: list[dict], strong: list[dict]) -> bool | None:
         if r["winner"] is not None and by_order.get((r["first_id"], r["second_id"])) is not None
     ]
     return None if not same else all(same)
-
-
-# ------------------------------------------------------------------ the cascade curve in evaluation
-
-
-@dataclass(frozen=True)
-class Cascade:
-    """Evaluation's strong judge: it answers every pair, and :func:`cascade` mixes its answers with the
-    local judge's."""
-
-    cfg: EvalEscalationConfig
-    strong: Generator
-    strong_prices: Prices | None
-    local_prices: Prices | None
-
-
-def _cost(judged: JudgedPair, prices: Prices | None) -> float:
-    return prices.cost(judged.prompt_tokens, judged.completion_tokens) if prices else 0.0
-
-
-def cascade(
-    local: list[JudgedPair], strong: list[JudgedPair], cfg: EvalEscalationConfig, prices: tuple, seed: int
-) -> dict:
-    """Accuracy and cost as the escalated share of a suite's pairs goes from 0 to 1, for ``cfg.signal``
-    and for random escalation; ``local[i]`` and ``strong[i]`` are the two judges' answers on pair i,
-    ``prices`` (local, strong) their :class:`Prices` or None.
-
-    Accuracy counts human-labelled pairs (ties left out, as in :func:`judge_metrics.suite_metrics`);
-    cost is the local judge on every pair plus the strong judge on the escalated ones. ``random_curve``
-    is the expectation over uniformly random choices of the escalated pairs (exact, not one draw), and
-    so is the signal's curve when the signal is ``random``. ``fraction_to_match_strong`` is the smallest
-    k/n, over every k, at which the cascade is within MATCH_TOLERANCE of the strong judge alone;
-    ``area_over_random`` the area between the signal's curve and random's (trapezoids over every k/n).
-    ``operating_point`` is what the budget (``cfg.fraction`` or ``cfg.threshold``) escalates."""
-    local_prices, strong_prices = prices
-    n = len(local)
-    if n == 0:
-        return {
-            "signal": cfg.signal,
-            "items": 0,
-            "curve": [],
-            "random_curve": [],
-            "strong_accuracy": None,
-            "local_accuracy": None,
-            "fraction_to_match_strong": None,
-            "area_over_random": None,
-        }
-    ids = [str(i) for i in range(n)]
-    confidences = {i: pair_confidence(cfg.signal, judged, seed) for i, judged in zip(ids, local, strict=True)}
-    labelled = [j.label in SIDES for j in local]
-    n_labelled = sum(labelled)
-    gain = [
-        credit(s.outcome(), s.label) - credit(lo.outcome(), lo.label) if lab else 0.0
-        for lo, s, lab in zip(local, strong, labelled, strict=True)
-    ]
-    local_credit = sum(credit(j.outcome(), j.label) for j, lab in zip(local, labelled, strict=True) if lab)
-    strong_cost = [_cost(j, strong_prices) for j in strong]
-    strong_tokens = [j.prompt_tokens + j.completion_tokens for j in strong]
-    base_cost = sum(_cost(j, local_prices) for j in local)
-
-    def accuracy(total_credit: float) -> float | None:
-        return total_credit / n_labelled if n_labelled else None
-
-    # Cumulative sums along the signal's order: the cascade at every k.
-    order = [int(i) for i in escalation_order(confidences, seed)]
-    at_k = [(0.0, 0.0, 0)]
-    for i in order:
-        credit_sum, cost_sum, tokens = at_k[-1]
-        at_k.append((credit_sum + gain[i], cost_sum + strong_cost[i], tokens + strong_tokens[i]))
-    total_gain, total_strong_cost, total_tokens = at_k[-1]
-
-    def signal_point(k: int) -> tuple:
-        if cfg.signal == "random":
-            return random_point(k)
-        credit_sum, cost_sum, tokens = at_k[k]
-        return accuracy(local_credit + credit_sum), cost_sum, tokens
-
-    def random_point(k: int) -> tuple:
-        share = k / n
-        return accuracy(local_credit + share * total_gain), share * total_strong_cost, share * total_tokens
-
-    def point(fraction: float, k: int, values: tuple) -> dict:
-        acc, cost, tokens = values
-        return {
-            "fraction": fraction,
-            "accuracy": acc,
-            "cost_usd": base_cost + cost if strong_prices or local_prices else None,
-            "escalated": k,
-            "strong_tokens": tokens,
-        }
-
-    fractions = [j / (cfg.curve_points - 1) for j in range(cfg.curve_points)]
-    curve = [point(f, fraction_count(f, n), signal_point(fraction_count(f, n))) for f in fractions]
-    random_curve = [point(f, fraction_count(f, n), random_point(fraction_count(f, n))) for f in fractions]
-    strong_accuracy = accuracy(local_credit + total_gain)
-    match = None
-    area = None
-    if strong_accuracy is not None:
-        match = next(
-            k / n for k in range(n + 1) if signal_point(k)[0] >= strong_accuracy - MATCH_TOLERANCE - 1e-12
-        )
-        lift = [signal_point(k)[0] - random_point(k)[0] for k in range(n + 1)]
-        area = sum((lift[k] + lift[k + 1]) / 2 for k in range(n)) / n
-    chosen = choose(confidences, cfg, seed)
-    chosen_gain = sum(gain[int(i)] for i in chosen)
-    operating = {
-        "fraction": cfg.fraction,
-        "threshold": cfg.threshold,
-        "escalated": len(chosen),
-        "accuracy": accuracy(local_credit + chosen_gain),
-        "cost_usd": base_cost + sum(strong_cost[int(i)] for i in chosen)
-        if strong_prices or local_prices
-        else None,
-        "strong_tokens": sum(strong_tokens[int(i)] for i in chosen),
-    }
-    return {
-        "signal": cfg.signal,
-        "items": n,
-        "no_signal": sum(c is None for c in confidences.values()),
-        "curve": curve,
-        "random_curve": random_curve,
-        "strong_accuracy": strong_accuracy,
-        "local_accuracy": accuracy(local_credit),
-        "fraction_to_match_strong": match,
-        "area_over_random": area,
-        "strong_cost_usd": total_strong_cost if strong_prices else None,
-        "operating_point": operating,
-        "escalated_pairs": sorted(int(i) for i in chosen),
-        "confidences": [confidences[i] for i in ids],
-    }

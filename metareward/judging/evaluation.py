@@ -1,14 +1,14 @@
 """Evaluation: how well the model judges (on the field's preference suites) and how well it answers.
 
-- Judge skill: ``load_suites`` (``eval.suites``, read by metareward/suites.py), then
+- Judge skill: ``load_suites`` (``eval.suites``, read by ``judging.suites``), then
   ``evaluate_suites``, which judges every pair under each protocol of ``eval.protocols``
   (``judge_pointwise``: the rubric judge scores each response; ``judge_pairwise``: both responses in
-  one prompt, both orders) and measures the verdicts with metareward/judge_metrics.py.
+  one prompt, both orders) and measures the verdicts with ``judging.judge_metrics``.
   ``metareward-eval-judge [overrides]`` (cli.py) runs it from the command line. With
   ``eval.escalation`` a strong judge answers every pair too and the cascade curve of the two
-  (escalation.py) is added per suite and protocol.
-- Actor skill: ``load_heldout_prompts``, ``generate_responses`` (for M_t and M_0), then
-  ``win_rate``, where a fixed evaluator compares the two models' answers in both orders.
+  (``judging.escalation``) is added per suite and protocol.
+- Actor skill (in ``heldout``): ``load_heldout_prompts``, ``generate_responses`` (for M_t and M_0),
+  then ``win_rate``, where a fixed evaluator compares the two models' answers in both orders.
 - ``evaluate_model``: both, for one model of a run (what the loop runs on M_0 and after each iteration).
 
 Everything but ``evaluate_model`` takes a :class:`~metareward.generation.Generator`, so tests can pass
@@ -18,27 +18,22 @@ stand-ins.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 from metareward.config import Config, ConfigError, EvalConfig
-from metareward.data import bundled_path, to_prompt_rows
-from metareward.generation import Generator, SamplingParams, make_generator, reads_probabilities
+from metareward.generation import Generator, SamplingParams, reads_probabilities
+from metareward.judging import cascade as cascades
 from metareward.judging import escalation
-from metareward.judging.escalation import Cascade, StrongJudge, prices_of
-from metareward.judging.judge_metrics import JudgedPair, Verdict, agreement_stats, mean_or_none, suite_metrics
+from metareward.judging.cascade import Cascade
+from metareward.judging.context_fit import ContextFit
+from metareward.judging.escalation import StrongJudge, prices_of
+from metareward.judging.heldout import generate_responses, load_heldout_prompts, win_rate
+from metareward.judging.judge_metrics import JudgedPair, Verdict, mean_or_none, suite_metrics
 from metareward.judging.prompts import Templates
+from metareward.judging.requests import judge_requests, verdict_requests
 from metareward.judging.suites import SuiteEntryError, SuitePair, load_suite
-from metareward.loop import stages
-from metareward.store.records import RecordError, read_jsonl_numbered
 
 log = logging.getLogger(__name__)
-
-BUNDLED_HELDOUT = "vicuna_bench_questions.jsonl"
-# Tokens kept free beyond eval.max_new_tokens for the cue a score or verdict is read after.
-CUE_TOKENS = 8
 
 
 # ------------------------------------------------------------------ judge skill on preference suites
@@ -101,7 +96,7 @@ def judge_pointwise(
         for pair in pairs
         for response in (pair.response_a, pair.response_b)
     ]
-    judged = stages.judge_requests(
+    judged = judge_requests(
         generator, requests, _sampling(cfg, cfg.num_judgements, seed), score_from, desc, read_probs
     )
     out = []
@@ -139,7 +134,7 @@ def judge_pairwise(
     for pair in pairs:
         requests.append(templates.pairwise_messages(pair.prompt, pair.response_a, pair.response_b))
         requests.append(templates.pairwise_messages(pair.prompt, pair.response_b, pair.response_a))
-    verdicts = stages.verdict_requests(
+    verdicts = verdict_requests(
         generator,
         requests,
         _sampling(cfg, 1, seed),
@@ -182,94 +177,6 @@ def _judged(
     )
 
 
-@dataclass(frozen=True)
-class ContextFit:
-    """The judge's context: a pair whose judge prompts (under a protocol) do not fit ``limit`` tokens is
-    skipped, or with ``mode="truncate"`` has its responses cut to the same number of tokens, keeping
-    their start (skipped after all when nothing of them fits) — the rule of ``data.long_prompts``."""
-
-    tokenizer: object
-    limit: int
-    mode: str
-
-    @classmethod
-    def for_model(
-        cls, model_dir: str, trust_remote_code: bool, max_new_tokens: int, mode: str
-    ) -> ContextFit | None:
-        """The fit for the model in ``model_dir``; None when it has no local tokenizer or states no
-        context length (a served model known only by name): its pairs are then not checked."""
-        from transformers import AutoConfig, AutoTokenizer
-
-        if not model_dir or not (Path(model_dir) / "config.json").is_file():
-            return None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError):
-            return None
-        context = getattr(config.get_text_config(), "max_position_embeddings", None)
-        if context is None:
-            return None
-        return cls(tokenizer, max(context - max_new_tokens - CUE_TOKENS, 1), mode)
-
-    def _tokens(self, messages: list[dict]) -> int:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _fits(self, templates: Templates, pair: SuitePair, a: str, b: str, protocol: str) -> bool:
-        if protocol == "pointwise":
-            requests = [templates.judge_messages(pair.prompt, a), templates.judge_messages(pair.prompt, b)]
-        else:
-            requests = [
-                templates.pairwise_messages(pair.prompt, a, b),
-                templates.pairwise_messages(pair.prompt, b, a),
-            ]
-        return all(self._tokens(messages) <= self.limit for messages in requests)
-
-    def _cut(self, text: str, keep: int) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= keep:
-            return text
-        cut = self.tokenizer.decode(ids[:keep], skip_special_tokens=True)
-        return cut if text.startswith(cut) else cut.rstrip("\ufffd")  # a cut inside a character
-
-    def _truncated(self, templates: Templates, pair: SuitePair, protocol: str) -> SuitePair | None:
-        """``pair`` with both responses cut to the most tokens that fit; None if none do."""
-        low, high = (
-            0,
-            max(
-                len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-                for text in (pair.response_a, pair.response_b)
-            ),
-        )
-        while low < high:  # binary search on the tokens kept of each response
-            middle = (low + high + 1) // 2
-            a, b = self._cut(pair.response_a, middle), self._cut(pair.response_b, middle)
-            if self._fits(templates, pair, a, b, protocol):
-                low = middle
-            else:
-                high = middle - 1
-        a, b = self._cut(pair.response_a, low), self._cut(pair.response_b, low)
-        if low == 0 or not (a.strip() and b.strip()):
-            return None
-        return dataclasses.replace(pair, response_a=a, response_b=b)
-
-    def fit(self, templates: Templates, pairs: list[SuitePair], protocol: str) -> tuple[list, dict]:
-        """The pairs that fit (truncated ones included) and ``{"skipped_too_long", "truncated"}``."""
-        kept, counts = [], {"skipped_too_long": 0, "truncated": 0}
-        for pair in pairs:
-            if self._fits(templates, pair, pair.response_a, pair.response_b, protocol):
-                kept.append(pair)
-                continue
-            cut = self._truncated(templates, pair, protocol) if self.mode == "truncate" else None
-            if cut is None:
-                counts["skipped_too_long"] += 1
-            else:
-                kept.append(cut)
-                counts["truncated"] += 1
-        return kept, counts
-
-
 def evaluate_suites(
     generator: Generator,
     templates: Templates,
@@ -287,9 +194,9 @@ def evaluate_suites(
     ``skipped_too_long`` and ``truncated`` (null when not checked).
 
     With ``cascade`` (``eval.escalation``) its strong judge answers every pair too, in text, and each
-    suite and protocol gets ``"escalation"``: the cascade curve of :func:`escalation.cascade`; per-pair
-    rows then hold the strong judge's outcome, the local judge's confidence and whether the budget
-    escalates the pair."""
+    suite and protocol gets ``"escalation"``: the cascade curve of
+    :func:`~metareward.judging.cascade.cascade`; per-pair rows then hold the strong judge's outcome, the
+    local judge's confidence and whether the budget escalates the pair."""
     result: dict = {"suites": {}}
     per_pair = []
     for name, all_pairs in suites:
@@ -339,7 +246,7 @@ def evaluate_suites(
                 strong = _judge_suite(
                     cascade.strong, templates, fitted, cfg, protocol, "text", False, "strong"
                 )
-                curve = escalation.cascade(
+                curve = cascades.cascade(
                     judged, strong, cascade.cfg, (cascade.local_prices, cascade.strong_prices), cfg.seed
                 )
                 escalated = set(curve.pop("escalated_pairs", []))
@@ -374,133 +281,38 @@ def _judge_suite(
     return judge_pairwise(generator, templates, pairs, cfg, cfg.seed, winner_from, read_probs, desc)
 
 
-# ------------------------------------------------------------------ actor win rate
-
-
-def _json_list(source: Path) -> list[tuple[int, dict]]:
-    try:
-        rows = json.loads(source.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RecordError(f"{source}: not a JSON list of prompt rows ({error})") from None
-    if not isinstance(rows, list):
-        raise RecordError(f"{source}: expected a JSON list of prompt rows, got {type(rows).__name__}")
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise RecordError(f"{source}:{number}: expected a JSON object, got {type(row).__name__}")
-    return list(enumerate(rows, start=1))
-
-
-def load_heldout_prompts(path: str | None, num: int) -> list[dict]:
-    """The first ``num`` held-out prompts ``{"prompt_id", "messages"}`` of a JSONL file, or of a JSON
-    list (``.json``: alpaca_eval's evaluation set, whose rows have ``instruction``; "line" then means
-    the row's place in the list).
-
-    None reads the bundled Vicuna-bench questions. Rows with ``turns`` (Vicuna / MT-Bench) become
-    their first turn as one user message, id from ``question_id``; any other row may take any
-    shape ``data.path`` accepts. The first rows, not a sample, so M_0 and every M_t see the same."""
-    source = Path(path) if path else bundled_path(BUNDLED_HELDOUT)
-    numbered = _json_list(source) if source.suffix == ".json" else read_jsonl_numbered(source)
-    rows = []
-    for number, row in numbered:
-        if "turns" in row:
-            turns = row["turns"]
-            if not (isinstance(turns, list) and turns and isinstance(turns[0], str)):
-                raise RecordError(f"{source}:{number}: `turns` must be a non-empty list of strings")
-            # Only the first turn: later MT-Bench turns refer to an answer the model has not given.
-            ids = {k: row[k] for k in ("prompt_id", "id", "question_id") if k in row}
-            row = {**ids, "prompt": turns[0]}
-        rows.append(row)
-    prompts = to_prompt_rows(rows, str(source), [number for number, _ in numbered])
-    return prompts[:num]
-
-
-def generate_responses(
-    generator: Generator, prompts: list[dict], max_new_tokens: int, seed: int
-) -> list[dict]:
-    """One greedy response per prompt, ``{"prompt_id", "text", "num_tokens"}``: greedy so a model's
-    answers are its most likely ones and do not vary between evaluations."""
-    params = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
-    outputs = generator.generate([p["messages"] for p in prompts], params, desc="eval responses")
-    firsts = [(prompt["prompt_id"], c[0]) for prompt, c in zip(prompts, outputs, strict=True)]
-    return [{"prompt_id": pid, "text": c.text, "num_tokens": c.num_tokens} for pid, c in firsts]
-
-
-def win_rate(
-    evaluator: Generator,
-    templates: Templates,
-    prompts: list[dict],
-    candidate: list[dict],
-    baseline: list[dict],
-    cfg: EvalConfig,
-    seed: int,
-) -> dict:
-    """How often ``evaluator`` prefers ``candidate``'s response to ``baseline``'s (rows from
-    ``generate_responses``, matched by prompt id).
-
-    Each prompt is judged in both orders, which cancels the evaluator's position bias; a prompt's
-    score is the mean over the orders of 1 (candidate won), 0 (lost) or 0.5 (no verdict)."""
-    cand = {r["prompt_id"]: r for r in candidate}
-    base = {r["prompt_id"]: r for r in baseline}
-    requests = []
-    for prompt in prompts:
-        a, b = cand[prompt["prompt_id"]]["text"], base[prompt["prompt_id"]]["text"]
-        requests.append(templates.pairwise_messages(prompt["messages"], a, b))  # candidate first
-        requests.append(templates.pairwise_messages(prompt["messages"], b, a))  # baseline first
-    params = SamplingParams(
-        n=1, temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens, seed=seed
-    )
-    verdicts = stages.verdict_requests(
-        evaluator, requests, params, "text_or_probs", desc="eval win rate", pairwise=True
-    )
-    winners = [v["winner"] for v in verdicts]
-
-    # The candidate is "A" in the first order and "B" in the second; no verdict counts 0.5.
-    won = [0.5 if w is None else float(w == "AB"[i % 2]) for i, w in enumerate(winners)]
-    scores = [(won[2 * i] + won[2 * i + 1]) / 2 for i in range(len(prompts))]
-    decided = [w for w in winners if w is not None]
-    stats = agreement_stats(scores, cfg.bootstrap_samples, cfg.seed)
-    return {
-        "win_rate": stats["mean"],
-        "ci_low": stats["ci_low"],
-        "ci_high": stats["ci_high"],
-        "candidate_mean_tokens": mean_or_none([cand[p["prompt_id"]]["num_tokens"] for p in prompts]),
-        "baseline_mean_tokens": mean_or_none([base[p["prompt_id"]]["num_tokens"] for p in prompts]),
-        "first_position_win_share": mean_or_none([float(w == "A") for w in decided]),
-        "num_prompts": len(prompts),
-    }
-
-
 # ------------------------------------------------------------------ one model, as the loop evaluates it
 
 
 def evaluate_model(
     cfg: Config,
+    engines,
     model_dir: str,
+    seed_dir: str,
     iteration: int,
-    evaluator_dir: str,
     templates: Templates,
-    cache_dir: Path,
     baseline: list | None = None,
-    make=make_generator,
 ) -> dict:
     """The judge skill of M_``iteration`` in ``model_dir`` on every suite and protocol, and its greedy
     answers to the held-out prompts; with ``baseline`` (M_0's answers) also its actor's win rate
-    against them, judged by the fixed evaluator in ``evaluator_dir`` (``eval.evaluator``: M_0 unless
-    it has a model of its own).
+    against them, judged by the fixed evaluator (``eval.evaluator``: M_0 in ``seed_dir`` unless it has a
+    model of its own).
 
     M_t also judges its own answers against M_0's: ``actor.self_preference`` is that win rate minus
     the fixed evaluator's.
 
     Returns ``{"judge": {suite: {protocol: metrics}}, "per_pair": rows, "heldout_responses": rows[,
-    "actor": win rate]}``. ``make`` makes the generators (``make_generator``'s arguments; the loop's
-    puts them on the cluster with cluster=ray)."""
+    "actor": win rate]}``. ``engines`` (:class:`metareward.engines.Engines`) start the generators;
+    evaluation is not dealt in chunks, so each is one engine wherever they run."""
     suites = load_suites(cfg.eval)
     heldout = load_heldout_prompts(cfg.eval.heldout_prompts, cfg.eval.num_heldout)
     fit = ContextFit.for_model(
         model_dir, cfg.model.trust_remote_code, cfg.eval.max_new_tokens, cfg.data.long_prompts
     )
-    generator = make(model_dir, cfg.model, cfg.generator, cache_dir)
-    strong = StrongJudge(cfg.eval.escalation.judge, cache_dir) if cfg.eval.escalation.enabled else None
+    generator = engines.start(engines.seat(None, model_dir), replicas=1)
+    strong = (
+        StrongJudge(cfg.eval.escalation.judge, engines.strong_judge) if cfg.eval.escalation.enabled else None
+    )
     try:
         cascade = None
         if strong is not None:
@@ -533,9 +345,7 @@ def evaluate_model(
             strong.close()
     result = {"judge": judge["suites"], "per_pair": per_pair, "heldout_responses": responses}
     if baseline is not None and cfg.eval.win_rate:
-        spec = cfg.eval.evaluator
-        model, settings = (spec.model, spec.generator) if spec.own_model else (cfg.model, cfg.generator)
-        evaluator = make(evaluator_dir, model, settings, cache_dir)
+        evaluator = engines.start(engines.seat(cfg.eval.evaluator, seed_dir), replicas=1)
         try:
             seed = cfg.eval.seed + iteration
             result["actor"] = win_rate(

@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from metareward.store import layout
 from metareward.store.records import write_json, write_jsonl
 
-ALPACA_EVAL_OUTPUTS = "alpaca_eval_model_outputs.json"
-FASTCHAT_ANSWERS = "fastchat_answers.jsonl"
+ALPACA_EVAL_OUTPUTS = layout.ALPACA_EVAL_OUTPUTS
+FASTCHAT_ANSWERS = layout.FASTCHAT_ANSWERS
 
 
 def _question(prompt: dict) -> str:

@@ -11,7 +11,10 @@
 With ``num_pairs``, a seeded sample of that many rows is returned, in file order (all rows when the file
 has fewer); every row is read and checked whatever the sample.
 
-Formats, detected from each row's fields (../shared/CONTRACT.md, "Preference suites"):
+Formats, detected from each row's fields: ``pairs`` is that of RewardBench, HH-RLHF and TRL preference
+data, ``ab`` JudgeBench's, ``llmbar`` LLMBar's (and MT-Bench's human judgements as LLMBar ships them),
+``pandalm`` PandaLM's (several annotators a pair: their votes give a distribution, their majority the
+label), ``autoj`` Auto-J's:
 
 ========  =====================================================  ==========================================
 format    fields                                                 label

@@ -1,10 +1,15 @@
-"""Iterations and resume: the one place that decides the order of work and touches the run directory.
+"""Iterations and resume: the one place that decides the order of work.
 
 Iteration t uses M_{t-1} (M_0 = the seed) in all three roles and trains M_t from it:
 prompts -> actor -> judge -> meta-judge -> pairs -> DPO. A stage whose file is complete is
-skipped on resume; an iteration is finished once its ``metrics.json`` exists.
+skipped on resume; an iteration is finished once its ``metrics.json`` exists. Every generator and
+training comes from the run's engines (:mod:`metareward.engines`); the stages, pairs and synthesis
+write their own files, named in :mod:`metareward.store.layout`.
 
     Run(config).run()    # config: metareward.config.Config, e.g. from load_config(None, overrides)
+    Run(config, engines=my_engines).run()    # other engines (e.g. stand-ins in tests)
+
+Over 400 lines: the order of work reads top to bottom here, and splitting ``Run`` would scatter it.
 """
 
 from __future__ import annotations
@@ -20,33 +25,26 @@ from omegaconf import OmegaConf
 
 from metareward import report
 from metareward.align.data import ALIGN_METRICS, align_paths, load_align_split
-from metareward.compute.models import resolve_model, spec_model_dir
 from metareward.config import Config
 from metareward.data import fit_to_model, load_prompts, prompts_for_iteration, reuse_notice, to_prompt_rows
-from metareward.generation import Generator, Usage, make_generator
+from metareward.engines import ClusterError, Engines, engines_for
+from metareward.generation import Generator, Usage
 from metareward.judging import escalation
-from metareward.judging.evaluation import evaluate_model, load_heldout_prompts, load_suites
+from metareward.judging.evaluation import evaluate_model, load_suites
 from metareward.judging.exports import write_heldout_exports
+from metareward.judging.heldout import load_heldout_prompts
 from metareward.judging.prompts import Templates
 from metareward.loop import guards, pairs, stages, synthesis
 from metareward.loop.metrics import iteration_metrics
 from metareward.report import tracking
 from metareward.report.tracking import make_tracker
-from metareward.store import records, runlock
-from metareward.store.records import ChunkedFile, iter_dir, read_jsonl, write_json, write_jsonl
+from metareward.store import layout, records, runlock
+from metareward.store.layout import iter_dir
+from metareward.store.records import ChunkedFile, read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
-CACHE = "cache"
-# Ray Train's own files of each training job with cluster=ray (its storage_path).
-RAY_TRAIN = "ray_train"
-# The iteration whose judge is most accurate on eval.select_by.
-BEST = "best.json"
-# Each evaluated model's held-out answers in alpaca_eval's and FastChat's formats: heldout/M_<t>/.
-HELDOUT = "heldout"
-# How many of an iteration's prompts were kept, skipped as too long, or truncated (data.long_prompts).
-PROMPT_FIT = "prompt_fit.json"
-ROLE_FILES = {"actor": records.RESPONSES, "judge": records.JUDGEMENTS, "meta_judge": records.META_JUDGEMENTS}
+ROLE_FILES = {"actor": layout.RESPONSES, "judge": layout.JUDGEMENTS, "meta_judge": layout.META_JUDGEMENTS}
 # Settings that may change between a run and its resumption without changing any finished work.
 RESUMABLE_CHANGES = {
     "iterations",
@@ -82,7 +80,7 @@ def config_yaml(cfg: Config) -> str:
 
 def check_run_config(run_dir: Path, cfg: Config) -> None:
     """Write the run's config.yaml once; on resume refuse a changed config unless allowed."""
-    path = run_dir / records.CONFIG
+    path = run_dir / layout.CONFIG
     if path.is_file():
         # A setting newer than the saved file reads as its default there: a run started before the
         # setting existed resumes unless the setting was changed from it.
@@ -139,9 +137,11 @@ def spending(generator: Generator | None, usage: dict, role: str):
 class Run:
     """One metareward run directory, driven iteration by iteration."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, engines: Engines | None = None):
         self.cfg = cfg
         self.dir = Path(cfg.runs_dir) / cfg.run_name
+        # Every generator and training of the run comes from here (tests hand in stand-ins).
+        self.engines = engines or engines_for(cfg, self.dir)
         self.templates = Templates.load(
             cfg.judge.template, cfg.meta_judge.template, cfg.eval.pairwise_template
         )
@@ -153,18 +153,10 @@ class Run:
         with runlock.hold(self.dir):
             # Holding the lock proves every earlier writer of the directory gone: its temp files are stale.
             records.remove_stale_temps(self.dir)
-            if self.cfg.cluster.kind != "ray":
-                return self._run_locked()
-            from metareward.engines import cluster
-
             try:
-                started = cluster.connect(self.cfg.cluster)
-                try:
+                with self.engines.session():
                     return self._run_locked()
-                finally:
-                    if started:
-                        cluster.shutdown()
-            except cluster.ClusterError as error:  # one line: what the cluster cannot do, and what to change
+            except ClusterError as error:  # one line: what the cluster cannot do, and what to change
                 raise RunStopped(str(error)) from None
 
     def _run_locked(self) -> list[dict]:
@@ -176,7 +168,7 @@ class Run:
             load_suites(cfg.eval)  # a bad suite file fails here, not after minutes of generation
         if cfg.judge_alignment.enabled:
             alignment_rows = load_align_split(cfg)  # so do bad alignment rows
-        self.seed_dir = model_dir = resolve_model(cfg.model)
+        self.seed_dir = model_dir = self.engines.seed()
         check_run_config(self.dir, cfg)
         history = []
         with make_tracker(cfg.tracking, self.dir, cfg.run_name, asdict(cfg)) as tracker:
@@ -184,27 +176,27 @@ class Run:
                 self.seed_dir = model_dir = self._aligned_seed(model_dir, alignment_rows, tracker)
             if cfg.data.kind == "synthetic":  # the prompter writes from the seed set loaded above
                 all_prompts = self._prompt_pool(all_prompts, model_dir, tracker)
-            if cfg.eval.enabled and not (self.dir / records.EVAL_0).is_file():
+            if cfg.eval.enabled and not (self.dir / layout.EVAL_0).is_file():
                 # M_0's judge skill is the baseline every later iteration is compared with.
-                write_json(self.dir / records.EVAL_0, self._evaluate(model_dir, iteration=0))
-                judge_0 = records.read_json(self.dir / records.EVAL_0)["judge"]
+                write_json(self.dir / layout.EVAL_0, self._evaluate(model_dir, iteration=0))
+                judge_0 = records.read_json(self.dir / layout.EVAL_0)["judge"]
                 tracker.log({"eval": judge_0}, step=0)
                 tracking.log_cascade_curves(tracker, judge_0, step=0)
             if cfg.eval.enabled:
-                judge_0 = records.read_json(self.dir / records.EVAL_0)["judge"]
+                judge_0 = records.read_json(self.dir / layout.EVAL_0)["judge"]
                 log.info("\n".join(["== the seed model M_0 ==", *report.eval_lines(judge_0)]))
             for t in range(1, cfg.iterations + 1):
                 directory = iter_dir(self.dir, t)
-                if not (directory / records.METRICS).is_file():
+                if not (directory / layout.METRICS).is_file():
                     chosen = prompts_for_iteration(all_prompts, t, cfg.data.prompts_per_iteration, cfg.seed)
                     if notice := reuse_notice(len(all_prompts), t, cfg.data.prompts_per_iteration):
                         log.warning("metareward: %s", notice)
                     self._iteration(t, directory, model_dir, chosen, tracker)
                     self._track(tracker, t, directory)
-                metrics = records.read_json(directory / records.METRICS)
+                metrics = records.read_json(directory / layout.METRICS)
                 history.append(metrics)
                 log.info("%s\n%s", report.summary(metrics), report.sample(directory))
-                model_dir = str(directory / records.MODEL)
+                model_dir = str(directory / layout.MODEL)
         if cfg.eval.enabled:
             self._select_best(history)
         return history
@@ -212,23 +204,16 @@ class Run:
     def _aligned_seed(self, seed_dir: str, rows: tuple[list, list], tracker) -> str:
         """The EFT step: the seed trained as a judge toward human label distributions (``align.*``),
         once; the aligned model is M_0 for every role. Its metrics are in align/metrics.json."""
-        from metareward.align.trainer import align_judge, result_lines
+        from metareward.align.trainer import result_lines
 
         work_dir, model_dir = align_paths(self.cfg)
         metrics_path = work_dir / ALIGN_METRICS
-        saved_log = model_dir / records.TRAINING_LOG
+        saved_log = model_dir / layout.TRAINING_LOG
         if not metrics_path.is_file() and saved_log.is_file():  # killed between the model and its metrics
             write_json(metrics_path, {**records.read_json(saved_log)["alignment"], "seed_model": seed_dir})
         if not metrics_path.is_file():
             log.info("== aligning the seed model as a judge (%s objective) ==", self.cfg.align.objective)
-            places = {"out_dir": model_dir, "work_dir": work_dir}
-            if self.cfg.cluster.kind == "ray":
-                from metareward.engines.cluster import align_on_cluster
-
-                result = align_on_cluster(self.cfg, seed_dir, *rows, **places)
-            else:
-                trust = self.cfg.model.trust_remote_code
-                result = align_judge(seed_dir, self.cfg.align, *rows, **places, trust_remote_code=trust)
+            result = self.engines.align(seed_dir, *rows, out_dir=model_dir, work_dir=work_dir)
             write_json(metrics_path, {**result, "seed_model": seed_dir})
             tracker.log({"align": {"heldout": result["heldout"], "train": result["train"]}}, step=0)
         result = records.read_json(metrics_path)
@@ -238,16 +223,16 @@ class Run:
     def _select_best(self, history: list[dict]) -> None:
         """``best.json``: the iteration (0 = M_0) whose judge is most accurate on ``eval.select_by`` (the
         first suite and protocol by default); the earliest among equals."""
-        evaluated = [records.read_json(self.dir / records.EVAL_0)["judge"], *(m["eval"] for m in history)]
+        evaluated = [records.read_json(self.dir / layout.EVAL_0)["judge"], *(m["eval"] for m in history)]
         suite, protocol = select_key(self.cfg, evaluated[0])
         scored = [(t, e.get(suite, {}).get(protocol, {})) for t, e in enumerate(evaluated)]
         scored = [(t, m) for t, m in scored if m.get("accuracy") is not None]
         if not scored:
             return
         t, m = max(scored, key=lambda item: (item[1]["accuracy"], -item[0]))
-        model = self.seed_dir if t == 0 else str(iter_dir(self.dir, t) / records.MODEL)
+        model = self.seed_dir if t == 0 else str(iter_dir(self.dir, t) / layout.MODEL)
         best = {"iteration": t, "model": model, "select_by": f"{suite}/{protocol}"}
-        write_json(self.dir / BEST, {**best, **{k: m[k] for k in ("accuracy", "ci_low", "ci_high")}})
+        write_json(self.dir / layout.BEST, {**best, **{k: m[k] for k in ("accuracy", "ci_low", "ci_high")}})
         log.info(
             "best judge: iteration %d (%s/%s accuracy %.3f), %s", t, suite, protocol, m["accuracy"], model
         )
@@ -257,28 +242,30 @@ class Run:
     ) -> None:
         cfg = self.cfg
         directory.mkdir(parents=True, exist_ok=True)
-        if not (directory / records.PROMPTS).is_file():
+        if not (directory / layout.PROMPTS).is_file():
             fitted, counts = fit_to_model(
                 chosen_prompts, model_dir, cfg.data, cfg.actor.max_new_tokens, cfg.model.trust_remote_code
             )
-            write_json(directory / PROMPT_FIT, counts)
-            write_jsonl(directory / records.PROMPTS, fitted)
-        prompts = read_jsonl(directory / records.PROMPTS)
+            write_json(directory / layout.PROMPT_FIT, counts)
+            write_jsonl(directory / layout.PROMPTS, fitted)
+        prompts = read_jsonl(directory / layout.PROMPTS)
         if not prompts:
             raise RunStopped(
                 f"iteration {t} has no prompts that fit the model's context "
-                f"({records.read_json(directory / PROMPT_FIT)}); "
+                f"({records.read_json(directory / layout.PROMPT_FIT)}); "
                 "see data.max_prompt_tokens and data.long_prompts"
             )
 
-        generators, engines = self._role_generators(directory, model_dir)
-        escalations = escalation.for_iteration(self.cfg, t, self.dir / CACHE)
+        # A generator for each role whose stage still has work (None for a stage finished on disk).
+        pending = [role for role, name in ROLE_FILES.items() if not (directory / name).is_file()]
+        generators, engines = self.engines.for_roles(model_dir, pending)
+        escalations = escalation.for_iteration(self.cfg, t, self.engines.strong_judge)
         usage: dict[str, dict] = {}
         try:
-            actor, judge, meta_judge = (generators[role] for role in ROLE_FILES)
+            actor, judge, meta_judge = (generators.get(role) for role in ROLE_FILES)
             with spending(actor, usage, "actor"):
                 responses = stages.actor(
-                    self._context(actor, t), prompts, cfg.actor, ChunkedFile(directory / records.RESPONSES)
+                    self._context(actor, t), prompts, cfg.actor, ChunkedFile(directory / layout.RESPONSES)
                 )
             with spending(judge, usage, "judge"):
                 judgements = stages.judge(
@@ -286,7 +273,7 @@ class Run:
                     prompts,
                     responses,
                     cfg.judge,
-                    ChunkedFile(directory / records.JUDGEMENTS),
+                    ChunkedFile(directory / layout.JUDGEMENTS),
                     escalations.get("judge"),
                 )
             with spending(meta_judge, usage, "meta_judge"):
@@ -297,7 +284,7 @@ class Run:
                     # Over-long judgements are unusable (pairs.max_judgement_tokens): never compared.
                     pairs.within_token_limit(judgements, cfg.pairs.max_judgement_tokens),
                     cfg.meta_judge,
-                    ChunkedFile(directory / records.META_JUDGEMENTS),
+                    ChunkedFile(directory / layout.META_JUDGEMENTS),
                     escalations.get("meta_judge"),
                 )
         finally:
@@ -315,12 +302,12 @@ class Run:
         actor_rows, judge_rows, pair_stats = pairs.build_pairs(
             directory, cfg.pairs.rho_for(t), cfg.pairs.elo_l2, self.templates.judge_messages, cfg.pairs
         )
-        if not ((directory / records.ACTOR_PAIRS).is_file() and (directory / records.JUDGE_PAIRS).is_file()):
+        if not ((directory / layout.ACTOR_PAIRS).is_file() and (directory / layout.JUDGE_PAIRS).is_file()):
             pairs.write_pairs(directory, actor_rows, judge_rows)
         guard = self._guard(t, responses, judgements, verdicts, tracker)
         # What is trained is what is on disk: pairs rebuilt there (metareward-pairs) since count.
-        actor_rows = read_jsonl(directory / records.ACTOR_PAIRS)
-        judge_rows = read_jsonl(directory / records.JUDGE_PAIRS)
+        actor_rows = read_jsonl(directory / layout.ACTOR_PAIRS)
+        judge_rows = read_jsonl(directory / layout.JUDGE_PAIRS)
         pair_stats["actor"]["pairs"], pair_stats["judge"]["pairs"] = len(actor_rows), len(judge_rows)
         train_judge = t in cfg.train.judge_iterations
         rows = actor_rows + (judge_rows if train_judge else [])
@@ -334,16 +321,16 @@ class Run:
             if cfg.train.on_no_pairs == "stop":
                 raise RunStopped(reason + "; train.on_no_pairs=carry would go on with the model unchanged")
             log.warning("metareward: %s; M_%d = M_%d (train.on_no_pairs=carry)", reason, t, t - 1)
-            training = carry_forward(model_dir, directory / records.MODEL, reason)
+            training = carry_forward(model_dir, directory / layout.MODEL, reason)
 
-        if cfg.eval.enabled and not (directory / records.EVAL).is_file():
-            write_json(directory / records.EVAL, self._evaluate(str(directory / records.MODEL), iteration=t))
-        evaluated = records.read_json(directory / records.EVAL) if cfg.eval.enabled else {}
+        if cfg.eval.enabled and not (directory / layout.EVAL).is_file():
+            write_json(directory / layout.EVAL, self._evaluate(str(directory / layout.MODEL), iteration=t))
+        evaluated = records.read_json(directory / layout.EVAL) if cfg.eval.enabled else {}
         metrics = {
             "iteration": t,
             "prompts": len(prompts),
-            "prompt_fit": records.read_json(directory / PROMPT_FIT)
-            if (directory / PROMPT_FIT).is_file()
+            "prompt_fit": records.read_json(directory / layout.PROMPT_FIT)
+            if (directory / layout.PROMPT_FIT).is_file()
             else {},
             **iteration_metrics(
                 prompts, responses, judgements, verdicts, actor_rows, judge_rows, pair_stats, training
@@ -362,12 +349,12 @@ class Run:
                 for role in [*ROLE_FILES, *(f"{role}_strong" for role in escalations)]
             },
         }
-        write_json(directory / records.METRICS, metrics)
+        write_json(directory / layout.METRICS, metrics)
 
     def _guard(self, t: int, responses: list, judgements: list, verdicts: list, tracker) -> dict:
         """Iteration t's guard values and alarms (guards.py), against the previous iteration's values;
         an alarm is logged, or with guards.on_alarm=stop ends the run before the iteration trains."""
-        previous = iter_dir(self.dir, t - 1) / records.METRICS
+        previous = iter_dir(self.dir, t - 1) / layout.METRICS
         prior = records.read_json(previous).get("guards") if t > 1 and previous.is_file() else None
         values = guards.guard_values(responses, judgements, verdicts, prior)
         guard = guards.with_alarms(values, self.cfg.guards)
@@ -383,13 +370,8 @@ class Run:
         a model of its own) the first time, read back after."""
         cfg = self.cfg
         if not synthesis.pool_complete(self.dir):
-            spec = cfg.roles.prompter
-            if spec.own_model:
-                generator = self._engine(spec_model_dir(spec), spec.model, spec.generator, self.dir / CACHE)
-                chunk_size = spec.generator.chunk_size
-            else:
-                generator = self._engine(seed_dir, cfg.model, cfg.generator, self.dir / CACHE)
-                chunk_size = cfg.generator.chunk_size
+            seat = self.engines.seat(cfg.roles.prompter, seed_dir)
+            generator, chunk_size = self.engines.start(seat), seat.generator.chunk_size
             try:
                 synthesis.build_pool(generator, seeds, cfg.data.synthetic, self.dir, cfg.seed, chunk_size)
             except synthesis.SynthesisError as error:
@@ -407,76 +389,34 @@ class Run:
         )
         return to_prompt_rows(rows, str(self.dir / synthesis.POOL))
 
-    def _engine(
-        self, model_dir: str, model, settings, cache_dir: Path | None = None, replicas: int | None = None
-    ) -> Generator:
-        """A generator serving ``model_dir``: here, or with cluster=ray (and a backend that is not an
-        endpoint) ``replicas`` engines on the cluster (default ``cluster.replicas``)."""
-        if self.cfg.cluster.kind == "ray" and settings.backend != "openai":
-            from metareward.engines.cluster import ReplicaPool
-
-            return ReplicaPool(model_dir, model, settings, cache_dir, self.cfg.cluster, replicas)
-        return make_generator(model_dir, model, settings, cache_dir)
-
     def _context(self, generator: Generator | None, t: int) -> stages.StageContext:
         return stages.StageContext(generator, self.templates, self.cfg.seed, t, self.cfg.generator.chunk_size)
 
     def _track(self, tracker, t: int, directory: Path) -> None:
-        metrics = records.read_json(directory / records.METRICS)
+        metrics = records.read_json(directory / layout.METRICS)
         tracker.log(metrics, step=t)
-        limit = self.cfg.tracking.table_rows
-        for role, name in (("actor", records.ACTOR_PAIRS), ("judge", records.JUDGE_PAIRS)):
-            rows = read_jsonl(directory / name)[:limit]
-            columns = ["prompt", "chosen", "rejected", "chosen_score", "rejected_score"]
-            table = [
-                [
-                    r["prompt"][-1]["content"],
-                    r["chosen"][0]["content"],
-                    r["rejected"][0]["content"],
-                    r["chosen_score"],
-                    r["rejected_score"],
-                ]
-                for r in rows
-            ]
-            tracker.log_table(f"{role}_pairs", columns, table, step=t)
-        tracking.log_cascade_curves(tracker, metrics.get("eval", {}), step=t)
-        alarms = metrics.get("guards", {}).get("alarms", [])
-        rows = [[a["guard"], a["value"], a["threshold"], a["reason"]] for a in alarms]
-        tracker.log_table("guard_alarms", ["guard", "value", "threshold", "reason"], rows, step=t)
+        tracking.log_iteration_tables(tracker, directory, metrics, step=t, limit=self.cfg.tracking.table_rows)
 
     def _evaluate(self, model_dir: str, iteration: int) -> dict:
         """Judge-human agreement of M_``iteration`` and, after iteration 1.., its actor's win rate
         against M_0 on held-out prompts, judged by the fixed evaluator."""
         baseline = None
         if iteration > 0:
-            baseline = records.read_json(self.dir / records.EVAL_0)["heldout_responses"]
-        spec = self.cfg.eval.evaluator
-        evaluator_dir = spec_model_dir(spec) if spec.own_model else self.seed_dir
+            baseline = records.read_json(self.dir / layout.EVAL_0)["heldout_responses"]
         result = evaluate_model(
-            self.cfg,
-            model_dir,
-            iteration,
-            evaluator_dir,
-            self.templates,
-            self.dir / CACHE,
-            baseline,
-            # Evaluation is not dealt in chunks: one engine on the cluster serves it.
-            make=lambda *args: self._engine(*args, replicas=1),
+            self.cfg, self.engines, model_dir, self.seed_dir, iteration, self.templates, baseline
         )
         if result["heldout_responses"]:
             # M_t's answers for alpaca_eval and MT-Bench's judge, to score it elsewhere.
             prompts = load_heldout_prompts(self.cfg.eval.heldout_prompts, self.cfg.eval.num_heldout)
             name = f"{self.cfg.run_name}-M_{iteration}"
             write_heldout_exports(
-                self.dir / HELDOUT / f"M_{iteration}", prompts, result["heldout_responses"], name
+                layout.heldout_dir(self.dir, iteration), prompts, result["heldout_responses"], name
             )
         return result
 
     def _train(self, model_dir: str, rows: list[dict], directory: Path, t: int, tracker) -> dict:
-        from metareward.training import launch_dpo, step_rows, train_dpo
-
-        out = directory / records.MODEL
-        train = self.cfg.train
+        out = directory / layout.MODEL
         if not (out / "config.json").is_file():
             # W&B's DPO series counts optimiser steps across iterations, so iterations stay apart.
             offset = self._steps_before(t)
@@ -484,65 +424,22 @@ class Run:
             def on_log(row: dict) -> None:
                 tracker.log_dpo_step(t, offset + int(row["step"]), row)
 
-            common = {"seed": self.cfg.seed + t, "trust_remote_code": self.cfg.model.trust_remote_code}
-            if self.cfg.cluster.kind == "ray":
-                from metareward.engines.cluster import train_job
-                from metareward.training import write_job
-
-                job_dir = directory / "train_job"
-                write_job(model_dir, rows, train.dpo, out, job_dir=job_dir, **common)
-                job = {"kind": "dpo", "job_dir": str(job_dir.absolute())}
-                train_job(
-                    self.cfg.cluster, train.accelerate_config, job, self.dir / RAY_TRAIN, f"iter_{t}_dpo"
-                )
-                for row in step_rows(records.read_json(out / records.TRAINING_LOG)):
-                    on_log(row)
-            elif train.launcher == "accelerate":
-                result = launch_dpo(
-                    model_dir,
-                    rows,
-                    train.dpo,
-                    out,
-                    job_dir=directory / "train_job",
-                    accelerate_config=train.accelerate_config,
-                    **common,
-                )
-                for row in step_rows(result):  # the processes' log, after the fact
-                    on_log(row)
-            else:
-                train_dpo(model_dir, rows, train.dpo, out, on_log=on_log, **common)
-        return records.read_json(out / records.TRAINING_LOG)
+            job_dir = directory / layout.TRAIN_JOB
+            self.engines.train_dpo(
+                model_dir,
+                rows,
+                out,
+                job_dir=job_dir,
+                name=f"iter_{t}_dpo",
+                seed=self.cfg.seed + t,
+                on_log=on_log,
+            )
+        return records.read_json(out / layout.TRAINING_LOG)
 
     def _steps_before(self, t: int) -> int:
         """Optimiser steps of iterations 1..t-1, from their models' training logs."""
-        logs = [iter_dir(self.dir, s) / records.MODEL / records.TRAINING_LOG for s in range(1, t)]
+        logs = [iter_dir(self.dir, s) / layout.MODEL / layout.TRAINING_LOG for s in range(1, t)]
         return sum(records.read_json(path).get("global_steps", 0) for path in logs if path.is_file())
-
-    def _role_generators(self, directory: Path, model_dir: str) -> tuple[dict, list[Generator]]:
-        """A generator for each role whose stage still has work (None for a finished one), and the
-        engines made; roles played by the same model through the same backend share one (the paper's
-        default: one engine for all three roles)."""
-        made: dict[str, Generator] = {}
-        by_role: dict[str, Generator | None] = {}
-        for role, name in ROLE_FILES.items():
-            if (directory / name).is_file():
-                by_role[role] = None
-                continue
-            spec = getattr(self.cfg.roles, role)
-            key = (
-                json.dumps([asdict(spec.model), asdict(spec.generator)], sort_keys=True)
-                if spec.own_model
-                else ""
-            )
-            if key not in made:
-                if spec.own_model:
-                    made[key] = self._engine(
-                        spec_model_dir(spec), spec.model, spec.generator, self.dir / CACHE
-                    )
-                else:
-                    made[key] = self._engine(model_dir, self.cfg.model, self.cfg.generator, self.dir / CACHE)
-            by_role[role] = made[key]
-        return by_role, list(made.values())
 
 
 def select_key(cfg: Config, evaluated: dict) -> tuple[str, str]:
@@ -567,8 +464,8 @@ def carry_forward(model_dir: str, out: Path, reason: str) -> dict:
     if not (out / "config.json").is_file():
         tmp = out.parent / (out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns(records.TRAINING_LOG))
-        (tmp / records.TRAINING_LOG).write_text(json.dumps(log_row, indent=2))
+        shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns(layout.TRAINING_LOG))
+        (tmp / layout.TRAINING_LOG).write_text(json.dumps(log_row, indent=2))
         shutil.rmtree(out, ignore_errors=True)
         tmp.replace(out)
-    return records.read_json(out / records.TRAINING_LOG)
+    return records.read_json(out / layout.TRAINING_LOG)

@@ -32,12 +32,12 @@ from pathlib import Path
 
 from metareward.config import SynthesisConfig
 from metareward.generation import Generator, SamplingParams
-from metareward.store import faults
+from metareward.store import faults, layout
 from metareward.store.records import ChunkedFile, read_chunk, read_json, read_jsonl, write_json
 
-POOL = "prompt_pool.jsonl"
-REJECTED = "prompt_pool_rejected.jsonl"
-POOL_STATS = "prompt_pool.json"
+POOL = layout.POOL
+REJECTED = layout.POOL_REJECTED
+POOL_STATS = layout.POOL_STATS
 REASONS = (
     "empty",
     "truncated",

@@ -12,6 +12,9 @@ Two x-axes share the run, as W&B custom step metrics (``define_metric``): iterat
 and tables are logged with ``iteration`` (0 = before iteration 1), DPO's per-step rows as
 ``dpo/<name>`` with ``dpo/global_step`` (optimiser steps counted across iterations) and
 ``dpo/iteration``. No explicit W&B ``step`` is passed: ``_step`` is W&B's own row counter.
+
+The tables of an iteration (:func:`log_iteration_tables`) are built here from its files and metrics:
+sample pairs (:func:`pair_rows`), guard alarms (:func:`alarm_rows`) and cascade curves.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from metareward.config import TrackingConfig
-from metareward.store.records import write_text
+from metareward.store import layout
+from metareward.store.layout import ACTOR_PAIRS, JUDGE_PAIRS
+from metareward.store.records import read_jsonl, write_text
 
-RUN_ID_FILE = "wandb_run_id"
+RUN_ID_FILE = layout.WANDB_RUN_ID
 # The step metrics (x-axes) of iteration-level and of DPO-step rows.
 ITERATION = "iteration"
 DPO_PREFIX = "dpo/"
@@ -34,6 +39,9 @@ DPO_STEP = DPO_PREFIX + "global_step"
 WANDB_MODES = {"offline": "offline", "wandb": "online"}
 # Config keys that name a credential are never sent, whatever the caller passes ("max_new_tokens" is fine).
 SECRET_KEY = re.compile(r"(^|[_.-])(api_?key|token|secret|password|passwd|credentials?)([_.-]|$)", re.I)
+# The columns of an iteration's ``actor_pairs`` / ``judge_pairs`` and ``guard_alarms`` tables.
+PAIR_COLUMNS = ["prompt", "chosen", "rejected", "chosen_score", "rejected_score"]
+ALARM_COLUMNS = ["guard", "value", "threshold", "reason"]
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict[str, float | int]:
@@ -251,3 +259,36 @@ def log_cascade_curves(tracker, evaluated: dict, step: int) -> None:
                 for point in found[key]
             ]
             tracker.log_table(f"escalation_curve/{suite}/{protocol}", columns, rows, step=step)
+
+
+def pair_rows(pairs: list[dict]) -> list[list]:
+    """One row of :data:`PAIR_COLUMNS` per DPO pair (a row of ``actor_pairs.jsonl`` or
+    ``judge_pairs.jsonl``): the prompt's last message, the chosen and rejected texts, their scores."""
+    return [
+        [
+            r["prompt"][-1]["content"],
+            r["chosen"][0]["content"],
+            r["rejected"][0]["content"],
+            r["chosen_score"],
+            r["rejected_score"],
+        ]
+        for r in pairs
+    ]
+
+
+def alarm_rows(metrics: dict) -> list[list]:
+    """One row of :data:`ALARM_COLUMNS` per guard alarm in an iteration's metrics (none: no rows)."""
+    alarms = metrics.get("guards", {}).get("alarms", [])
+    return [[a["guard"], a["value"], a["threshold"], a["reason"]] for a in alarms]
+
+
+def log_iteration_tables(tracker, directory: Path, metrics: dict, step: int, limit: int) -> None:
+    """The tables of a finished iteration (its ``directory`` and ``metrics.json``'s ``metrics``) at
+    iteration ``step``, in this order: ``actor_pairs`` and ``judge_pairs`` (the first ``limit`` pairs
+    of each, ``tracking.table_rows``), each suite and protocol's cascade curve
+    (:func:`log_cascade_curves`), and ``guard_alarms`` (logged, empty, without alarms too)."""
+    for role, name in (("actor", ACTOR_PAIRS), ("judge", JUDGE_PAIRS)):
+        pairs = read_jsonl(Path(directory) / name)[:limit]
+        tracker.log_table(f"{role}_pairs", list(PAIR_COLUMNS), pair_rows(pairs), step=step)
+    log_cascade_curves(tracker, metrics.get("eval", {}), step=step)
+    tracker.log_table("guard_alarms", list(ALARM_COLUMNS), alarm_rows(metrics), step=step)

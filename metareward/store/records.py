@@ -24,26 +24,9 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from metareward.store import faults
+from metareward.store import faults, layout
 
 log = logging.getLogger(__name__)
-
-PROMPTS = "prompts.jsonl"
-RESPONSES = "responses.jsonl"
-JUDGEMENTS = "judgements.jsonl"
-META_JUDGEMENTS = "meta_judgements.jsonl"
-ACTOR_PAIRS = "actor_pairs.jsonl"
-JUDGE_PAIRS = "judge_pairs.jsonl"
-METRICS = "metrics.json"
-MODEL = "model"
-CONFIG = "config.yaml"
-# Judge skill of the seed model M_0 (before iteration 1), and of M_t in iter_<t>/.
-EVAL_0 = "eval_0.json"
-EVAL = "eval.json"
-# Saved inside the model directory, so that a model and its training log appear together or not at all.
-TRAINING_LOG = "training_log.json"
-# An iteration's files in the order the loop makes them (where_stopped reports the first one missing).
-ITERATION_FILES = [PROMPTS, RESPONSES, JUDGEMENTS, META_JUDGEMENTS, ACTOR_PAIRS, JUDGE_PAIRS, MODEL, METRICS]
 
 
 def _read_umask() -> int:
@@ -61,10 +44,6 @@ HOST = socket.gethostname()
 
 class RecordError(ValueError):
     """A file holds something metareward cannot read; the message names the file and line."""
-
-
-def iter_dir(run_dir: Path, iteration: int) -> Path:
-    return run_dir / f"iter_{iteration}"
 
 
 class NoSpace(OSError):
@@ -150,7 +129,11 @@ def _writer_gone(temp: Path, name: str) -> bool:
 def remove_stale_temps(directory: Path) -> None:
     """Remove every temp file of this module's writes in ``directory``, its iterations and their chunk
     directories: only for a caller that holds the run lock, which proves every writer of them gone."""
-    for folder in [directory, *directory.glob("iter_*"), *directory.glob("iter_*/*.parts")]:
+    for folder in [
+        directory,
+        *layout.iteration_dirs(directory),
+        *directory.glob(f"iter_*/*{layout.PARTS_SUFFIX}"),
+    ]:
         for temp in folder.glob(".*.tmp"):
             if temp.is_file():
                 temp.unlink(missing_ok=True)
@@ -275,9 +258,9 @@ class ChunkedFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self.parts = path.with_name(path.name + ".parts")
+        self.parts = path.with_name(path.name + layout.PARTS_SUFFIX)
         # Damaged chunks are moved here (kept for a look) rather than deleted.
-        self.damaged = path.with_name(path.name + ".damaged")
+        self.damaged = path.with_name(path.name + layout.DAMAGED_SUFFIX)
 
     @property
     def complete(self) -> bool:
@@ -338,16 +321,13 @@ class ChunkedFile:
 
 def where_stopped(run_dir: Path) -> str:
     """Where a run stopped, from what is on disk: the first missing file of its last iteration."""
-    numbered = []
-    for directory in run_dir.glob("iter_*"):
-        if directory.name[5:].isdigit():
-            numbered.append((int(directory.name[5:]), directory))
+    numbered = layout.iteration_dirs(run_dir)
     if not numbered:
         return "before iteration 1"
-    _, last = max(numbered)
-    for name in ITERATION_FILES:
+    last = numbered[-1]
+    for name in layout.ITERATION_FILES:
         if not (last / name).exists():
-            parts = last / (name + ".parts")
+            parts = last / (name + layout.PARTS_SUFFIX)
             saved = len(list(parts.glob("*.jsonl"))) if parts.is_dir() else 0
             return f"in {last.name} at {name}" + (f" ({saved} chunk(s) saved)" if saved else "")
     return f"after {last.name}"
@@ -355,12 +335,12 @@ def where_stopped(run_dir: Path) -> str:
 
 # Each stage file's rows point at rows of the file before it: (file, key, file it points into, key there).
 STAGE_LINKS = [
-    (RESPONSES, "prompt_id", PROMPTS, "prompt_id"),
-    (JUDGEMENTS, "response_id", RESPONSES, "response_id"),
-    (META_JUDGEMENTS, "first_id", JUDGEMENTS, "judgement_id"),
-    (META_JUDGEMENTS, "second_id", JUDGEMENTS, "judgement_id"),
+    (layout.RESPONSES, "prompt_id", layout.PROMPTS, "prompt_id"),
+    (layout.JUDGEMENTS, "response_id", layout.RESPONSES, "response_id"),
+    (layout.META_JUDGEMENTS, "first_id", layout.JUDGEMENTS, "judgement_id"),
+    (layout.META_JUDGEMENTS, "second_id", layout.JUDGEMENTS, "judgement_id"),
 ]
-ROW_IDS = {RESPONSES: "response_id", JUDGEMENTS: "judgement_id"}
+ROW_IDS = {layout.RESPONSES: "response_id", layout.JUDGEMENTS: "judgement_id"}
 
 
 def check_stage_files(directory: Path) -> None:

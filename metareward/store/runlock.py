@@ -25,11 +25,12 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from metareward.store import layout
 from metareward.store.records import FILE_MODE, HOST
 
 log = logging.getLogger(__name__)
 
-LOCK = ".metareward.lock"
+LOCK = layout.LOCK
 
 
 class RunLocked(RuntimeError):

@@ -27,7 +27,7 @@ from metareward.compute.models import (
 from metareward.config import ConfigError, ModelConfig
 from metareward.generation.tokens import next_token_query
 from metareward.judging.prompts import SCORE_CUE, SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
-from tests.conftest import REPO, requires_smollm2
+from tests.helpers import REPO, requires_smollm2
 
 # ---------------------------------------------------------------- the embedded model
 

@@ -19,15 +19,17 @@ import pytest
 
 from metareward import report
 from metareward.config import ConfigError, EscalationConfig, JudgeConfig, load_config
+from metareward.engines import Engines
 from metareward.generation import Completion, Usage, make_generator
 from metareward.judging import escalation
-from metareward.judging.escalation import Cascade, StageEscalation, StrongJudge
+from metareward.judging.cascade import Cascade
+from metareward.judging.escalation import StageEscalation, StrongJudge
 from metareward.judging.evaluation import evaluate_suites
 from metareward.judging.judge_metrics import JudgedPair, Verdict
 from metareward.judging.prompts import Templates
 from metareward.judging.suites import SuitePair
 from metareward.loop.run import Run, stages
-from metareward.store import records
+from metareward.store import layout, records
 from metareward.store.records import ChunkedFile, read_jsonl
 from tests.openai_standin import StandInServer
 
@@ -197,8 +199,9 @@ def cascade_of(local, server_url: str, pairs, **escalation_settings) -> tuple[di
             "eval.escalation.judge.generator.progress=false",
             *(f"eval.escalation.{key}={value}" for key, value in escalation_settings.items()),
         ],
-    ).eval
-    strong = StrongJudge(cfg.escalation.judge, cache_dir=None)
+    )
+    strong = StrongJudge(cfg.eval.escalation.judge, Engines(cfg).strong_judge)
+    cfg = cfg.eval
     try:
         cascade = Cascade(cfg.escalation, strong.generator(), strong.prices, None)
         result, per_pair = evaluate_suites(
@@ -359,8 +362,8 @@ def test_a_run_escalates_its_share_says_so_in_rows_and_metrics_and_pays_once(
         bodies = [json.dumps(body, sort_keys=True) for body in server.bodies]
         assert len(bodies) == len(set(bodies))
         directory = tmp_path / "default" / "iter_1"
-        responses = read_jsonl(directory / records.RESPONSES)
-        judgements = read_jsonl(directory / records.JUDGEMENTS)
+        responses = read_jsonl(directory / layout.RESPONSES)
+        judgements = read_jsonl(directory / layout.JUDGEMENTS)
 
         # The judge stage: half of the responses (rounded half up), each judged 3 times by the strong judge.
         escalated = {j["response_id"] for j in judgements if j["escalated"]}
@@ -381,7 +384,7 @@ def test_a_run_escalates_its_share_says_so_in_rows_and_metrics_and_pays_once(
         assert all(j["confidence"] is not None for j in judgements)
 
         # The meta-judge stage: half of the comparisons, both orders, answered by the strong meta-judge.
-        verdicts = read_jsonl(directory / records.META_JUDGEMENTS)
+        verdicts = read_jsonl(directory / layout.META_JUDGEMENTS)
         comparisons = {escalation.comparison_of(v) for v in verdicts}
         strong_verdicts = [v for v in verdicts if v["escalated"]]
         assert len({escalation.comparison_of(v) for v in strong_verdicts}) == escalation.fraction_count(
@@ -420,8 +423,8 @@ def test_a_run_escalates_its_share_says_so_in_rows_and_metrics_and_pays_once(
                 path.unlink()
         Run(cfg).run()
         assert len(server.log) == requests_before
-        assert read_jsonl(directory / records.JUDGEMENTS) == judgements
-        assert read_jsonl(directory / records.META_JUDGEMENTS) == verdicts
+        assert read_jsonl(directory / layout.JUDGEMENTS) == judgements
+        assert read_jsonl(directory / layout.META_JUDGEMENTS) == verdicts
     finally:
         server.close()
 
@@ -443,7 +446,11 @@ def test_fraction_0_leaves_every_judgement_as_it_was_and_calls_no_strong_judge(t
         judge_cfg = JudgeConfig(num_judgements=2, max_new_tokens=8)
         plain = stages.judge(ctx, prompts, responses, judge_cfg, ChunkedFile(tmp_path / "plain.jsonl"))
         esc = StageEscalation(
-            cfg.judge.escalation, StrongJudge(cfg.judge.escalation.judge, tmp_path / "cache"), "M_0", None, 7
+            cfg.judge.escalation,
+            StrongJudge(cfg.judge.escalation.judge, Engines(cfg, tmp_path).strong_judge),
+            "M_0",
+            None,
+            7,
         )
         escalating = stages.judge(
             ctx, prompts, responses, judge_cfg, ChunkedFile(tmp_path / "judgements.jsonl"), esc
@@ -472,7 +479,7 @@ def test_the_report_plots_the_latest_cascade_and_wandb_gets_its_table(tmp_path):
         server.close()
     run = tmp_path / "run"
     run.mkdir()
-    records.write_json(run / records.EVAL_0, {"judge": {"crafted": {"pairwise": metrics}}, "per_pair": []})
+    records.write_json(run / layout.EVAL_0, {"judge": {"crafted": {"pairwise": metrics}}, "per_pair": []})
     assert report.latest_cascades(run)[0] == "M_0"
     line = report.write_report(run, run / "report.html")
     assert (run / "report" / "escalation.png").stat().st_size > 0

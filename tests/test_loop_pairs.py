@@ -9,18 +9,17 @@ import random
 import numpy as np
 import pytest
 
+from metareward.loop.elo import battle_matrix, fit_elo, positional_weights
 from metareward.loop.pairs import (
     actor_pairs,
-    battle_matrix,
-    fit_elo,
     judge_pairs,
     judge_target_responses,
     judgement_n,
-    positional_weights,
     response_k,
     usable_judgements,
 )
-from tests.test_faults import CHAIN_RUN
+from metareward.store import layout
+from tests.helpers import CHAIN_RUN, run_cli
 
 # ---------------------------------------------------------------- builders
 
@@ -366,7 +365,7 @@ def test_rows_load_with_datasets(tmp_path):
         assert loaded[0]["chosen"] == rows[0]["chosen"]
 
 
-# Properties of these rules over generated inputs: tests/test_pair_properties.py.
+# Properties of these rules over generated inputs: tests/test_loop_pairs_properties.py.
 
 
 # ---------------------------------------------------------------- pair options (pairs.*)
@@ -451,7 +450,7 @@ def test_consistent_verdicts_only_counts_a_comparison_only_when_both_orders_agre
 
 
 def test_consistent_battle_matrix_adds_one_per_agreeing_comparison():
-    from metareward.loop.pairs import consistent_battle_matrix
+    from metareward.loop.elo import consistent_battle_matrix
 
     ids = ["r/j0", "r/j1", "r/j2"]
     metas = both_orders("r/j0", "r/j1", "r/j1") + both_orders("r/j2", "r/j0", "r/j0")
@@ -525,10 +524,10 @@ def write_iteration(iter_dir, prompts, responses, judgements, metas):
 
     iter_dir.mkdir(parents=True)
     for name, rows in [
-        (records.PROMPTS, prompts),
-        (records.RESPONSES, responses),
-        (records.JUDGEMENTS, judgements),
-        (records.META_JUDGEMENTS, metas),
+        (layout.PROMPTS, prompts),
+        (layout.RESPONSES, responses),
+        (layout.JUDGEMENTS, judgements),
+        (layout.META_JUDGEMENTS, metas),
     ]:
         records.write_jsonl(iter_dir / name, rows)
 
@@ -568,21 +567,15 @@ PAIR_OPTION_CASES = {
 
 @pytest.mark.parametrize("override", sorted(PAIR_OPTION_CASES))
 def test_pairs_cli_applies_each_option_to_a_saved_iteration(override, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from metareward.store import records
 
     world, role, without, with_option = PAIR_OPTION_CASES[override]
     iter_dir = tmp_path / "run" / "iter_1"
     write_iteration(iter_dir, *world())
-    cli = str(Path(sys.executable).parent / "metareward-pairs")
-    name = records.ACTOR_PAIRS if role == "actor" else records.JUDGE_PAIRS
-    subprocess.run([cli, str(iter_dir)], check=True, capture_output=True)
-    subprocess.run(
-        [cli, str(iter_dir), "--out", str(tmp_path / "out"), override], check=True, capture_output=True
-    )
+    name = layout.ACTOR_PAIRS if role == "actor" else layout.JUDGE_PAIRS
+    pairs_cli = {"script": "metareward-pairs", "timeout": None, "text": False, "check": True}
+    run_cli(str(iter_dir), **pairs_cli)
+    run_cli(str(iter_dir), "--out", str(tmp_path / "out"), override, **pairs_cli)
 
     def ids(path):
         return [(r["chosen_id"], r["rejected_id"]) for r in records.read_jsonl(path)]
@@ -593,38 +586,35 @@ def test_pairs_cli_applies_each_option_to_a_saved_iteration(override, tmp_path):
 
 # ---------------------------------------------------------------- what is trained is what is on disk
 
-# The smallest run with actor and judge pairs and two DPO steps (test_faults.py's).
+# The smallest run with actor and judge pairs and two DPO steps (the kill-and-resume chain's).
 TRAINED_RUN = CHAIN_RUN
 
 
 @pytest.mark.slow
 def test_pairs_rewritten_between_the_pair_and_dpo_steps_are_the_pairs_trained_on(tmp_path, tiny_model_dir):
-    import os
     import signal
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from metareward.store import faults, records
+    from metareward.store import records
 
-    bin_dir = Path(sys.executable).parent
-    args = [str(bin_dir / "metareward"), *TRAINED_RUN, f"runs_dir={tmp_path}"]
-    env = {key: value for key, value in os.environ.items() if key != faults.ENV}
-    killed = subprocess.run(args, env={**env, faults.ENV: "train_step:1"}, capture_output=True, timeout=600)
+    args = [*TRAINED_RUN, f"runs_dir={tmp_path}"]
+    killed = run_cli(*args, kill_at="train_step:1", text=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     iter_dir = tmp_path / "default" / "iter_1"
-    actor = records.read_jsonl(iter_dir / records.ACTOR_PAIRS)
-    assert actor and records.read_jsonl(iter_dir / records.JUDGE_PAIRS), "the run needs both kinds of pair"
+    actor = records.read_jsonl(iter_dir / layout.ACTOR_PAIRS)
+    assert actor and records.read_jsonl(iter_dir / layout.JUDGE_PAIRS), "the run needs both kinds of pair"
     # A cap no share can meet leaves no judge pair: the rebuilt files hold the actor pairs alone.
-    subprocess.run(
-        [str(bin_dir / "metareward-pairs"), str(iter_dir), "pairs.judge_chosen_score_cap=0.01"],
+    run_cli(
+        str(iter_dir),
+        "pairs.judge_chosen_score_cap=0.01",
+        script="metareward-pairs",
+        timeout=None,
+        text=False,
         check=True,
-        capture_output=True,
     )
-    assert records.read_jsonl(iter_dir / records.JUDGE_PAIRS) == []
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert records.read_jsonl(iter_dir / layout.JUDGE_PAIRS) == []
+    done = run_cli(*args)
     assert done.returncode == 0, done.stderr[-2000:]
-    metrics = records.read_json(iter_dir / records.METRICS)
-    assert records.read_json(iter_dir / records.MODEL / "training_log.json")["train_pairs"] == len(actor)
+    metrics = records.read_json(iter_dir / layout.METRICS)
+    assert records.read_json(iter_dir / layout.MODEL / "training_log.json")["train_pairs"] == len(actor)
     assert (metrics["pairs"]["actor"]["pairs"], metrics["pairs"]["judge"]["pairs"]) == (len(actor), 0)
     assert metrics["pairs"]["trained_on_judge_pairs"] and metrics["judge"]["num_pairs"] == 0

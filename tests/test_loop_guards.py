@@ -8,9 +8,11 @@ import pytest
 from metareward import report
 from metareward.config import ConfigError, GuardsConfig, load_config
 from metareward.generation import Completion, Usage
+from metareward.loop import guards
 from metareward.loop import run as loop
-from metareward.loop.run import Run, RunStopped, guards
-from metareward.store import records
+from metareward.loop.run import Run, RunStopped
+from metareward.store import layout, records
+from tests.engines_standin import StandInEngines
 
 RESPONSES = [{"response_id": "p/r0", "num_tokens": 10}, {"response_id": "p/r1", "num_tokens": 30}]
 JUDGEMENTS = [
@@ -147,6 +149,10 @@ class RecordingTrackerStandIn:
         pass
 
 
+def _always_five(cfg) -> StandInEngines:
+    return StandInEngines(cfg, lambda seat: AlwaysFiveJudgeStandIn())
+
+
 RUN = [
     "model=tiny",
     "iterations=1",
@@ -163,30 +169,29 @@ RUN = [
 def test_a_judge_that_scores_everything_5_stops_the_run_then_warn_goes_on(
     monkeypatch, tmp_path, tiny_model_dir
 ):
-    monkeypatch.setattr(loop, "make_generator", lambda *args, **kwargs: AlwaysFiveJudgeStandIn())
     trackers = []
     monkeypatch.setattr(
         loop, "make_tracker", lambda *args: trackers.append(RecordingTrackerStandIn()) or trackers[-1]
     )
     cfg = load_config(None, [*RUN, f"runs_dir={tmp_path}", "guards.on_alarm=stop"])
     with pytest.raises(RunStopped) as stopped:
-        Run(cfg).run()
+        Run(cfg, engines=_always_five(cfg)).run()
     reason = str(stopped.value)
     assert "\n" not in reason
     assert reason.startswith("iteration 1 raised 1 guard alarm(s) before training: score saturation: 100%")
     assert reason.endswith("guards.on_alarm=warn goes on")
     directory = tmp_path / "default" / "iter_1"
-    assert not (directory / records.MODEL).exists() and not (directory / records.METRICS).exists()
+    assert not (directory / layout.MODEL).exists() and not (directory / layout.METRICS).exists()
     ((step, logged),) = trackers[0].logged
     assert step == 1 and logged["guards"]["top_score_share"] == 1.0
 
     # guards.* may change on resume: with warn the run goes on (here carrying M_0 forward, as no pair
     # has a winner when every score is 5).
     cfg = load_config(None, [*RUN, f"runs_dir={tmp_path}", "guards.on_alarm=warn"])
-    (metrics,) = Run(cfg).run()
+    (metrics,) = Run(cfg, engines=_always_five(cfg)).run()
     assert [a["guard"] for a in metrics["guards"]["alarms"]] == ["score_saturation"]
     assert metrics["guards"]["alarmed"]["score_saturation"] == 1
-    assert records.read_json(directory / records.METRICS)["guards"] == metrics["guards"]
+    assert records.read_json(directory / layout.METRICS)["guards"] == metrics["guards"]
     assert "ALARM      score saturation: 100% of scored judgements give 5" in report.summary(metrics)
     (step, logged), *_ = trackers[1].logged
     assert step == 1 and logged["guards"]["alarm_count"] == 1
@@ -196,17 +201,13 @@ def test_a_judge_that_scores_everything_5_stops_the_run_then_warn_goes_on(
 
 @pytest.mark.slow
 def test_a_stopping_alarm_is_one_line_from_the_command(tmp_path, tiny_model_dir):
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.helpers import run_cli
 
     # The random tiny model never writes "Score: N": every judge score comes from its probabilities.
     args = [*RUN, "judge.score_from=text_or_expected", "meta_judge.winner_from=text_or_probs"]
     args += ["actor.max_new_tokens=8", "judge.max_new_tokens=8", "meta_judge.max_new_tokens=4"]
     args += [f"runs_dir={tmp_path}", "guards.on_alarm=stop", "guards.max_parse_failure_rate=0.9"]
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "metareward"), *args], capture_output=True, text=True, timeout=600
-    )
+    done = run_cli(*args)
     assert done.returncode == 1
     # The last line (transformers may draw a loading bar above it) is the whole reason.
     line = done.stderr.strip().splitlines()[-1]
@@ -217,12 +218,11 @@ def test_a_stopping_alarm_is_one_line_from_the_command(tmp_path, tiny_model_dir)
     assert "Traceback" not in done.stdout
 
 
-def test_guard_numbers_and_alarms_reach_the_offline_wandb_run(monkeypatch, tmp_path, tiny_model_dir):
+def test_guard_numbers_and_alarms_reach_the_offline_wandb_run(tmp_path, tiny_model_dir):
     from tests.wandb_files import offline_files, read_run, rows_at
 
-    monkeypatch.setattr(loop, "make_generator", lambda *args, **kwargs: AlwaysFiveJudgeStandIn())
     cfg = load_config(None, [*RUN, f"runs_dir={tmp_path}", "tracking=offline"])
-    Run(cfg).run()
+    Run(cfg, engines=_always_five(cfg)).run()
     logged = read_run(offline_files(tmp_path / "default")[0])
     assert logged["summary"]["guards/top_score_share"] == 1.0
     assert logged["summary"]["guards/alarmed/score_saturation"] == 1

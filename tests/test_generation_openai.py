@@ -1,7 +1,7 @@
 """The OpenAI-compatible backend against a stand-in server (tests/openai_standin.py): a real HTTP server
 on 127.0.0.1 whose answers follow from each request, with faults injected on demand.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/test_openai_backend.py
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/test_generation_openai.py
 """
 
 from __future__ import annotations
@@ -18,12 +18,9 @@ from metareward.config import ConfigError, GeneratorConfig, ModelConfig, OpenAIS
 from metareward.generation import SamplingParams, Usage, make_generator
 from metareward.generation.openai import OpenAIError, OpenAIGenerator, sample_seed
 from metareward.judging.prompts import SCORE_TOKENS, WINNER_TOKENS
-from metareward.store import records
+from metareward.store import layout, records
+from tests.helpers import TINY_RUN
 from tests.openai_standin import StandInServer, chat_answer, stand_in_process
-from tests.test_loop import TINY_RUN
-
-# The stand-in and its canned answer, for the other tests that talk to an endpoint.
-__all__ = ["StandInServer", "chat_answer"]
 
 API_KEY = "sk-test-NOT-ON-DISK-123"
 KEY_ENV = "METAREWARD_TEST_OPENAI_KEY"
@@ -463,15 +460,15 @@ def test_one_loop_iteration_through_the_server_and_a_resume_from_the_cache(
     run_dir = tmp_path / "served"
     iteration = run_dir / "iter_1"
     assert [m["iteration"] for m in history] == [1]
-    assert (iteration / records.MODEL / "config.json").is_file()
-    assert records.read_jsonl(iteration / records.ACTOR_PAIRS)
-    assert records.read_jsonl(iteration / records.JUDGE_PAIRS)
+    assert (iteration / layout.MODEL / "config.json").is_file()
+    assert records.read_jsonl(iteration / layout.ACTOR_PAIRS)
+    assert records.read_jsonl(iteration / layout.JUDGE_PAIRS)
     chats = [body for path, _, body in server.received if path == "/v1/chat/completions"]
     assert all(body["model"] == "tiny" for body in chats)
-    judgements = records.read_jsonl(iteration / records.JUDGEMENTS)
+    judgements = records.read_jsonl(iteration / layout.JUDGEMENTS)
     assert all(re.search(r"Score: \d", j["text"]) and j["score"] is not None for j in judgements)
 
-    usage = records.read_json(iteration / records.METRICS)["usage"]
+    usage = records.read_json(iteration / layout.METRICS)["usage"]
     for stage in ("actor", "judge", "meta_judge"):
         assert usage[stage]["http_requests"] == usage[stage]["requests"] > 0
         assert usage[stage]["retries"] == 0
@@ -480,12 +477,12 @@ def test_one_loop_iteration_through_the_server_and_a_resume_from_the_cache(
     calls = len(server.received)
     assert calls == sum(usage[stage]["http_requests"] for stage in ("actor", "judge", "meta_judge"))
 
-    for name in (records.METRICS, records.JUDGEMENTS, records.META_JUDGEMENTS):
+    for name in (layout.METRICS, layout.JUDGEMENTS, layout.META_JUDGEMENTS):
         (iteration / name).unlink()
     Run(cfg).run()
     assert len(server.received) == calls
-    assert records.read_jsonl(iteration / records.JUDGEMENTS) == judgements
-    usage = records.read_json(iteration / records.METRICS)["usage"]
+    assert records.read_jsonl(iteration / layout.JUDGEMENTS) == judgements
+    usage = records.read_json(iteration / layout.METRICS)["usage"]
     assert usage["judge"]["cached_samples"] == usage["judge"]["samples"] > 0
     # Nothing was sent, so there is no latency to report.
     assert usage["judge"]["requests"] == 0 and usage["judge"]["latency_p50_s"] is None

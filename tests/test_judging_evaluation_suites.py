@@ -15,7 +15,7 @@ from metareward.generation import Completion
 from metareward.judging.evaluation import evaluate_suites, judge_pairwise, judge_pointwise, load_suites
 from metareward.judging.prompts import Templates
 from metareward.judging.suites import SuitePair
-from tests.test_openai_backend import StandInServer, chat_answer
+from tests.openai_standin import StandInServer, chat_answer
 
 GOOD = "GOOD"
 

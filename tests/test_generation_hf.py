@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from metareward.config import GeneratorConfig, ModelConfig
-from metareward.generation import Completion, SamplingParams, hf, make_generator
-from metareward.generation.hf import sample
+from metareward.generation import Completion, SamplingParams, hf_engine, hf_layers, make_generator, sampling
+from metareward.generation.sampling import sample
 from metareward.judging.prompts import SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
 
 REQUESTS = [
@@ -25,8 +25,15 @@ SAMPLED = SamplingParams(n=3, temperature=1.0, top_p=0.95, max_new_tokens=6, see
 
 @pytest.fixture(scope="module")
 def generator(tiny_model_dir):
+    """The generator in fp32, as the reference computes. ``dtype: auto`` would pick bf16 on a CPU with
+    AVX512-BF16 or AMX and fp32 elsewhere, and bf16 rounding (unit roundoff 2**-9) moves the tiny
+    model's probabilities by about 1e-3 relative and its draws from the second token: the tolerances
+    below (rel 1e-4) sit far above fp32 rounding (2**-24) and far below that, so they hold the engine
+    to the plain forward pass's function on every machine."""
     gen = make_generator(
-        tiny_model_dir, ModelConfig(kind="tiny"), GeneratorConfig(progress=False, batch_size=4)
+        tiny_model_dir,
+        ModelConfig(kind="tiny", dtype="float32"),
+        GeneratorConfig(progress=False, batch_size=4),
     )
     yield gen
     gen.close()
@@ -136,14 +143,14 @@ def test_results_belong_to_their_request_whatever_the_batching(generator, monkey
     uniforms out as tokens, every completion shows which request and sample it came from: sorting,
     sharing prefixes and batching must not mix them up."""
     tokenizer = generator.tokenizer
-    monkeypatch.setattr(hf, "sample", lambda logits, params, uniforms: (uniforms * 1000).long() + 100)
+    monkeypatch.setattr(sampling, "sample", lambda logits, params, uniforms: (uniforms * 1000).long() + 100)
     requests = [[{"role": "user", "content": "word " * k}] for k in (3, 40, 1, 17, 9)]
     params = SamplingParams(n=2, temperature=0.7, top_p=0.9, max_new_tokens=5, seed=0)
     expected = []
     for request in requests:
         prompt = encode(tokenizer, generator.render(request))
         draws = [
-            torch.rand(5, generator=torch.Generator().manual_seed(hf.sample_seed(0, prompt, j)))
+            torch.rand(5, generator=torch.Generator().manual_seed(sampling.sample_seed(0, prompt, j)))
             for j in (0, 1)
         ]
         expected.append([tokenizer.decode((u * 1000).long() + 100) for u in draws])
@@ -258,14 +265,14 @@ def test_prefill_leaves_padding_out_of_the_projections(generator, reference, mon
     endings = ["It is good.", "It is good and kind.", "It is good, kind and exact in all parts."]
     texts = [base + ending + "\nScore: " for ending in endings]
     packed = []
-    forward = generator._forward
+    forward = generator.fast.forward
 
     def spy(ids, positions, past, k_out, v_out, offset, last, lengths=None):
         packed.append(lengths is not None and bool((lengths < ids.shape[1]).any()))
         return forward(ids, positions, past, k_out, v_out, offset, last, lengths)
 
-    monkeypatch.setattr(generator, "_forward", spy)
-    monkeypatch.setattr(generator, "kept", [])
+    monkeypatch.setattr(generator.fast, "forward", spy)
+    monkeypatch.setattr(generator.fast, "kept", [])
     probs = generator.next_token_probs(texts, SCORE_TOKENS)
     assert any(packed)
     for text, row in zip(texts, probs, strict=True):
@@ -318,7 +325,7 @@ def test_scoring_a_completion_reuses_its_cached_prompt(generator, reference, mon
     def no_prefill(prompts):
         raise AssertionError("scored from scratch, not on the kept cache")
 
-    monkeypatch.setattr(generator, "_prefill", no_prefill)
+    monkeypatch.setattr(generator.fast, "prefill", no_prefill)
     probs = generator.next_token_probs(texts, SCORE_TOKENS)
     for text, row in zip(texts, probs, strict=True):
         ids = encode(tokenizer, text)
@@ -337,14 +344,14 @@ def test_finished_prompts_leave_the_batch_and_keep_their_cache(generator, refere
         return torch.where(uniforms < 0.1, eos, (uniforms * 1000).long() + 100)
 
     rows_per_step = []
-    forward = generator._forward
+    forward = generator.fast.forward
 
     def counting_forward(ids, *args):
         rows_per_step.append(ids.shape)
         return forward(ids, *args)
 
-    monkeypatch.setattr(hf, "sample", stopping_sample)
-    monkeypatch.setattr(generator, "_forward", counting_forward)
+    monkeypatch.setattr(sampling, "sample", stopping_sample)
+    monkeypatch.setattr(generator.fast, "forward", counting_forward)
     monkeypatch.setattr(generator, "memo", {})
     monkeypatch.setattr(generator.settings, "batch_size", 16)
     requests = [[{"role": "user", "content": "word " * k}] for k in (3, 40, 1, 17, 9)]
@@ -353,7 +360,7 @@ def test_finished_prompts_leave_the_batch_and_keep_their_cache(generator, refere
     for request, completions in zip(requests, out, strict=True):
         prompt = encode(tokenizer, generator.render(request))
         for j, c in enumerate(completions):
-            u = torch.rand(12, generator=torch.Generator().manual_seed(hf.sample_seed(4, prompt, j)))
+            u = torch.rand(12, generator=torch.Generator().manual_seed(sampling.sample_seed(4, prompt, j)))
             stop = next((t for t in range(12) if u[t] < 0.1), None)
             drawn = (u[:stop] * 1000).long() + 100
             assert (c.num_tokens, c.finish_reason) == (len(drawn), "length" if stop is None else "stop")
@@ -365,7 +372,9 @@ def test_finished_prompts_leave_the_batch_and_keep_their_cache(generator, refere
     texts = [
         generator.render(r) + c.text + "\nScore: " for r, cs in zip(requests, out, strict=True) for c in cs
     ]
-    monkeypatch.setattr(generator, "_prefill", lambda prompts: pytest.fail("not scored on the kept cache"))
+    monkeypatch.setattr(
+        generator.fast, "prefill", lambda prompts: pytest.fail("not scored on the kept cache")
+    )
     for text, row in zip(texts, generator.next_token_probs(texts, SCORE_TOKENS), strict=True):
         expected = direct_probs(model, encode(tokenizer, text))
         for candidate, p in zip(SCORE_TOKENS, row, strict=True):
@@ -376,7 +385,7 @@ def test_long_decodes_stay_exact_across_key_blocks(generator, reference, monkeyp
     """Past the first block of generated keys (OWN_BLOCK positions) and after a finished prompt has
     left the batch, each step's logits are those of a plain forward pass over the text so far."""
     tokenizer, model = reference
-    eos, steps, finish_at = generator.stop_ids[0], hf.OWN_BLOCK + 8, hf.OWN_BLOCK + 2
+    eos, steps, finish_at = generator.stop_ids[0], hf_engine.OWN_BLOCK + 8, hf_engine.OWN_BLOCK + 2
     seen = []
 
     def fixed_sample(logits, params, uniforms):
@@ -387,7 +396,7 @@ def test_long_decodes_stay_exact_across_key_blocks(generator, reference, monkeyp
             tokens[:2] = eos
         return tokens
 
-    monkeypatch.setattr(hf, "sample", fixed_sample)
+    monkeypatch.setattr(sampling, "sample", fixed_sample)
     monkeypatch.setattr(generator, "memo", {})
     monkeypatch.setattr(generator.settings, "batch_size", 4)
     requests = [[{"role": "user", "content": "word " * 9}], [{"role": "user", "content": "Hi"}]]
@@ -396,7 +405,7 @@ def test_long_decodes_stay_exact_across_key_blocks(generator, reference, monkeyp
     assert [c.num_tokens for c in out[0]] == [finish_at] * 2
     assert [c.num_tokens for c in out[1]] == [steps] * 2
     prompt = encode(tokenizer, generator.render(requests[1]))
-    for t in (hf.OWN_BLOCK - 1, hf.OWN_BLOCK, hf.OWN_BLOCK + 1, steps - 1):
+    for t in (hf_engine.OWN_BLOCK - 1, hf_engine.OWN_BLOCK, hf_engine.OWN_BLOCK + 1, steps - 1):
         # The second prompt's samples are rows 2 and 3, then rows 0 and 1 once the first has left.
         for sample_index in range(2):
             logits = seen[t][sample_index + (2 if t <= finish_at else 0)]
@@ -416,7 +425,7 @@ def test_prepacked_linear_equals_a_plain_one(dtype):
     this CPU cannot pack a dtype (bf16 without AVX512), it is a plain linear and computes the same."""
     weight, bias = torch.randn(48, 16, dtype=dtype), torch.randn(48, dtype=dtype)
     x = torch.randn(5, 3, 16, dtype=dtype)
-    linear = hf.Linear(weight, bias, rows_hint=4)
-    assert (linear.packed is not None) == hf.cpu_packs_weights(dtype)
+    linear = hf_layers.Linear(weight, bias, rows_hint=4)
+    assert (linear.packed is not None) == hf_layers.cpu_packs_weights(dtype)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(linear(x), F.linear(x, weight, bias), rtol=tolerance, atol=tolerance)

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from metareward.config import GeneratorConfig, ModelConfig, VLLMSettings, load_config
 from metareward.generation import Completion, SamplingParams, make_generator
 from metareward.judging.prompts import SCORE_TOKENS, WINNER_CUE, WINNER_TOKENS
-from metareward.store import records
+from metareward.store import layout, records
 
 STANDIN = Path(__file__).parent / "vllm_standin"
 REQUESTS = [
@@ -320,10 +320,10 @@ def test_loop_uses_one_engine_per_iteration_and_frees_it_before_training(
         sampling = [(role(llm, call), len(call[0])) for call in llm.calls if role(llm, call) != "scoring"]
         assert sampling == [("actor", 4), ("judge", 12), ("meta-judge", 24)]
         iteration = tmp_path / "vllm" / f"iter_{t + 1}"
-        assert (iteration / records.MODEL / "config.json").is_file()
-        responses = records.read_jsonl(iteration / records.RESPONSES)
+        assert (iteration / layout.MODEL / "config.json").is_file()
+        responses = records.read_jsonl(iteration / layout.RESPONSES)
         assert len(responses) == 12 and all(r["text"].startswith("Answer ") for r in responses)
         assert history[t]["pairs"]["actor"]["pairs"] == 4
         assert history[t]["pairs"]["judge"]["pairs"] == 4
     # Iteration 2 is served by M_1, the model iteration 1 trained.
-    assert standin.LLM.instances[1].args["model"] == str(tmp_path / "vllm" / "iter_1" / records.MODEL)
+    assert standin.LLM.instances[1].args["model"] == str(tmp_path / "vllm" / "iter_1" / layout.MODEL)

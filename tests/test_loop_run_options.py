@@ -6,19 +6,17 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from metareward.compute import models
 from metareward.config import load_config
 from metareward.generation import Completion, Usage
-from metareward.loop import run as loop
 from metareward.loop.run import Run, RunStopped
-from metareward.store import records
+from metareward.store import layout, records
+from tests.engines_standin import StandInEngines
+from tests.helpers import run_cli
 
-CLI = Path(sys.executable).parent / "metareward"
 # Text-only scores and verdicts, so what the stand-ins write is all there is.
 STAND_IN_RUN = [
     "model=tiny",
@@ -35,13 +33,7 @@ STAND_IN_RUN = [
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(CLI), *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=_env())
-
-
-def _env() -> dict:
-    import os
-
-    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return run_cli(*args, extra_env={"HF_HUB_OFFLINE": "1"}, cwd=cwd, timeout=300)
 
 
 # --- dry run -------------------------------------------------------------------------------------
@@ -170,22 +162,15 @@ DEGENERATE = {
 }
 
 
-def _use_stand_in(monkeypatch, reply, made: list | None = None):
-    def make(model_dir, model, settings, cache_dir=None):
-        generator = ScriptedModelStandIn(reply, model_dir)
-        if made is not None:
-            made.append(generator)
-        return generator
-
-    monkeypatch.setattr(loop, "make_generator", make)
+def _stand_in(cfg, reply, **options) -> StandInEngines:
+    return StandInEngines(cfg, lambda seat: ScriptedModelStandIn(reply, seat.model_dir), **options)
 
 
 @pytest.mark.parametrize("case", sorted(DEGENERATE))
-def test_a_degenerate_model_stops_the_run_with_the_reason(case, monkeypatch, tmp_path, tiny_model_dir):
-    _use_stand_in(monkeypatch, DEGENERATE[case])
+def test_a_degenerate_model_stops_the_run_with_the_reason(case, tmp_path, tiny_model_dir):
     cfg = load_config(None, [*STAND_IN_RUN, f"runs_dir={tmp_path}", "iterations=2"])
     with pytest.raises(RunStopped, match="iteration 1 produced no preference pairs") as stopped:
-        Run(cfg).run()
+        Run(cfg, engines=_stand_in(cfg, DEGENERATE[case])).run()
     reason = {
         "unparsable judgements": "no scored responses: 3 prompt",
         "equal scores": "all equal scores: 3 prompt",
@@ -193,19 +178,18 @@ def test_a_degenerate_model_stops_the_run_with_the_reason(case, monkeypatch, tmp
     }[case]
     assert reason in str(stopped.value) and "train.on_no_pairs=carry" in str(stopped.value)
     directory = tmp_path / "default" / "iter_1"
-    assert (directory / records.JUDGEMENTS).is_file(), "the stage files stay for a person to read"
-    assert not (directory / records.MODEL).exists() and not (directory / records.METRICS).exists()
+    assert (directory / layout.JUDGEMENTS).is_file(), "the stage files stay for a person to read"
+    assert not (directory / layout.MODEL).exists() and not (directory / layout.METRICS).exists()
 
 
-def test_carry_forward_keeps_the_model_and_goes_on(monkeypatch, tmp_path, tiny_model_dir):
-    _use_stand_in(monkeypatch, DEGENERATE["unparsable judgements"])
+def test_carry_forward_keeps_the_model_and_goes_on(tmp_path, tiny_model_dir):
     cfg = load_config(
         None, [*STAND_IN_RUN, f"runs_dir={tmp_path}", "iterations=2", "train.on_no_pairs=carry"]
     )
-    history = Run(cfg).run()
+    history = Run(cfg, engines=_stand_in(cfg, DEGENERATE["unparsable judgements"])).run()
     assert [m["iteration"] for m in history] == [1, 2]
     for t in (1, 2):
-        model = tmp_path / "default" / f"iter_{t}" / records.MODEL
+        model = tmp_path / "default" / f"iter_{t}" / layout.MODEL
         log = json.loads((model / "training_log.json").read_text())
         assert log["carried_forward"] and log["global_steps"] == 0 and "no scored responses" in log["reason"]
         # M_t is M_{t-1}, byte for byte.
@@ -216,11 +200,10 @@ def test_carry_forward_keeps_the_model_and_goes_on(monkeypatch, tmp_path, tiny_m
 
 
 def test_a_meta_judge_that_always_answers_a_gives_no_judge_pairs_but_the_actor_trains(
-    monkeypatch, tmp_path, tiny_model_dir
+    tmp_path, tiny_model_dir
 ):
-    _use_stand_in(monkeypatch, _varied)  # every verdict ends "Winner: Judgement A"
     cfg = load_config(None, [*STAND_IN_RUN, f"runs_dir={tmp_path}", "iterations=1"])
-    (metrics,) = Run(cfg).run()
+    (metrics,) = Run(cfg, engines=_stand_in(cfg, _varied)).run()  # every verdict ends "Winner: Judgement A"
     assert metrics["meta_judge"]["first_position_win_share"] == 1.0
     assert metrics["pairs"]["judge"]["pairs"] == 0
     assert metrics["pairs"]["actor"]["pairs"] > 0 and metrics["train"]["steps"] >= 1
@@ -229,16 +212,7 @@ def test_a_meta_judge_that_always_answers_a_gives_no_judge_pairs_but_the_actor_t
 # --- roles on their own models --------------------------------------------------------------------
 
 
-def test_a_role_on_its_own_model_keeps_it_while_the_others_move_to_m_t(monkeypatch, tmp_path, tiny_model_dir):
-    made: list[ScriptedModelStandIn] = []
-    _use_stand_in(monkeypatch, _varied, made)
-
-    # The seed stays the real tiny model (it is trained); the meta-judge's model is only a name here.
-    def resolved(spec):
-        return tiny_model_dir if spec.kind == "tiny" else f"/models/{spec.path}"
-
-    monkeypatch.setattr(loop, "resolve_model", resolved)
-    monkeypatch.setattr(models, "resolve_model", resolved)  # a role's own model (models.spec_model_dir)
+def test_a_role_on_its_own_model_keeps_it_while_the_others_move_to_m_t(tmp_path, tiny_model_dir):
     overrides = [
         "iterations=2",
         "roles.meta_judge.own_model=true",
@@ -246,27 +220,20 @@ def test_a_role_on_its_own_model_keeps_it_while_the_others_move_to_m_t(monkeypat
         "roles.meta_judge.model.path=external-judge",
     ]
     cfg = load_config(None, [*STAND_IN_RUN, f"runs_dir={tmp_path}", *overrides])
-    monkeypatch.setattr(Run, "_role_generators", _recording(Run._role_generators, calls := []))
-    Run(cfg).run()
+    # The seed stays the real tiny model (it is trained); the meta-judge's model is only a name here.
+    engines = _stand_in(cfg, _varied, own_model_dirs=lambda model: f"/models/{model.path}")
+    Run(cfg, engines=engines).run()
+    calls, made = engines.role_calls, engines.made
     run_dir = tmp_path / "default"
     # Iteration 1: actor and judge share M_0's generator; iteration 2 they move to M_1.
     assert calls[0]["actor"] is calls[0]["judge"] and calls[0]["actor"].model_dir == tiny_model_dir
-    assert calls[1]["actor"].model_dir == str(run_dir / "iter_1" / records.MODEL)
+    assert calls[1]["actor"].model_dir == str(run_dir / "iter_1" / layout.MODEL)
     # The meta-judge is its own, fixed model in both iterations, and every generator was closed.
     for per_role in calls:
         assert per_role["meta_judge"] is not per_role["actor"]
         assert per_role["meta_judge"].model_dir == "/models/external-judge"
     assert len(made) == 4 and all(g.closed for g in made)
     assert all(g.usage.samples > 0 for g in made)
-
-
-def _recording(method, calls: list):
-    def wrapper(self, directory, model_dir):
-        by_role, shared = method(self, directory, model_dir)
-        calls.append(dict(by_role))
-        return by_role, shared
-
-    return wrapper
 
 
 def test_roles_default_to_the_trained_model_and_accept_overrides():
@@ -288,33 +255,28 @@ def test_roles_default_to_the_trained_model_and_accept_overrides():
         ),
     ],
 )
-def test_a_hand_edited_stage_file_is_refused_with_file_and_line(
-    edit, message, monkeypatch, tmp_path, tiny_model_dir
-):
-    _use_stand_in(monkeypatch, DEGENERATE["equal scores"])
+def test_a_hand_edited_stage_file_is_refused_with_file_and_line(edit, message, tmp_path, tiny_model_dir):
     cfg = load_config(
         None, [*STAND_IN_RUN, f"runs_dir={tmp_path}", "iterations=1", "train.on_no_pairs=carry"]
     )
-    Run(cfg).run()
+    engines = _stand_in(cfg, DEGENERATE["equal scores"])
+    Run(cfg, engines=engines).run()
     directory = tmp_path / "default" / "iter_1"
-    for name in (records.METRICS, records.ACTOR_PAIRS, records.JUDGE_PAIRS):
+    for name in (layout.METRICS, layout.ACTOR_PAIRS, layout.JUDGE_PAIRS):
         (directory / name).unlink()
-    rows = records.read_jsonl(directory / records.JUDGEMENTS)
+    rows = records.read_jsonl(directory / layout.JUDGEMENTS)
     edit(rows)
-    records.write_jsonl(directory / records.JUDGEMENTS, rows)
+    records.write_jsonl(directory / layout.JUDGEMENTS, rows)
     with pytest.raises(RunStopped, match=message):
-        Run(cfg).run()
-    assert not (directory / records.METRICS).exists() and not (directory / records.ACTOR_PAIRS).exists()
+        Run(cfg, engines=engines).run()
+    assert not (directory / layout.METRICS).exists() and not (directory / layout.ACTOR_PAIRS).exists()
 
 
 # --- prompts too long for the model ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("mode", "kept", "counts"), [("skip", 3, (1, 0)), ("truncate", 4, (0, 1))])
-def test_prompts_too_long_are_skipped_or_truncated_and_counted(
-    mode, kept, counts, monkeypatch, tmp_path, tiny_model_dir
-):
-    _use_stand_in(monkeypatch, DEGENERATE["equal scores"])
+def test_prompts_too_long_are_skipped_or_truncated_and_counted(mode, kept, counts, tmp_path, tiny_model_dir):
     data = tmp_path / "prompts.jsonl"
     texts = ["Short one?", "Another short one?", "word " * 400 + "end?", "Last short one?"]
     data.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in texts))
@@ -328,8 +290,9 @@ def test_prompts_too_long_are_skipped_or_truncated_and_counted(
         "data.max_prompt_tokens=64",
         f"data.long_prompts={mode}",
     ]
-    (metrics,) = Run(load_config(None, [*STAND_IN_RUN, *overrides])).run()
-    prompts = records.read_jsonl(tmp_path / "default" / "iter_1" / records.PROMPTS)
+    cfg = load_config(None, [*STAND_IN_RUN, *overrides])
+    (metrics,) = Run(cfg, engines=_stand_in(cfg, DEGENERATE["equal scores"])).run()
+    prompts = records.read_jsonl(tmp_path / "default" / "iter_1" / layout.PROMPTS)
     assert len(prompts) == kept == metrics["prompts"]
     assert (metrics["prompt_fit"]["skipped_too_long"], metrics["prompt_fit"]["truncated"]) == counts
     if mode == "truncate":

@@ -21,41 +21,20 @@ from metareward.compute import models
 from metareward.config import ConfigError, ModelConfig, load_config
 from metareward.judging.judge_metrics import JudgedPair, Verdict, suite_metrics
 from metareward.judging.prompts import Templates
-from metareward.store import faults, records, runlock
-from tests.test_faults import CHAIN_RUN, ROW_FILES, as_from_a_terminal
-
-BIN = Path(sys.executable).parent
+from metareward.store import layout, records, runlock
+from tests.helpers import ROW_FILES, chain_args, cli_env, console_script, run_cli
 
 
-def cli_env(kill_at: str | None = None, kill_with: str | None = None, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in (faults.ENV, faults.WITH_ENV)}
-    if kill_at:
-        env[faults.ENV] = kill_at
-    if kill_with:
-        env[faults.WITH_ENV] = kill_with
-    env.update(extra)
-    return env
-
-
-def run_args(runs: Path, name: str) -> list[str]:
-    return [str(BIN / "metareward"), *CHAIN_RUN, f"runs_dir={runs}", f"run_name={name}"]
-
-
-def run_cli(runs: Path, name: str, umask: int | None = None, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        run_args(runs, name),
-        env=cli_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        preexec_fn=as_from_a_terminal(umask),
-    )
+def run_chain(runs: Path, name: str, **options) -> subprocess.CompletedProcess:
+    """The chain run ``name`` under ``runs``, started as from a terminal (SIGINT stops it); ``options``
+    are :func:`run_cli`'s."""
+    return run_cli(*chain_args(runs, name), from_a_terminal=True, **options)
 
 
 def same_rows_and_model(directory: Path, reference: Path) -> None:
     for name in ROW_FILES:
         assert records.read_jsonl(directory / name) == records.read_jsonl(reference / name), name
-    weights = [d / records.MODEL / "model.safetensors" for d in (directory, reference)]
+    weights = [d / layout.MODEL / "model.safetensors" for d in (directory, reference)]
     trained, expected = (load_file(str(path)) for path in weights)
     assert trained.keys() == expected.keys() and all((trained[k] == expected[k]).all() for k in expected)
 
@@ -69,7 +48,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 def reference(tmp_path_factory, tiny_model_dir) -> Path:
     """iter_1 of one uninterrupted run with the chain settings."""
     runs = tmp_path_factory.mktemp("reference")
-    result = run_cli(runs, "whole")
+    result = run_chain(runs, "whole")
     assert result.returncode == 0, result.stdout + result.stderr
     return runs / "whole" / "iter_1"
 
@@ -83,13 +62,13 @@ def test_a_second_run_on_a_directory_in_use_is_refused_and_the_first_finishes_as
 ):
     runs = tmp_path / "runs"
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    first = subprocess.Popen(run_args(runs, "x"), env=cli_env(), **pipes)
+    first = subprocess.Popen([str(console_script()), *chain_args(runs, "x")], env=cli_env(), **pipes)
     lock = runs / "x" / runlock.LOCK
     deadline = time.time() + 300
     while not (lock.is_file() and f'"pid": {first.pid}' in lock.read_text()):
         assert first.poll() is None and time.time() < deadline, "the first run never took the lock"
         time.sleep(0.2)
-    second = run_cli(runs, "x")
+    second = run_chain(runs, "x")
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err.decode()[-3000:]
     assert second.returncode == 1
@@ -174,19 +153,19 @@ def test_a_resumed_stage_with_an_emptied_and_a_line_cut_chunk_ends_with_the_rows
     tmp_path, reference
 ):
     runs = tmp_path / "runs"
-    killed = run_cli(runs, "damaged", kill_at="chunk:judgements.jsonl:2")
+    killed = run_chain(runs, "damaged", kill_at="chunk:judgements.jsonl:2")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    parts = runs / "damaged" / "iter_1" / (records.JUDGEMENTS + ".parts")
+    parts = runs / "damaged" / "iter_1" / (layout.JUDGEMENTS + ".parts")
     emptied, cut = parts / "000000.jsonl", parts / "000001.jsonl"
     emptied.write_text("")
     text = cut.read_bytes()
     cut.write_bytes(text[: len(text) * 2 // 3])  # cut mid-line
-    resumed = run_cli(runs, "damaged")
+    resumed = run_chain(runs, "damaged")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
     for chunk in (emptied, cut):
         assert sum(f"chunk {chunk} is damaged" in line for line in output.splitlines()) == 1, output[-3000:]
-    damaged = runs / "damaged" / "iter_1" / (records.JUDGEMENTS + ".damaged")
+    damaged = runs / "damaged" / "iter_1" / (layout.JUDGEMENTS + ".damaged")
     assert sorted(p.name for p in damaged.iterdir()) == ["000000.jsonl", "000001.jsonl"]
     same_rows_and_model(runs / "damaged" / "iter_1", reference)
 
@@ -202,19 +181,19 @@ def test_sigint_sigterm_and_a_full_disk_stop_in_one_line_and_the_run_resumes_ide
         # (point, fault, exit code, what the one line says)
         ("chunk:responses.jsonl:1", "SIGINT", 130, "SIGINT in iter_1 at responses.jsonl (1 chunk(s) saved)"),
         ("chunk:judgements.jsonl:1", "SIGTERM", 143, "by SIGTERM in iter_1 at judgements.jsonl (1 chunk(s)"),
-        ("write:000001.jsonl", "ENOSPC", 1, f"writing {iteration}/{records.JUDGEMENTS}.parts/000001.jsonl:"),
-        ("save_model", "ENOSPC", 1, f"no space left on device writing {iteration / records.MODEL}: it needs"),
+        ("write:000001.jsonl", "ENOSPC", 1, f"writing {iteration}/{layout.JUDGEMENTS}.parts/000001.jsonl:"),
+        ("save_model", "ENOSPC", 1, f"no space left on device writing {iteration / layout.MODEL}: it needs"),
     ]
     for point, fault, code, says in stops:
-        result = run_cli(runs, "stops", kill_at=point, kill_with=fault)
+        result = run_chain(runs, "stops", kill_at=point, kill_with=fault)
         assert result.returncode == code, f"{point} {fault}:\n{result.stderr[-3000:]}"
         lines = error_lines(result)
         assert len(lines) == 1 and says in lines[0], result.stderr[-3000:]
         assert "run the same command to resume" in lines[0]
         # Nothing half-written: no temp file, and no model that looks finished.
-        assert not list(iteration.rglob("*.tmp")) and not (iteration / (records.MODEL + ".tmp")).exists()
-        assert not (iteration / records.MODEL).exists()
-    final = run_cli(runs, "stops")
+        assert not list(iteration.rglob("*.tmp")) and not (iteration / (layout.MODEL + ".tmp")).exists()
+        assert not (iteration / layout.MODEL).exists()
+    final = run_chain(runs, "stops")
     assert final.returncode == 0, final.stderr[-3000:]
     same_rows_and_model(iteration, reference)
 
@@ -232,7 +211,7 @@ def test_a_truncated_cached_model_is_built_again_and_every_file_is_readable_by_o
     whole = weights.read_bytes()
     weights.write_bytes(whole[: len(whole) // 2])
     runs = tmp_path / "runs"
-    result = run_cli(runs, "shared", umask=0o022, METAREWARD_CACHE=str(cache))
+    result = run_chain(runs, "shared", umask=0o022, extra_env={"METAREWARD_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert f"the model cache {cache / models.TINY_DIR} is incomplete" in output
@@ -276,7 +255,7 @@ def test_a_damaged_cache_entry_whose_source_is_gone_is_refused_before_any_run_fi
     assert "\n" not in message and f"the model cache {entry} is incomplete" in message
     assert f"rm -r {entry}" in message
     run_dir = tmp_path / "runs" / "r"
-    assert not (run_dir / records.CONFIG).exists() and not list(run_dir.glob("iter_*"))
+    assert not (run_dir / layout.CONFIG).exists() and not list(run_dir.glob("iter_*"))
 
 
 # ---------------------------------------------------------------- templates
@@ -305,13 +284,7 @@ def test_a_bad_template_is_refused_naming_the_setting_and_placeholder(tmp_path, 
 def test_a_bad_template_stops_the_cli_before_any_model_or_run_directory(tmp_path):
     path = tmp_path / "judge.txt"
     path.write_text("{question} {response} {unknown}")
-    result = subprocess.run(
-        [str(BIN / "metareward"), "model=tiny", f"judge.template={path}", f"runs_dir={tmp_path / 'runs'}"],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli("model=tiny", f"judge.template={path}", f"runs_dir={tmp_path / 'runs'}", timeout=300)
     assert result.returncode == 2
     assert error_lines(result) == [result.stderr.strip()]
     assert "judge.template=" in result.stderr and "unknown placeholder {unknown}" in result.stderr
@@ -335,22 +308,16 @@ def test_metareward_pairs_refuses_inconsistent_stage_files_with_file_and_line(tm
     run = tmp_path / "run"
     iteration = run / "iter_1"
     iteration.mkdir(parents=True)
-    shutil.copy(reference.parent / records.CONFIG, run / records.CONFIG)
-    for name in (records.PROMPTS, records.RESPONSES, records.JUDGEMENTS, records.META_JUDGEMENTS):
+    shutil.copy(reference.parent / layout.CONFIG, run / layout.CONFIG)
+    for name in (layout.PROMPTS, layout.RESPONSES, layout.JUDGEMENTS, layout.META_JUDGEMENTS):
         shutil.copy(reference / name, iteration / name)
-    rows = records.read_jsonl(iteration / records.JUDGEMENTS)
+    rows = records.read_jsonl(iteration / layout.JUDGEMENTS)
     rows[2]["response_id"] = "no-such-prompt/r0"
-    records.write_jsonl(iteration / records.JUDGEMENTS, rows)
-    result = subprocess.run(
-        [str(BIN / "metareward-pairs"), str(iteration), "--out", str(tmp_path / "out")],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    records.write_jsonl(iteration / layout.JUDGEMENTS, rows)
+    result = run_cli(str(iteration), "--out", str(tmp_path / "out"), script="metareward-pairs", timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
-    assert f"{iteration / records.JUDGEMENTS}:3: response_id" in result.stderr
+    assert f"{iteration / layout.JUDGEMENTS}:3: response_id" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -358,19 +325,14 @@ def test_metareward_pairs_refuses_inconsistent_stage_files_with_file_and_line(tm
 def test_metareward_pairs_into_a_run_in_use_is_refused_but_elsewhere_it_only_reads(tmp_path, reference):
     run = reference.parent
     with runlock.hold(run):
-        into = subprocess.run(
-            [str(BIN / "metareward-pairs"), str(reference)], env=cli_env(), capture_output=True, text=True
-        )
-        elsewhere = subprocess.run(
-            [str(BIN / "metareward-pairs"), str(reference), "--out", str(tmp_path / "out")],
-            env=cli_env(),
-            capture_output=True,
-            text=True,
+        into = run_cli(str(reference), script="metareward-pairs", timeout=None)
+        elsewhere = run_cli(
+            str(reference), "--out", str(tmp_path / "out"), script="metareward-pairs", timeout=None
         )
     assert into.returncode == 1 and "in use by another metareward run" in into.stderr
     assert elsewhere.returncode == 0, elsewhere.stderr
-    assert records.read_jsonl(tmp_path / "out" / records.ACTOR_PAIRS) == records.read_jsonl(
-        reference / records.ACTOR_PAIRS
+    assert records.read_jsonl(tmp_path / "out" / layout.ACTOR_PAIRS) == records.read_jsonl(
+        reference / layout.ACTOR_PAIRS
     )
 
 
@@ -397,24 +359,18 @@ def test_eval_judge_counts_over_long_and_identical_pairs_and_gives_no_interval_f
     one_suite = suite_file(tmp_path / "one.jsonl", [pair])
     same_suite = suite_file(tmp_path / "same.jsonl", [pair, {**pair, "rejected": pair["chosen"]}])
     out = tmp_path / "eval.json"
-    result = subprocess.run(
-        [
-            str(BIN / "metareward-eval-judge"),
-            "--out",
-            str(out),
-            "model=tiny",
-            f"eval.suites=[{long_suite},{one_suite},{same_suite}]",
-            "eval.protocols=[pointwise,pairwise]",
-            "eval.max_new_tokens=4",
-            "judge.score_from=text_or_expected",
-            "eval.winner_from=text_or_probs",
-            f"data.long_prompts={long_prompts}",
-            "generator.progress=false",
-        ],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_cli(
+        "--out",
+        str(out),
+        "model=tiny",
+        f"eval.suites=[{long_suite},{one_suite},{same_suite}]",
+        "eval.protocols=[pointwise,pairwise]",
+        "eval.max_new_tokens=4",
+        "judge.score_from=text_or_expected",
+        "eval.winner_from=text_or_probs",
+        f"data.long_prompts={long_prompts}",
+        "generator.progress=false",
+        script="metareward-eval-judge",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     suites = json.loads(out.read_text())["suites"]

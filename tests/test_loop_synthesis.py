@@ -4,10 +4,8 @@ prompter, a pool written by the tiny model, resuming after SIGKILL, and the dry 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,9 @@ from metareward.generation import Completion, Usage, make_generator
 from metareward.loop import synthesis
 from metareward.loop.plan import plan
 from metareward.loop.synthesis import NearDuplicates, first_task, rouge_l, rouge_tokens
-from metareward.store import faults, records
+from metareward.store import layout, records
+from tests.helpers import run_cli
 
-CLI = Path(sys.executable).parent / "metareward"
 SEEDS = [
     {"prompt_id": "sea", "messages": [{"role": "user", "content": "Write a short poem about the sea."}]},
     {"prompt_id": "trees", "messages": [{"role": "user", "content": "Name three kinds of trees."}]},
@@ -216,25 +214,23 @@ SYNTHETIC_RUN = [
 ]
 
 
-def run_cli(runs: Path, name: str, kill_at: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, faults.ENV: kill_at}
-    args = [str(CLI), *SYNTHETIC_RUN, f"runs_dir={runs}", f"run_name={name}"]
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+def run_synthetic(runs: Path, name: str, kill_at: str) -> subprocess.CompletedProcess:
+    return run_cli(*SYNTHETIC_RUN, f"runs_dir={runs}", f"run_name={name}", kill_at=kill_at)
 
 
 @pytest.mark.slow
 def test_synthesis_killed_mid_way_resumes_to_the_pool_of_an_uninterrupted_run(tmp_path, tiny_model_dir):
     runs = tmp_path / "runs"
     # Both runs stop once the pool is written and the actor has written its first chunk.
-    whole = run_cli(runs, "whole", "chunk:responses.jsonl")
+    whole = run_synthetic(runs, "whole", "chunk:responses.jsonl")
     assert whole.returncode == -signal.SIGKILL, whole.stderr[-2000:]
-    killed = run_cli(runs, "killed", f"chunk:{synthesis.POOL}:2")
+    killed = run_synthetic(runs, "killed", f"chunk:{synthesis.POOL}:2")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run_dir = runs / "killed"
     assert not (run_dir / synthesis.POOL).exists()
     parts = sorted(p.name for p in (run_dir / (synthesis.POOL + ".parts")).iterdir())
     assert parts == ["000000.jsonl", "000001.jsonl"]
-    resumed = run_cli(runs, "killed", "chunk:responses.jsonl")
+    resumed = run_synthetic(runs, "killed", "chunk:responses.jsonl")
     assert resumed.returncode == -signal.SIGKILL, resumed.stderr[-2000:]
     for name in (synthesis.POOL, synthesis.REJECTED):
         assert records.read_jsonl(run_dir / name) == records.read_jsonl(runs / "whole" / name), name
@@ -243,7 +239,7 @@ def test_synthesis_killed_mid_way_resumes_to_the_pool_of_an_uninterrupted_run(tm
     assert stats == json.loads((runs / "whole" / synthesis.POOL_STATS).read_text())
     assert not list(run_dir.glob("*.parts"))
     # Iteration 1 draws its prompts from the pool.
-    prompts = records.read_jsonl(run_dir / "iter_1" / records.PROMPTS)
+    prompts = records.read_jsonl(run_dir / "iter_1" / layout.PROMPTS)
     pool = {r["prompt_id"]: r["messages"] for r in records.read_jsonl(run_dir / synthesis.POOL)}
     assert len(prompts) == 5 and all(pool[p["prompt_id"]] == p["messages"] for p in prompts)
 
@@ -263,11 +259,8 @@ def test_dry_run_counts_the_prompters_requests(tmp_path):
         40,
         10240,
     )
-    done = subprocess.run(
-        [str(CLI), "data=synthetic", "data.synthetic.pool_size=10", "dry_run=true", f"runs_dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_cli(
+        "data=synthetic", "data.synthetic.pool_size=10", "dry_run=true", f"runs_dir={tmp_path}", timeout=300
     )
     assert done.returncode == 0, done.stderr
     # generator.chunk_size 32: ceil(40 / 32) = 2 chunks, 64 requests.

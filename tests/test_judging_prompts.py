@@ -8,7 +8,7 @@ import pytest
 
 from metareward.judging.parsing import parse_score, parse_winner
 from metareward.judging.prompts import RUBRIC, SCORE_CUE, WINNER_CUE, Templates, question_text
-from metareward.loop.stages import score_cue_text, winner_cue_text
+from metareward.judging.requests import score_cue_text, winner_cue_text
 
 QUESTION = [{"role": "user", "content": "What is the boiling point of water at sea level?"}]
 RESPONSE = "It boils at 100 degrees Celsius."
@@ -183,7 +183,7 @@ def test_winner_cue_finds_a_markdown_winner_key():
 def test_sampled_verdict_follows_the_probabilities():
     import random
 
-    from metareward.loop.stages import sample_verdict
+    from metareward.judging.requests import sample_verdict
 
     assert sample_verdict([0.2, 0.1], 0.0, random.Random(0)) == "A"
     assert sample_verdict([0.1, 0.2], 0.0, random.Random(0)) == "B"

@@ -32,14 +32,13 @@ from metareward.generation import make_generator
 from metareward.judging.prompts import Templates
 from metareward.loop.run import Run, stages
 from metareward.loop.stages import StageContext
-from metareward.store import faults, records
+from metareward.store import faults, layout, records
 from metareward.store.records import ChunkedFile
-from tests.test_align import small_settings, small_split
-from tests.test_loop import tiny_config
+from tests.helpers import run_cli, small_settings, small_split, tiny_config
 
 pytestmark = pytest.mark.slow
 
-STAGE_ROWS = (records.RESPONSES, records.JUDGEMENTS, records.META_JUDGEMENTS)
+STAGE_ROWS = (layout.RESPONSES, layout.JUDGEMENTS, layout.META_JUDGEMENTS)
 SINGLE_PROCESS = str(DEFAULT_ACCELERATE_CONFIG.parent / "single_process.yaml")
 
 
@@ -50,11 +49,17 @@ def ray_cluster():
     cluster.shutdown()
 
 
+# Two workers average their gradients where one process sums one batch: equal up to fp32 rounding, which
+# the comparisons allow for. Where the CPU has native bf16, precision=auto would train in bf16 autocast,
+# whose rounding differs between the two by far more.
+FP32_TRAINING = ("train.dpo.precision=fp32",)
+
+
 @pytest.fixture(scope="module")
 def plain_iteration(tmp_path_factory, tiny_model_dir) -> Path:
     """One iteration without Ray: the rows a Ray run must write."""
     runs = tmp_path_factory.mktemp("plain")
-    Run(tiny_config(runs, "run_name=plain", "iterations=1")).run()
+    Run(tiny_config(runs, "run_name=plain", "iterations=1", *FP32_TRAINING)).run()
     return runs / "plain" / "iter_1"
 
 
@@ -72,12 +77,6 @@ def test_two_replicas_write_the_rows_of_one_engine_through_a_lost_engine_and_fre
     before_training: list[tuple[dict, dict]] = []
     killed = []
 
-    made = cluster.ReplicaPool.__init__
-
-    def keep(self, *args, **kwargs):
-        made(self, *args, **kwargs)
-        pools.append(self)
-
     call = cluster.ReplicaPool.call
 
     def count(self, replica, method, *args):
@@ -93,16 +92,19 @@ def test_two_replicas_write_the_rows_of_one_engine_through_a_lost_engine_and_fre
             killed.append(pools[-1].replicas[1].actor)
             ray.kill(killed[-1])
 
-    train_job = cluster.train_job
+    class WatchedRayEngines(cluster.RayEngines):
+        """The run's Ray engines, keeping each pool they start and looking at the cluster before DPO."""
 
-    def look_before_training(*args, **kwargs):
-        before_training.append((ray.available_resources(), ray.cluster_resources()))
-        return train_job(*args, **kwargs)
+        def start(self, *args, **kwargs):
+            pools.append(super().start(*args, **kwargs))
+            return pools[-1]
 
-    monkeypatch.setattr(cluster.ReplicaPool, "__init__", keep)
+        def train_dpo(self, *args, **kwargs):
+            before_training.append((ray.available_resources(), ray.cluster_resources()))
+            return super().train_dpo(*args, **kwargs)
+
     monkeypatch.setattr(cluster.ReplicaPool, "call", count)
     monkeypatch.setattr(faults, "point", kill_an_engine_mid_judge)
-    monkeypatch.setattr(cluster, "train_job", look_before_training)
 
     cfg = tiny_config(
         tmp_path,
@@ -113,8 +115,9 @@ def test_two_replicas_write_the_rows_of_one_engine_through_a_lost_engine_and_fre
         "cluster.train_workers=2",
         # Two workers of 2 pairs a step: the 4 pairs a step of the run without Ray (its default batch).
         "train.dpo.batch_size=2",
+        *FP32_TRAINING,
     )
-    Run(cfg).run()
+    Run(cfg, engines=WatchedRayEngines(cfg, tmp_path / "ray")).run()
     directory = tmp_path / "ray" / "iter_1"
 
     for name in STAGE_ROWS:
@@ -132,20 +135,20 @@ def test_two_replicas_write_the_rows_of_one_engine_through_a_lost_engine_and_fre
     # by over 1e-3): accelerate deals each process every other batch of the same shuffled order, so two
     # workers of 2 average the gradient one process takes over 4. They would differ in the last step
     # when the pairs are not a multiple of 4 (accelerate then evens out the last batch by repeating pairs).
-    log = records.read_json(directory / records.MODEL / records.TRAINING_LOG)
+    log = records.read_json(directory / layout.MODEL / layout.TRAINING_LOG)
     assert log["processes"] == 2 and log["global_steps"] >= 1
-    AutoModelForCausalLM.from_pretrained(directory / records.MODEL)
-    trained = tensors(directory / records.MODEL)
+    AutoModelForCausalLM.from_pretrained(directory / layout.MODEL)
+    trained = tensors(directory / layout.MODEL)
     assert (
         len(
-            records.read_jsonl(directory / records.ACTOR_PAIRS)
-            + records.read_jsonl(directory / records.JUDGE_PAIRS)
+            records.read_jsonl(directory / layout.ACTOR_PAIRS)
+            + records.read_jsonl(directory / layout.JUDGE_PAIRS)
         )
         % 4
         == 0
     )
     assert largest_difference(trained, tensors(tiny_model_dir)) > 1e-3
-    assert largest_difference(trained, tensors(plain_iteration / records.MODEL)) < 1e-4
+    assert largest_difference(trained, tensors(plain_iteration / layout.MODEL)) < 1e-4
 
 
 def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -160,7 +163,10 @@ def test_judge_alignment_on_two_ray_train_workers_equals_the_inline_alignment(
     ray_cluster, tiny_model_dir, tmp_path
 ):
     train, heldout = small_split(tmp_path)
-    settings = "batch_size=1 save_steps=2 learning_rate=1e-3 progress=false max_length=1024 eval_batch_size=4"
+    settings = (
+        "batch_size=1 save_steps=2 learning_rate=1e-3 progress=false max_length=1024 eval_batch_size=4 "
+        "precision=fp32"
+    )
     cfg = load_config(
         None,
         ["model=tiny", "cluster=ray", "cluster.train_workers=2", *(f"align.{s}" for s in settings.split())],
@@ -170,13 +176,13 @@ def test_judge_alignment_on_two_ray_train_workers_equals_the_inline_alignment(
     )
     inline = align_judge(
         tiny_model_dir,
-        small_settings(batch_size=2),
+        small_settings(batch_size=2, precision="fp32"),
         train,
         heldout,
         out_dir=tmp_path / "inline",
         work_dir=tmp_path / "inline_work",
     )
-    assert on_ray == records.read_json(tmp_path / "ray" / records.TRAINING_LOG)["alignment"]
+    assert on_ray == records.read_json(tmp_path / "ray" / layout.TRAINING_LOG)["alignment"]
     assert on_ray["train"]["steps"] == inline["train"]["steps"] == 9
     assert on_ray["heldout"]["before"] == inline["heldout"]["before"]
     assert not (tmp_path / "ray_work" / "checkpoints").exists()
@@ -309,18 +315,14 @@ def test_cluster_ray_without_ray_installed_is_refused_before_anything_runs(monke
 
 
 def test_a_cluster_that_is_not_there_is_one_line_naming_the_address(tmp_path):
-    import subprocess
-    import sys
-
     command = [
-        str(Path(sys.executable).parent / "metareward"),
         "model=tiny",
         "tracking=none",
         f"runs_dir={tmp_path}",
         "cluster=ray",
         "cluster.address=127.0.0.1:1",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = run_cli(*command, timeout=300)
     assert done.returncode == 1, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert (

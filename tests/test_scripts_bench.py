@@ -1,7 +1,7 @@
 """Smoke test of scripts/bench.py on the tiny model: every section reports finite, positive numbers and
 the resumed demo run generates nothing. No timing is asserted (the numbers depend on the machine).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/test_bench.py
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/test_scripts_bench.py
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import statistics
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")

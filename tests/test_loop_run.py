@@ -1,12 +1,10 @@
 """End-to-end runs of the loop on the tiny model: files, training, pair rebuilds.
 
-Resuming after a SIGKILL is tested in tests/test_faults.py."""
+Resuming after a SIGKILL is tested in tests/test_store_faults.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -15,30 +13,13 @@ from safetensors.torch import load_file
 
 from metareward.config import load_config
 from metareward.loop.run import Run, RunStopped
-from metareward.store import records
+from metareward.store import layout, records
+from tests.helpers import TINY_RUN, run_cli, tiny_config
 from tests.wandb_files import offline_files, read_run, rows_at
 
 # Whole runs of the loop (make test-fast leaves them out).
 pytestmark = pytest.mark.slow
 
-# Small enough for seconds per iteration; the probability fallbacks give scores and verdicts
-# although the random model writes neither.
-TINY_RUN = [
-    "model=tiny",
-    "data.prompts_per_iteration=4",
-    "actor.num_responses=3",
-    "actor.max_new_tokens=24",
-    "judge.num_judgements=3",
-    "judge.max_new_tokens=32",
-    "meta_judge.max_new_tokens=8",
-    "judge.score_from=text_or_expected",
-    "meta_judge.winner_from=text_or_probs",
-    "generator.chunk_size=2",
-    "generator.progress=false",
-    "train.dpo.learning_rate=1e-3",
-    "tracking=none",
-    "eval.enabled=false",
-]
 # What the two-iteration run adds on top: W&B offline tracking and a small evaluation each iteration.
 TRACKED_EVAL = [
     "tracking=offline",
@@ -50,17 +31,12 @@ TRACKED_EVAL = [
     "eval.bootstrap_samples=50",
 ]
 STAGE_FILES = [
-    records.RESPONSES,
-    records.JUDGEMENTS,
-    records.META_JUDGEMENTS,
-    records.ACTOR_PAIRS,
-    records.JUDGE_PAIRS,
+    layout.RESPONSES,
+    layout.JUDGEMENTS,
+    layout.META_JUDGEMENTS,
+    layout.ACTOR_PAIRS,
+    layout.JUDGE_PAIRS,
 ]
-CLI = Path(sys.executable).parent
-
-
-def tiny_config(runs_dir: Path, *extra: str):
-    return load_config(None, [*TINY_RUN, f"runs_dir={runs_dir}", *extra])
 
 
 def rows(path: Path) -> list[dict]:
@@ -77,16 +53,16 @@ def two_iterations(tmp_path_factory, tiny_model_dir):
 
 def test_two_iterations_write_every_contract_file(two_iterations):
     run_dir, history = two_iterations
-    assert (run_dir / records.CONFIG).is_file()
+    assert (run_dir / layout.CONFIG).is_file()
     assert [m["iteration"] for m in history] == [1, 2]
     for t in (1, 2):
         d = run_dir / f"iter_{t}"
-        for name in [records.PROMPTS, *STAGE_FILES, records.METRICS]:
+        for name in [layout.PROMPTS, *STAGE_FILES, layout.METRICS]:
             assert (d / name).is_file(), f"{d / name} missing"
         assert (d / "model" / "model.safetensors").is_file()
         assert not list(d.glob("*.parts")), "chunk directories are removed once a stage is complete"
-        prompts, responses = rows(d / records.PROMPTS), rows(d / records.RESPONSES)
-        judgements, verdicts = rows(d / records.JUDGEMENTS), rows(d / records.META_JUDGEMENTS)
+        prompts, responses = rows(d / layout.PROMPTS), rows(d / layout.RESPONSES)
+        judgements, verdicts = rows(d / layout.JUDGEMENTS), rows(d / layout.META_JUDGEMENTS)
         assert len(prompts) == 4
         # IDs follow the contract and nothing is written twice.
         for r in responses:
@@ -105,8 +81,8 @@ def test_two_iterations_write_every_contract_file(two_iterations):
         # Every compared pair of judgements appears in both orders.
         shown = {(v["first_id"], v["second_id"]) for v in verdicts}
         assert shown == {(b, a) for a, b in shown}
-        metrics = json.loads((d / records.METRICS).read_text())
-        assert metrics["pairs"]["actor"]["pairs"] == len(rows(d / records.ACTOR_PAIRS)) >= 1
+        metrics = json.loads((d / layout.METRICS).read_text())
+        assert metrics["pairs"]["actor"]["pairs"] == len(rows(d / layout.ACTOR_PAIRS)) >= 1
         assert any("loss" in entry for entry in metrics["train_log"])
         assert metrics["train"]["steps"] >= 1
 
@@ -162,14 +138,14 @@ def test_each_evaluated_model_exports_its_heldout_answers_and_its_self_preferenc
 
 def test_pair_files_load_with_datasets(two_iterations, tmp_path):
     run_dir, _ = two_iterations
-    for name in (records.ACTOR_PAIRS, records.JUDGE_PAIRS):
+    for name in (layout.ACTOR_PAIRS, layout.JUDGE_PAIRS):
         path = run_dir / "iter_1" / name
         if path.stat().st_size == 0:
             continue
         loaded = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path))
         assert {"prompt", "chosen", "rejected", "chosen_id", "rejected_id"} <= set(loaded.column_names)
         assert loaded[0]["chosen"][0]["role"] == "assistant"
-    assert rows(run_dir / "iter_1" / records.JUDGE_PAIRS), "the tiny run should give at least one judge pair"
+    assert rows(run_dir / "iter_1" / layout.JUDGE_PAIRS), "the tiny run should give at least one judge pair"
 
 
 def test_iterations_train_from_the_previous_model(two_iterations, tiny_model_dir):
@@ -223,57 +199,45 @@ def _crafted_iteration(iter_dir: Path) -> None:
         }
         for k, (s, _) in enumerate(scored)
     ]
-    records.write_jsonl(iter_dir / records.PROMPTS, [prompt])
-    records.write_jsonl(iter_dir / records.RESPONSES, responses)
-    records.write_jsonl(iter_dir / records.JUDGEMENTS, judgements)
-    records.write_jsonl(iter_dir / records.META_JUDGEMENTS, [])
+    records.write_jsonl(iter_dir / layout.PROMPTS, [prompt])
+    records.write_jsonl(iter_dir / layout.RESPONSES, responses)
+    records.write_jsonl(iter_dir / layout.JUDGEMENTS, judgements)
+    records.write_jsonl(iter_dir / layout.META_JUDGEMENTS, [])
 
 
 def test_pairs_cli_rebuilds_with_another_rho(tmp_path):
     iter_dir = tmp_path / "run" / "iter_1"
     _crafted_iteration(iter_dir)
-    pairs_cli = str(CLI / "metareward-pairs")
-    subprocess.run([pairs_cli, str(iter_dir)], check=True, capture_output=True)
-    subprocess.run(
-        [pairs_cli, str(iter_dir), "--out", str(tmp_path / "out"), "pairs.rho=0.4"],
-        check=True,
-        capture_output=True,
-    )
-    (rho0,) = rows(iter_dir / records.ACTOR_PAIRS)
-    (rho4,) = rows(tmp_path / "out" / records.ACTOR_PAIRS)
+    pairs_cli = {"script": "metareward-pairs", "timeout": None, "text": False, "check": True}
+    run_cli(str(iter_dir), **pairs_cli)
+    run_cli(str(iter_dir), "--out", str(tmp_path / "out"), "pairs.rho=0.4", **pairs_cli)
+    (rho0,) = rows(iter_dir / layout.ACTOR_PAIRS)
+    (rho4,) = rows(tmp_path / "out" / layout.ACTOR_PAIRS)
     # rho=0: best vs worst score.
     # rho=0.4: top tier {r0, r1} -> shortest r1; bottom tier {r2, r3} -> longest r3.
     assert (rho0["chosen_id"], rho0["rejected_id"]) == ("q/r0", "q/r2")
     assert (rho4["chosen_id"], rho4["rejected_id"]) == ("q/r1", "q/r3")
-    assert rows(tmp_path / "out" / records.JUDGE_PAIRS) == []
+    assert rows(tmp_path / "out" / layout.JUDGE_PAIRS) == []
 
 
 def test_pairs_cli_rejects_a_bad_override(tmp_path):
     iter_dir = tmp_path / "run" / "iter_1"
     _crafted_iteration(iter_dir)
-    result = subprocess.run(
-        [str(CLI / "metareward-pairs"), str(iter_dir), "pairs.rho=0.9"], capture_output=True, text=True
-    )
+    result = run_cli(str(iter_dir), "pairs.rho=0.9", script="metareward-pairs", timeout=None)
     assert result.returncode == 2
     assert "pairs.rho" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_no_pairs_stops_the_run_with_a_reason(tmp_path, tiny_model_dir):
     # The random model never writes "Score: N", so with the paper's rule nothing is scored.
-    result = subprocess.run(
-        [
-            str(CLI / "metareward"),
-            *TINY_RUN,
-            f"runs_dir={tmp_path}",
-            "run_name=none",
-            "iterations=1",
-            "judge.score_from=text",
-            "data.prompts_per_iteration=2",
-            "judge.num_judgements=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_cli(
+        *TINY_RUN,
+        f"runs_dir={tmp_path}",
+        "run_name=none",
+        "iterations=1",
+        "judge.score_from=text",
+        "data.prompts_per_iteration=2",
+        "judge.num_judgements=1",
     )
     assert result.returncode == 1
     assert "no preference pairs" in result.stderr and "no scored responses" in result.stderr
@@ -283,15 +247,15 @@ def test_no_pairs_stops_the_run_with_a_reason(tmp_path, tiny_model_dir):
 def test_a_multirun_gives_each_job_its_own_complete_run_directory(tmp_path, tiny_model_dir):
     sweep = ["-m", *TINY_RUN, f"runs_dir={tmp_path}", "run_name=sweep", "iterations=1"]
     sweep += ["data.prompts_per_iteration=2", "actor.num_responses=2,3"]
-    result = subprocess.run([str(CLI / "metareward"), *sweep], capture_output=True, text=True, timeout=600)
+    result = run_cli(*sweep)
     assert result.returncode == 0, result.stderr[-2000:]
     for job, k in (("sweep_0", 2), ("sweep_1", 3)):
         run_dir = tmp_path / job
-        assert load_config(run_dir / records.CONFIG, []).actor.num_responses == k
+        assert load_config(run_dir / layout.CONFIG, []).actor.num_responses == k
         directory = run_dir / "iter_1"
-        for name in [*STAGE_FILES, records.METRICS]:
+        for name in [*STAGE_FILES, layout.METRICS]:
             assert (directory / name).is_file(), (job, name)
-        assert (directory / records.MODEL / "model.safetensors").is_file()
-        assert len(rows(directory / records.RESPONSES)) == 2 * k
+        assert (directory / layout.MODEL / "model.safetensors").is_file()
+        assert len(rows(directory / layout.RESPONSES)) == 2 * k
         # Hydra's own files and log are the job's, beside its run.
         assert (run_dir / ".hydra" / "overrides.yaml").is_file() and (run_dir / "metareward.log").is_file()

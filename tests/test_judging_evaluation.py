@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 
 from metareward.config import EvalConfig, GeneratorConfig, ModelConfig
 from metareward.generation import Completion, make_generator
-from metareward.judging.evaluation import (
-    evaluate_suites,
-    generate_responses,
-    judge_pointwise,
-    load_heldout_prompts,
-    load_suites,
-    win_rate,
-)
+from metareward.judging.evaluation import evaluate_suites, judge_pointwise, load_suites
+from metareward.judging.heldout import generate_responses, load_heldout_prompts, win_rate
 from metareward.judging.judge_metrics import agreement_stats, suite_metrics
 from metareward.judging.parsing import parse_pairwise_winner
 from metareward.judging.prompts import PAIRWISE_CUE, Templates
 from metareward.judging.suites import SuitePair
 from metareward.store.records import RecordError
+from tests.helpers import run_cli
 
 
 class _StandInGenerator:
@@ -250,10 +243,7 @@ def test_tiny_model_judges_bundled_pairs(tiny_model_dir):
 
 
 def _eval_judge(*args, cwd):
-    code = "from metareward.cli import eval_judge_main; eval_judge_main()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
+    return run_cli(*args, script="metareward-eval-judge", cwd=cwd, timeout=300)
 
 
 @pytest.mark.slow

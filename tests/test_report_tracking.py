@@ -15,7 +15,17 @@ import os
 import pytest
 
 from metareward.config import TrackingConfig
-from metareward.report.tracking import RUN_ID_FILE, NullTracker, make_tracker, wandb_mode
+from metareward.report.tracking import (
+    ALARM_COLUMNS,
+    PAIR_COLUMNS,
+    RUN_ID_FILE,
+    NullTracker,
+    log_iteration_tables,
+    make_tracker,
+    wandb_mode,
+)
+from metareward.store.layout import ACTOR_PAIRS, JUDGE_PAIRS
+from metareward.store.records import write_jsonl
 from tests.wandb_files import offline_files, read_run, rows_at, series
 
 os.environ["WANDB_MODE"] = "offline"
@@ -121,6 +131,62 @@ def test_null_tracker_does_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+class RecordingTracker(NullTracker):
+    """Keeps each ``log_table`` call as (name, columns, rows, step)."""
+
+    def __init__(self):
+        self.tables: list[tuple] = []
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        self.tables.append((name, columns, rows, step))
+
+
+def _pair(prompt: str, chosen: str, rejected: str, scores: tuple[float, float]) -> dict:
+    return {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "chosen_score": scores[0],
+        "rejected_score": scores[1],
+        "prompt_id": "p",
+    }
+
+
+def test_an_iterations_tables_are_its_first_pairs_its_cascades_and_its_alarms(tmp_path):
+    actor = [_pair(f"q{i}?", f"good {i}", f"bad {i}", (4.0, i)) for i in range(3)]
+    write_jsonl(tmp_path / ACTOR_PAIRS, actor)
+    write_jsonl(tmp_path / JUDGE_PAIRS, [_pair("Rate it.", "Score: 4", "Score: 1", (1.5, -1.5))])
+    point = {"fraction": 0.0, "accuracy": 0.5, "cost_usd": 0.0, "escalated": 0, "strong_tokens": 0}
+    cascade = {"signal": "margin", "curve": [point], "random_curve": [{**point, "accuracy": 0.25}]}
+    alarm = {"guard": "top_score_share", "value": 1.0, "threshold": 0.9, "reason": "score saturation"}
+    metrics = {
+        "eval": {"pandalm": {"pairwise": {"accuracy": 0.5, "escalation": cascade}, "pointwise": {}}},
+        "guards": {"top_score_share": 1.0, "alarms": [alarm]},
+    }
+    tracker = RecordingTracker()
+    log_iteration_tables(tracker, tmp_path, metrics, step=3, limit=2)
+    curve_columns = ["curve", "fraction", "accuracy", "cost_usd", "escalated", "strong_tokens"]
+    assert tracker.tables == [
+        ("actor_pairs", PAIR_COLUMNS,
+         [["q0?", "good 0", "bad 0", 4.0, 0], ["q1?", "good 1", "bad 1", 4.0, 1]], 3),
+        ("judge_pairs", PAIR_COLUMNS, [["Rate it.", "Score: 4", "Score: 1", 1.5, -1.5]], 3),
+        ("escalation_curve/pandalm/pairwise", curve_columns,
+         [["margin", 0.0, 0.5, 0.0, 0, 0], ["random", 0.0, 0.25, 0.0, 0, 0]], 3),
+        ("guard_alarms", ALARM_COLUMNS, [["top_score_share", 1.0, 0.9, "score saturation"]], 3),
+    ]  # fmt: skip
+    assert PAIR_COLUMNS == ["prompt", "chosen", "rejected", "chosen_score", "rejected_score"]
+    assert ALARM_COLUMNS == ["guard", "value", "threshold", "reason"]
+
+    # No evaluation, no guards, table_rows=0: the three tables are logged, empty.
+    tracker = RecordingTracker()
+    log_iteration_tables(tracker, tmp_path, {}, step=1, limit=0)
+    assert [(name, rows) for name, _, rows, _ in tracker.tables] == [
+        ("actor_pairs", []),
+        ("judge_pairs", []),
+        ("guard_alarms", []),
+    ]
+
+
 @pytest.mark.parametrize(
     "mode, env, expected",
     [
@@ -161,7 +227,7 @@ def test_a_tracked_run_logs_every_dpo_step_of_its_iteration(tmp_path, tiny_model
     """Needs the loop to pass ``on_log`` to train_dpo (or log ``step_rows`` of the training log)."""
     from metareward.cli import load_config
     from metareward.loop.run import Run
-    from metareward.store.records import TRAINING_LOG
+    from metareward.store.layout import TRAINING_LOG
     from metareward.training import step_rows
 
     Run(load_config(None, [*TRACKED_RUN, f"runs_dir={tmp_path}", "run_name=dpo-steps"])).run()
