@@ -221,10 +221,8 @@ def test_bundled_prompt_includes_its_instance_input():
     assert content == f"{with_input['instruction']}\n\n{with_input['instances'][0]['input']}"
 
 
-def test_shared_user_oriented_prompts_load():
+def test_self_instructs_user_oriented_prompts_load():
     path = ASSETS / "prompts_self_instruct_user_oriented.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
     raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = load_prompts(DataConfig(path=str(path)))
     assert len(rows) == len(raw)
