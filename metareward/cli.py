@@ -412,13 +412,15 @@ def align_judge_main(argv: list[str] | None = None) -> None:
     except RecordError as error:
         _fail(str(error), code=1, prog=prog)
     work_dir, model_dir = align_paths(config)
-    try:
-        # With cluster=ray, a Ray Train job on cluster.train_workers.
-        engines = engines_for(config)
-        result = engines.align(engines.seed(), train, heldout, out_dir=model_dir, work_dir=work_dir)
-    except (RecordError, OSError) as error:
-        _fail(str(error), code=1, prog=prog)
     out = args.out or work_dir / ALIGN_METRICS
-    records.write_json(out, result)
+    try:
+        # The run directory's lock, as a run takes it: a run's EFT step reads and writes align/ too.
+        with runlock.hold(Path(config.runs_dir) / config.run_name):
+            # With cluster=ray, a Ray Train job on cluster.train_workers.
+            engines = engines_for(config)
+            result = engines.align(engines.seed(), train, heldout, out_dir=model_dir, work_dir=work_dir)
+            records.write_json(out, result)
+    except (RecordError, OSError, runlock.RunLocked) as error:
+        _fail(str(error), code=1, prog=prog)
     print("\n".join(result_lines(result)))
     print(f"saved the aligned judge to {model_dir} and its metrics to {out}")

@@ -329,6 +329,16 @@ def test_an_empty_file_and_clashing_labels_are_refused_in_one_line(tmp_path, cap
     assert not (tmp_path / "default" / "align" / "model").exists()
 
 
+def test_the_command_is_refused_while_a_run_holds_the_run_directory(tmp_path, capsys, tiny_model_dir):
+    from metareward.store import runlock
+
+    data = write_rows(tmp_path / "align.jsonl", [pandalm_row(i, (1, 2, 2)) for i in range(8)])
+    with runlock.hold(tmp_path / "default"):  # a metareward run on the same run_name
+        code, _, err = cli([f"runs_dir={tmp_path}", "model=tiny", f"align.train={data}"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "is in use by another metareward run" in err
+    assert not (tmp_path / "default" / "align").exists()
+
+
 def test_a_bad_setting_names_its_key(tmp_path, capsys):
     code, _, err = cli([f"runs_dir={tmp_path}", "align.objective=median"], capsys)
     assert code == 2 and "align.objective='median'" in err

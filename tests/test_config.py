@@ -201,6 +201,13 @@ BAD = [
     (["roles.judge.generator.batch_size=abc"], "roles.judge.generator.batch_size", "abc"),
     (["foo=1"], "foo", "no such setting"),
     (["model=gpt5"], "model", "gpt5"),
+    # An unbounded number is no bound: a timeout or budget of inf would never end a wait or a pool.
+    (["generator.openai.timeout_s=inf"], "generator.openai.timeout_s", "inf"),
+    (["data.synthetic.request_budget=inf"], "data.synthetic.request_budget", "inf"),
+    (["actor.temperature=nan"], "actor.temperature", "nan"),
+    # "." and ".." would write the run's files into runs_dir itself, or above it.
+    (["run_name=."], "run_name", "'.'"),
+    (["run_name=.."], "run_name", "'..'"),
 ]
 
 

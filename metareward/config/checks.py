@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import math
 import re
 import types
 import typing
@@ -76,6 +77,8 @@ class Range:
             raise ValueError(f"not a range: {self.text!r} (e.g. '>= 1', '> 0', '(0, 1]')")
 
     def allows(self, value: Any) -> bool:
+        if not math.isfinite(value):  # an open bound means any finite number (null says "no limit")
+            return False
         if bound := _BOUND.match(self.text):
             sign, low = bound.groups()
             return value >= float(low) if sign == ">=" else value > float(low)

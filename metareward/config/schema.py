@@ -110,4 +110,6 @@ class Config(Section, root=True):
             "with cluster=ray training is a Ray Train job on cluster.train_workers; leave train.launcher "
             "inline (accelerate is for one machine without Ray)",
         )
-        require(bool(self.run_name) and "/" not in self.run_name, "run_name", self.run_name, "a plain name")
+        # "." and ".." would put the run's files into runs_dir itself or above it.
+        plain = bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", "..")
+        require(plain, "run_name", self.run_name, "a plain name")
