@@ -76,9 +76,9 @@ class StandInServer:
     used up one per request, before answering: first those in ``faults_for[content]`` (requests whose
     last message is ``content``), then ``faults``: "429", "429-retry-after" (Retry-After: 0),
     "429-retry-after=S" (Retry-After: S), "503", "400" (its body echoes the Authorization header),
-    "drop" (closes the connection without answering), "slow" (answers after ``slow_s`` more). ``log``
-    has, per request in arrival order, its ``content``, ``status`` (None when dropped) and the
-    ``time.monotonic()`` it ``arrived`` and was ``answered``. With ``gather=G`` the first requests are
+    "drop" (closes the connection without answering), "cut-json" (a JSON body cut short), "slow" (answers
+    after ``slow_s`` more). ``log`` has, per request in arrival order, its ``content``, ``status`` (None
+    when dropped) and the ``time.monotonic()`` it ``arrived`` and was ``answered``. With ``gather=G`` the first requests are
     held (at most ``gather_timeout_s``) until G are in flight at once, so a client that can keep G in
     flight is seen to do so however slowly a busy machine lets it send them."""
 
@@ -191,6 +191,8 @@ class StandInServer:
             wait = fault.partition("=")[2] or "0"
             error = {"error": {"message": "rate limited"}}
             return web.json_response(error, status=429, headers={"Retry-After": wait})
+        if fault == "cut-json":
+            return web.Response(text='{"choices": [{"message": ', content_type="application/json")
         if fault == "503":
             return web.json_response({"error": {"message": "overloaded"}}, status=503)
         if fault == "400":

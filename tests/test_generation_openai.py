@@ -177,6 +177,16 @@ def test_exhausted_retries_raise_with_the_last_failure(serve):
     assert gen.usage.http_requests == 3
 
 
+def test_a_json_answer_cut_short_is_one_error_naming_the_url(serve):
+    server = serve()
+    server.faults = ["cut-json"]
+    gen = generator(server.url, max_retries=0)
+    with pytest.raises(OpenAIError, match=rf"{re.escape(server.url)}.*not valid JSON") as failed:
+        gen.generate([user("hello")], replace(PARAMS, n=1))
+    gen.close()
+    assert "\n" not in str(failed.value)
+
+
 def test_unreachable_server_names_the_url():
     gen = generator("http://no-such-host.invalid/v1", max_retries=0)
     with pytest.raises(OpenAIError, match="no-such-host.invalid"):

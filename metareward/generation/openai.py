@@ -222,6 +222,10 @@ class OpenAIGenerator:
             raise self._gave_up(error.request.url, attempts, failure) from None
         except openai.OpenAIError as error:
             raise OpenAIError(f"{base_url}: {type(error).__name__}: {error}") from None
+        except json.JSONDecodeError as error:  # the client parses a JSON content type itself
+            raise OpenAIError(
+                f"{base_url}: the answer is not valid JSON ({error}): {error.doc[:200]!r}"
+            ) from None
         finally:
             with self._lock:
                 self.usage.requests += 1
