@@ -79,8 +79,8 @@ class StandInServer:
     "drop" (closes the connection without answering), "cut-json" (a JSON body cut short), "slow" (answers
     after ``slow_s`` more). ``log`` has, per request in arrival order, its ``content``, ``status`` (None
     when dropped) and the ``time.monotonic()`` it ``arrived`` and was ``answered``. With ``gather=G`` the
-    first requests are held (at most ``gather_timeout_s``) until G are in flight at once, so a client that can keep G in
-    flight is seen to do so however slowly a busy machine lets it send them."""
+    first requests are held (at most ``gather_timeout_s``) until G are in flight at once, so a client that
+    can keep G in flight is seen to do so however slowly a busy machine lets it send them."""
 
     def __init__(
         self,
