@@ -260,7 +260,7 @@ def pairs_main(argv: list[str] | None = None) -> None:
     try:
         with runlock.hold(run_dir) if writes_run else contextlib.nullcontext():
             write_pairs(out, actor_rows, judge_rows)
-    except runlock.RunLocked as error:
+    except (runlock.RunLocked, OSError) as error:
         _fail(str(error), code=1, prog=prog)
     print(f"{out}: {len(actor_rows)} actor pairs, {len(judge_rows)} judge pairs (rho {rho})")
 
@@ -300,6 +300,8 @@ def report_main(argv: list[str] | None = None) -> None:
         print(report.write_report(run, Path(args.out) if args.out else run / layout.REPORT_HTML))
     except RecordError as error:
         parser.error(str(error))
+    except OSError as error:  # where the report goes cannot be written
+        _fail(str(error), code=1, prog="metareward-report")
 
 
 # ------------------------------------------------------------------ metareward-eval-judge

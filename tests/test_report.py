@@ -225,6 +225,21 @@ def test_not_a_run_dir(tmp_path: Path, capsys, main):
         assert f"{prog}: error: {path} is not a run directory" in err and "Traceback" not in err
 
 
+def test_report_problems_are_one_line(run: Path, tmp_path: Path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        report_main([str(run), "--out", str(afile / "r.html")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("metareward-report: error: ") and "afile" in err
+    (run / "iter_2" / "metrics.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit) as exc:
+        report_main([str(run)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "iter_2/metrics.json: expected a JSON object, got list" in err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [(["--iter", "9"], "iteration 9 does not exist"), (["--iter", "4"], "actor_pairs.jsonl does not exist")],

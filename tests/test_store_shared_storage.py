@@ -331,6 +331,11 @@ def test_metareward_pairs_into_a_run_in_use_is_refused_but_elsewhere_it_only_rea
         )
     assert into.returncode == 1 and "in use by another metareward run" in into.stderr
     assert elsewhere.returncode == 0, elsewhere.stderr
+    # An --out that cannot be a directory (a file is in the way): one line, no traceback.
+    (tmp_path / "afile").write_text("")
+    blocked = run_cli(str(reference), "--out", str(tmp_path / "afile" / "x"), script="metareward-pairs")
+    assert blocked.returncode == 1 and blocked.stderr.count("\n") == 1 and "Traceback" not in blocked.stderr
+    assert blocked.stderr.startswith("metareward-pairs: error: ") and "afile" in blocked.stderr
     assert records.read_jsonl(tmp_path / "out" / layout.ACTOR_PAIRS) == records.read_jsonl(
         reference / layout.ACTOR_PAIRS
     )

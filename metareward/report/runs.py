@@ -157,16 +157,23 @@ def sample_pairs(directory: Path, role: str, n: int | None) -> list[dict]:
     return out
 
 
+def _json_object(path: Path) -> dict:
+    data = records.read_json(path)
+    if not isinstance(data, dict):
+        raise records.RecordError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def latest_cascades(run: Path) -> tuple[str, dict]:
     """(which model, {"suite/protocol": escalation}) of the last evaluated model with cascade curves
     (eval.escalation): the last finished iteration's, else M_0's."""
     evaluated = [
-        (f"M_{t}", records.read_json(d / layout.METRICS).get("eval", {}))
+        (f"M_{t}", _json_object(d / layout.METRICS).get("eval", {}))
         for t, d in iterations(run)
         if (d / layout.METRICS).is_file()
     ]
     if (run / layout.EVAL_0).is_file():
-        evaluated.insert(0, ("M_0", records.read_json(run / layout.EVAL_0).get("judge", {})))
+        evaluated.insert(0, ("M_0", _json_object(run / layout.EVAL_0).get("judge", {})))
     for model, judge in reversed(evaluated):
         found = {
             f"{suite}/{protocol}": m["escalation"]
