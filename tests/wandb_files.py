@@ -48,11 +48,20 @@ def finished_records(path: Path, timeout: float = 30.0) -> list:
     """The records of a finished run's file, once W&B has written its exit record.
 
     ``run.finish()`` returns before wandb-core has flushed the file: it only publishes
-    "inform_finish", and the stream closes (flushing the log) a moment later.
+    "inform_finish", and the stream closes (flushing the log) a moment later; a record read while it is
+    being written does not parse, and is read again.
     """
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + timeout
     while True:
-        records = read_records(path)
+        try:
+            records = read_records(path)
+        except DecodeError:  # read while wandb-core was writing a record: read again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+            continue
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             return records
         time.sleep(0.05)
