@@ -476,8 +476,7 @@ class RayEngines(Engines):
 
     def strong_judge(self, spec) -> Generator:
         # The strong judge runs in this process, as without Ray (behind an endpoint, a client).
-        model_dir = self.locate(spec.model, spec.generator, local_tokenizer=False)
-        return Engines.start(self, Seat(model_dir, spec.model, spec.generator))
+        return Engines.start(self, self.strong_seat(spec))
 
     def train_dpo(self, model_dir, rows, out, *, job_dir, name, seed, on_log) -> None:
         from metareward.training import step_rows, write_job

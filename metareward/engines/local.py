@@ -98,12 +98,13 @@ class Engines:
             by_role[role] = made[seat.key()]
         return by_role, list(made.values())
 
-    def strong_judge(self, spec: ModelSpec) -> Generator:
+    def strong_seat(self, spec: ModelSpec) -> Seat:
         """Escalation's stronger judge. Behind an endpoint it answers in text: nothing local is needed."""
-        seat = Seat(
-            self.locate(spec.model, spec.generator, local_tokenizer=False), spec.model, spec.generator
-        )
-        return self.start(seat, replicas=1)
+        model_dir = self.locate(spec.model, spec.generator, local_tokenizer=False)
+        return Seat(model_dir, spec.model, spec.generator)
+
+    def strong_judge(self, spec: ModelSpec) -> Generator:
+        return self.start(self.strong_seat(spec), replicas=1)
 
     # --- training -------------------------------------------------------------------------------
 
