@@ -76,11 +76,12 @@ class StandInServer:
     used up one per request, before answering: first those in ``faults_for[content]`` (requests whose
     last message is ``content``), then ``faults``: "429", "429-retry-after" (Retry-After: 0),
     "429-retry-after=S" (Retry-After: S), "503", "400" (its body echoes the Authorization header),
-    "drop" (closes the connection without answering), "cut-json" (a JSON body cut short), "slow" (answers
-    after ``slow_s`` more). ``log`` has, per request in arrival order, its ``content``, ``status`` (None
-    when dropped) and the ``time.monotonic()`` it ``arrived`` and was ``answered``. With ``gather=G`` the
-    first requests are held (at most ``gather_timeout_s``) until G are in flight at once, so a client that
-    can keep G in flight is seen to do so however slowly a busy machine lets it send them."""
+    "drop" (closes the connection without answering), "cut-json" (a JSON body cut short), "empty" and
+    "null" (a chat answer whose content is "" or null), "slow" (answers after ``slow_s`` more). ``log``
+    has, per request in arrival order, its ``content``, ``status`` (None when dropped) and the
+    ``time.monotonic()`` it ``arrived`` and was ``answered``. With ``gather=G`` the first requests are
+    held (at most ``gather_timeout_s``) until G are in flight at once, so a client that can keep G in
+    flight is seen to do so however slowly a busy machine lets it send them."""
 
     def __init__(
         self,
@@ -200,7 +201,10 @@ class StandInServer:
             error = {"error": {"message": f"unknown field 'seed' (auth: {auth})"}}
             return web.json_response(error, status=400)
         if request.path == "/v1/chat/completions":
-            return web.json_response(self.answer_chat(body))
+            answer = self.answer_chat(body)
+            if fault in ("empty", "null"):
+                answer["choices"][0]["message"]["content"] = "" if fault == "empty" else None
+            return web.json_response(answer)
         if request.path == "/v1/completions":
             return web.json_response(completion_answer(body))
         return web.json_response({"error": {"message": f"no route {request.path}"}}, status=404)

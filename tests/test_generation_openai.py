@@ -19,7 +19,7 @@ from metareward.generation import SamplingParams, Usage, make_generator
 from metareward.generation.openai import OpenAIError, OpenAIGenerator, sample_seed
 from metareward.judging.prompts import SCORE_TOKENS, WINNER_TOKENS
 from metareward.store import layout, records
-from tests.helpers import TINY_RUN
+from tests.helpers import TINY_RUN, run_cli
 from tests.openai_standin import StandInServer, chat_answer, stand_in_process
 
 API_KEY = "sk-test-NOT-ON-DISK-123"
@@ -500,3 +500,78 @@ def test_one_loop_iteration_through_the_server_and_a_resume_from_the_cache(
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert API_KEY.encode() not in path.read_bytes(), path
+
+
+def test_empty_or_null_content_is_asked_again_and_only_the_real_answer_is_cached(serve, tmp_path):
+    server = serve()
+    server.faults = ["empty", "null"]
+    gen = generator(server.url, cache_dir=tmp_path)
+    [[completion]] = gen.generate([user("hello there")], replace(PARAMS, n=1))
+    gen.close()
+    assert completion.text.startswith("hello there")
+    assert gen.usage.http_requests == 3
+    [entry] = (tmp_path / "openai").rglob("*.json")
+    assert records.read_json(entry)["text"] == completion.text
+
+
+def test_content_empty_on_every_try_stops_in_one_line_naming_url_and_stage_and_caches_nothing(
+    serve, tmp_path
+):
+    server = serve()
+    server.faults = ["empty"] * 3
+    gen = generator(server.url, cache_dir=tmp_path, max_retries=2)
+    with pytest.raises(OpenAIError) as failed:
+        gen.generate([user("hello")], replace(PARAMS, n=1), desc="strong judge 1/1")
+    gen.close()
+    message = str(failed.value)
+    assert "\n" not in message
+    assert f"{server.url}/chat/completions" in message and "empty content 3 times" in message
+    assert "strong judge 1/1" in message
+    assert not list(tmp_path.rglob("*.json"))
+    # The server recovered: the same request is sent again, not read from a cache.
+    again = generator(server.url, cache_dir=tmp_path)
+    [[completion]] = again.generate([user("hello")], replace(PARAMS, n=1))
+    again.close()
+    assert completion.text.startswith("hello") and len(server.received) == 4
+
+
+@pytest.mark.parametrize("entry", ["{}", '{"text": "", "num_tokens": 0, "prompt_tokens": 1}', "[1]", "{cut"])
+def test_an_unusable_cache_entry_is_named_removed_and_asked_again(serve, tmp_path, caplog, entry):
+    server = serve()
+    params = replace(PARAMS, n=1)
+    first = generator(server.url, cache_dir=tmp_path)
+    [[answer]] = first.generate([user("hello")], params)
+    first.close()
+    [path] = (tmp_path / "openai").rglob("*.json")
+    path.write_text(entry)
+    again = generator(server.url, cache_dir=tmp_path)
+    with caplog.at_level("WARNING"):
+        assert again.generate([user("hello")], params) == [[answer]]
+    again.close()
+    assert len(server.received) == 2
+    assert str(path) in caplog.text and "unusable" in caplog.text
+    assert records.read_json(path)["text"] == answer.text
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "generator.openai.base_urls",
+        "judge.escalation.judge.generator.openai.base_urls",
+        "roles.meta_judge.generator.openai.base_urls",
+    ],
+)
+def test_credentials_in_a_base_url_are_refused_by_key_and_written_nowhere(tmp_path, key):
+    secret = "PASSWORD-NOT-ON-DISK-42"
+    url = f"http://alice:{secret}@127.0.0.1:9/v1"
+    result = run_cli(
+        *TINY_RUN, f"{key}=[{url}]", f"runs_dir={tmp_path / 'runs'}", "run_name=creds", cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"error: {key}=" in lines[0] and "credentials" in lines[0]
+    assert "http://***@127.0.0.1:9/v1" in lines[0]
+    assert secret not in result.stdout + result.stderr
+    assert not (tmp_path / "runs").exists()
+    for path in tmp_path.rglob("*"):
+        assert not path.is_file() or secret.encode() not in path.read_bytes(), path

@@ -306,3 +306,16 @@ def test_report_skips_plots_without_data(run: Path, tmp_path: Path):
     ]:
         assert re.search(re.escape(title) + r"[^<]*: skipped", page)
     assert "iter_4 unfinished" in page and not (run / "report.html").exists()
+
+
+def test_suite_and_model_names_with_dollar_signs_are_drawn_as_typed(tmp_path: Path):
+    from metareward.report.plots import plot_cascades
+
+    points = [
+        {"fraction": 0.0, "accuracy": 0.5, "cost_usd": 0.0},
+        {"fraction": 1.0, "accuracy": 0.7, "cost_usd": 2.0},
+    ]
+    found = {"signal": "margin", "curve": points, "random_curve": points, "strong_accuracy": 0.7}
+    path = tmp_path / "escalation.png"
+    assert plot_cascades(path, "model $_$", {"prices $_$ and $\\frac$/pairwise": found})
+    assert path.read_bytes().startswith(PNG_MAGIC)

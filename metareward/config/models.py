@@ -4,6 +4,7 @@ model (``roles.*``), and the model-and-backend pair a stronger judge or the eval
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from metareward.config.checks import Section, require, setting
 from metareward.config.choices import DTYPES, GENERATOR_BACKENDS, MODEL_KINDS
@@ -73,8 +74,34 @@ class OpenAISettings(Section):
         require(bool(self.base_urls), "base_urls", self.base_urls, "needs at least one URL")
         for url in self.base_urls:
             ok = url.startswith(("http://", "https://"))
-            require(ok, "base_urls", url, "must start with http:// or https://")
+            require(ok, "base_urls", redacted_url(url), "must start with http:// or https://")
+            # A password in a URL would be written to config.yaml, Hydra's files and W&B, and sent as
+            # Basic auth in place of the API key.
+            require(
+                not _has_credentials(url),
+                "base_urls",
+                redacted_url(url),
+                f"must not hold credentials (user:password@); put the API key in the environment "
+                f"variable named by api_key_env ({self.api_key_env})",
+            )
         require(bool(self.api_key_env), "api_key_env", self.api_key_env, "must be a name")
+
+
+def _has_credentials(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "@" in url
+    return parts.username is not None or parts.password is not None
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with anything before an ``@`` in its host part replaced by ``***`` (never shown)."""
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    if not sep or "@" not in host:
+        return url
+    return f"{scheme}://***@{host.rpartition('@')[2]}{slash}{path}"
 
 
 @dataclass

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import threading
@@ -43,7 +44,9 @@ from tqdm.auto import tqdm
 from metareward.config import GeneratorConfig, ModelConfig
 from metareward.generation.base import Completion, Messages, SamplingParams, Usage
 from metareward.generation.pacing import Attempts, Pace, PoolPause, retry_after
-from metareward.store.records import read_json, write_json
+from metareward.store.records import RecordError, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 # Top log-probabilities asked for per scored position (vLLM's default limit).
 TOP_LOGPROBS = 20
@@ -68,6 +71,22 @@ def candidate_prob(top_logprobs: dict[str, float], candidate: str) -> float:
     leading whitespace (" 4" and "4" both count as "4"), a candidate outside the top ones is 0."""
     want = candidate.lstrip()
     return min(1.0, sum(math.exp(lp) for token, lp in top_logprobs.items() if token.lstrip() == want))
+
+
+def _cache_entry_problem(answer, chat: bool) -> str | None:
+    """Why a cached answer cannot be used, or None: a chat answer needs a non-empty text and its
+    counts, a scoring answer its top log-probabilities."""
+    if not isinstance(answer, dict):
+        return f"a JSON {type(answer).__name__}, not an object"
+    if not chat:
+        return None if isinstance(answer.get("top_logprobs"), dict) else "no top_logprobs"
+    text = answer.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return "no text" if not isinstance(text, str) else "an empty text"
+    counts = (answer.get("num_tokens"), answer.get("prompt_tokens"))
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in counts):
+        return "no token counts"
+    return None if answer.get("finish_reason") in ("stop", "length") else "no finish_reason"
 
 
 class OpenAIGenerator:
@@ -152,16 +171,29 @@ class OpenAIGenerator:
             "seed": sample_seed(params.seed, index),
             "n": 1,
         }
-        reply = self._post(client, "/chat/completions", body, ChatCompletion)
-        try:
-            choice = reply.choices[0]
-            text = choice.message.content or ""
-            num_tokens = int(reply.usage.completion_tokens)
-            prompt_tokens = int(reply.usage.prompt_tokens or 0)
-        except (IndexError, TypeError, ValueError, AttributeError):
-            url = f"{client.base_url}chat/completions"
-            raise OpenAIError(f"{url} answered without choices or usage: {self._excerpt(reply)}") from None
-        self._spend(prompt_tokens, num_tokens)
+        url = f"{client.base_url}chat/completions"
+        # An empty or null answer is a failed request, asked again (never cached): a server that lost
+        # the model or its output says nothing, and nothing is what a judge can least be scored on.
+        tries = self.api.max_retries + 1
+        for _ in range(tries):
+            reply = self._post(client, "/chat/completions", body, ChatCompletion)
+            try:
+                choice = reply.choices[0]
+                text = choice.message.content
+                num_tokens = int(reply.usage.completion_tokens)
+                prompt_tokens = int(reply.usage.prompt_tokens or 0)
+            except (IndexError, TypeError, ValueError, AttributeError):
+                raise OpenAIError(
+                    f"{url} answered without choices or usage: {self._excerpt(reply)}"
+                ) from None
+            self._spend(prompt_tokens, num_tokens)
+            if text and text.strip():
+                break
+        else:
+            raise OpenAIError(
+                f"POST {url} answered with empty content {tries} time{'s' if tries != 1 else ''} "
+                f"(generator.openai.max_retries); last: {self._excerpt(reply)}"
+            )
         reason = "length" if choice.finish_reason == "length" else "stop"
         return {
             "text": text,
@@ -331,6 +363,8 @@ class OpenAIGenerator:
             future.add_done_callback(lambda _: bar.update(1))
         try:
             return {key: future.result() for key, future in futures.items()}
+        except OpenAIError as error:
+            raise OpenAIError(f"{error} (while answering: {desc})") from None
         finally:
             for future in futures.values():
                 future.cancel()
@@ -347,13 +381,27 @@ class OpenAIGenerator:
         return self.cache / key[:2] / f"{key}.json"
 
     def _split_cached(self, jobs: dict) -> tuple[dict, dict]:
-        """(answers found in the cache, jobs still to send)."""
+        """(answers found in the cache, jobs still to send). An entry that is no answer of its kind (an
+        empty text, a file cut or edited) is removed with a warning naming it, and asked again."""
         found = {}
         if self.cache is not None:
-            for key in jobs:
+            for key, job in jobs.items():
                 path = self._cache_path(key)
-                if path.is_file():
-                    found[key] = read_json(path)
+                if not path.is_file():
+                    continue
+                try:
+                    answer = read_json(path)
+                except RecordError as error:
+                    answer, problem = None, str(error)
+                else:
+                    problem = _cache_entry_problem(answer, chat=job[0] == self._chat)
+                if problem:
+                    log.warning(
+                        "metareward: cache entry %s is unusable (%s); removed and asked again", path, problem
+                    )
+                    path.unlink(missing_ok=True)
+                else:
+                    found[key] = answer
         return found, {key: job for key, job in jobs.items() if key not in found}
 
     def _cache_put(self, key: str, answer: dict) -> None:

@@ -7,6 +7,7 @@ A point whose row key is None is left out; a plot with no data at all is not dra
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -79,6 +80,21 @@ def _draw_histogram(ax, rows: list[dict]) -> None:
     ax.set(xlabel="response score (mean of its judge scores)", ylabel="share of responses")
 
 
+def _plain_text(draw):
+    """Titles and legends hold suite and model names as typed: a ``$`` in one is a dollar sign, not
+    the start of mathtext (which would fail to parse)."""
+
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn
+
+
+@_plain_text
 def plot(path: Path, rows: list[dict], title: str, panels: list | None) -> bool:
     """One PNG of :data:`PLOTS`, written atomically; False when ``rows`` hold none of its data (error
     bars: K_ci_low/high)."""
@@ -103,6 +119,7 @@ def plot(path: Path, rows: list[dict], title: str, panels: list | None) -> bool:
     return True
 
 
+@_plain_text
 def plot_cascades(path: Path, model: str, cascades: dict) -> bool:
     """Accuracy and cost against the escalated share, the signal's curve and random's per suite and
     protocol, with the strong judge's accuracy dashed; False when there is no cascade."""
