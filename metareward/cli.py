@@ -202,16 +202,18 @@ def main() -> None:
         for config in configs:
             print_plan(config)
         return
+    from metareward.compute.models import check_model_paths
     from metareward.judging.evaluation import load_suites
 
     try:
         for config in configs:
+            check_model_paths(config)
             if config.eval.enabled:
                 load_suites(config.eval)
             check_writable(Path(config.runs_dir) / config.run_name)
             # Refused before Hydra writes its files into a directory another run is using.
             runlock.check_free(Path(config.runs_dir) / config.run_name)
-    except ConfigError as error:
+    except (ConfigError, FileNotFoundError) as error:  # a model path: named by its full key
         _fail(str(error))
     except (RunStopped, runlock.RunLocked, RecordError) as error:
         _fail(str(error), code=1)

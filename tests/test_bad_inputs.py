@@ -71,6 +71,36 @@ def test_missing_model_path_is_refused_by_the_cli(tmp_path):
     assert_refused_cleanly(result, tmp_path / "runs" / "bad", "model.path", str(missing))
 
 
+# Every seat with a model of its own; each needs its switch on for its model to be used.
+OWN_MODELS = {
+    "judge.escalation.judge.model": ["judge.escalation.enabled=true"],
+    "meta_judge.escalation.judge.model": ["meta_judge.escalation.enabled=true"],
+    "eval.escalation.judge.model": ["eval.enabled=true", "eval.escalation.enabled=true"],
+    "roles.meta_judge.model": ["roles.meta_judge.own_model=true"],
+    "roles.prompter.model": ["roles.prompter.own_model=true"],
+    "eval.evaluator.model": ["eval.enabled=true", "eval.evaluator.own_model=true"],
+}
+
+
+@pytest.mark.parametrize("key", OWN_MODELS)
+def test_a_missing_model_of_any_seat_is_refused_by_its_full_key_before_any_file(tmp_path, key):
+    missing = tmp_path / "no-such-model"
+    runs = tmp_path / "runs"
+    result = run_bad_input(runs, *OWN_MODELS[key], f"{key}.kind=hf", f"{key}.path={missing}")
+    assert_refused_cleanly(result, runs / "bad", f"{key}.path='{missing}'", "no such directory")
+    assert result.returncode == 2
+    assert not runs.exists(), "files were written for a run that never started"
+
+
+def test_a_strong_judge_behind_an_endpoint_needs_its_served_name(tmp_path):
+    runs = tmp_path / "runs"
+    result = run_bad_input(
+        runs, "judge.escalation.enabled=true", "judge.escalation.judge.generator.backend=openai"
+    )
+    assert_refused_cleanly(result, runs / "bad", "judge.escalation.judge.generator.openai.model=None")
+    assert result.returncode == 2 and not runs.exists()
+
+
 # ---------------------------------------------------------------- messages, without the CLI
 
 

@@ -489,8 +489,15 @@ def test_one_loop_iteration_through_the_server_and_a_resume_from_the_cache(
 
     for name in (layout.METRICS, layout.JUDGEMENTS, layout.META_JUDGEMENTS):
         (iteration / name).unlink()
-    Run(cfg).run()
-    assert len(server.received) == calls
+    # The endpoint moved and is reached with other timeouts: no row changes, so the run resumes.
+    moved = serve(answer_chat=role_answer)
+    reached = [
+        "generator.openai.timeout_s=30",
+        "generator.openai.max_retries=1",
+        "generator.openai.max_in_flight=2",
+    ]
+    Run(load_config(None, [*overrides, f"generator.openai.base_urls=[{moved.url}]", *reached])).run()
+    assert len(server.received) == calls and not moved.received
     assert records.read_jsonl(iteration / layout.JUDGEMENTS) == judgements
     usage = records.read_json(iteration / layout.METRICS)["usage"]
     assert usage["judge"]["cached_samples"] == usage["judge"]["samples"] > 0
@@ -575,3 +582,21 @@ def test_credentials_in_a_base_url_are_refused_by_key_and_written_nowhere(tmp_pa
     assert not (tmp_path / "runs").exists()
     for path in tmp_path.rglob("*"):
         assert not path.is_file() or secret.encode() not in path.read_bytes(), path
+
+
+def test_how_an_endpoint_is_reached_may_change_on_resume_what_it_serves_may_not(tmp_path):
+    from metareward.loop.run import RunStopped, check_run_config
+
+    check_run_config(tmp_path, load_config(None, ["generator=openai"]))
+    reached = [
+        "generator.openai.base_urls=[http://elsewhere:8000/v1]",
+        "generator.openai.timeout_s=600",
+        "generator.openai.max_retries=0",
+        "generator.openai.requests_per_minute=60",
+        "judge.escalation.judge.generator.openai.base_urls=[http://strong:1/v1]",
+        "roles.meta_judge.generator.openai.backoff_s=3",
+    ]
+    check_run_config(tmp_path, load_config(None, ["generator=openai", *reached]))
+    for changed in ["generator.openai.model=other", "judge.escalation.judge.generator.openai.model=x"]:
+        with pytest.raises(RunStopped, match=re.escape(changed.partition("=")[0])):
+            check_run_config(tmp_path, load_config(None, ["generator=openai", changed]))

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from metareward.config import ModelConfig
+from metareward.config import Config, ModelConfig
 from metareward.store import records
 from metareward.store.runlock import exclusive
 
@@ -82,13 +82,44 @@ def resolve_model(spec: ModelConfig) -> str:
         return str(_cached(SMOLLM2_DIR, _convert_smollm2))
     if spec.kind == "tiny":
         return str(_cached(TINY_DIR, build_tiny_model))
+    check_model_path(spec)
+    path = Path(spec.path).expanduser()
+    return str(path) if path.exists() else spec.path
+
+
+def check_model_path(spec: ModelConfig, key: str = "model") -> None:
+    """Refuse, naming ``<key>.path``, a ``kind=hf`` path that is neither a model directory with
+    safetensors weights nor a hub id (nothing is built, loaded or downloaded)."""
+    if spec.kind != "hf":
+        return
     path = Path(spec.path).expanduser()
     if path.exists():
-        check_model_dir(path, f"model.path={spec.path!r}")
-        return str(path)
-    if spec.path.startswith((".", "/", "~")) or spec.path.count("/") != 1:
-        raise FileNotFoundError(f"model.path={spec.path!r}: no such directory (and not a hub id)")
-    return spec.path
+        check_model_dir(path, f"{key}.path={spec.path!r}")
+    elif spec.path.startswith((".", "/", "~")) or spec.path.count("/") != 1:
+        raise FileNotFoundError(f"{key}.path={spec.path!r}: no such directory (and not a hub id)")
+
+
+def check_model_paths(cfg: Config) -> None:
+    """Every model path the run will load, checked before it starts and named by its full key
+    (``judge.escalation.judge.model.path``): the seed, each role's and the evaluator's own model, and
+    the strong judges in use. A model behind an endpoint is only a served name: not checked here."""
+    seats = [("model", cfg.model, cfg.generator)]
+    owned = {
+        f"roles.{role}": getattr(cfg.roles, role) for role in ("actor", "judge", "meta_judge", "prompter")
+    }
+    owned["eval.evaluator"] = cfg.eval.evaluator
+    seats += [(f"{key}.model", spec.model, spec.generator) for key, spec in owned.items() if spec.own_model]
+    strong = {
+        "judge.escalation.judge": cfg.judge.escalation,
+        "meta_judge.escalation.judge": cfg.meta_judge.escalation,
+        "eval.escalation.judge": cfg.eval.escalation,
+    }
+    seats += [
+        (f"{key}.model", esc.judge.model, esc.judge.generator) for key, esc in strong.items() if esc.enabled
+    ]
+    for key, model, generator in seats:
+        if generator.backend != "openai":
+            check_model_path(model, key)
 
 
 def check_model_dir(path: Path, setting: str) -> None:

@@ -57,6 +57,16 @@ class EscalationConfig(Section):
         for name in ("fraction", "threshold"):
             value = getattr(self, name)
             require(value is None or 0 <= value <= 1, name, value, "must be in [0, 1]")
+        served = self.judge.generator.openai.model or (
+            self.judge.model.kind == "hf" and self.judge.model.path
+        )
+        require(
+            not self.enabled or self.judge.generator.backend != "openai" or bool(served),
+            "judge.generator.openai.model",
+            self.judge.generator.openai.model,
+            "is required with judge.generator.backend=openai: the name the endpoint serves the strong "
+            "judge under",
+        )
 
     def check_signal(self, allowed: tuple[str, ...], judgements: int, what: str) -> None:
         """Refuse a signal the stage's answers cannot give (``what`` names them); ``spread`` needs two

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from metareward import report
 from metareward.align.data import ALIGN_METRICS, align_paths, load_align_split
+from metareward.compute.models import check_model_paths
 from metareward.config import Config
 from metareward.data import fit_to_model, load_prompts, prompts_for_iteration, reuse_notice, to_prompt_rows
 from metareward.engines import ClusterError, Engines, engines_for
@@ -59,6 +60,29 @@ RESUMABLE_CHANGES = {
 # processes does change what DPO averages over, so it is not among them.
 RESUMABLE_PREFIXES = ("guards.", "cluster.")
 UNRESUMABLE = {"cluster.train_workers"}
+# How an endpoint is reached and paced, wherever one is configured (generator.openai.*, a role's, a strong
+# judge's): an endpoint that moved, or a longer timeout, changes no answer (the cache key leaves them out).
+CONNECTION_SETTINGS = {
+    "base_urls",
+    "api_key_env",
+    "timeout_s",
+    "max_retries",
+    "backoff_s",
+    "max_in_flight",
+    "requests_per_minute",
+    "tokens_per_minute",
+}
+
+
+def resumable(key: str) -> bool:
+    """Whether the setting ``key`` (dotted) may change between a run and its resumption."""
+    if key in UNRESUMABLE:
+        return False
+    parts = key.split(".")
+    endpoint = (
+        len(parts) >= 3 and parts[-3:-1] == ["generator", "openai"] and parts[-1] in CONNECTION_SETTINGS
+    )
+    return key in RESUMABLE_CHANGES or key.startswith(RESUMABLE_PREFIXES) or endpoint
 
 
 class RunStopped(RuntimeError):
@@ -89,9 +113,7 @@ def check_run_config(run_dir: Path, cfg: Config) -> None:
         changed = sorted(
             key
             for key in saved.keys() | current.keys()
-            if key not in RESUMABLE_CHANGES
-            and (key in UNRESUMABLE or not key.startswith(RESUMABLE_PREFIXES))
-            and saved.get(key) != current.get(key)
+            if not resumable(key) and saved.get(key) != current.get(key)
         )
         if changed and not cfg.allow_config_change:
             listing = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
@@ -164,6 +186,7 @@ class Run:
         # Bad prompts or a bad model path fail before config.yaml exists: a run that never started
         # leaves no config that would then refuse the corrected one.
         all_prompts = load_prompts(cfg.data)
+        check_model_paths(cfg)
         if cfg.eval.enabled:
             load_suites(cfg.eval)  # a bad suite file fails here, not after minutes of generation
         if cfg.judge_alignment.enabled:
