@@ -195,7 +195,7 @@ def _run(cfg: DictConfig) -> None:
 def main() -> None:
     """``metareward [overrides]``: every job's config is checked (and a dry run answered) before Hydra
     creates a run directory."""
-    from metareward.loop.run import RunStopped, check_writable
+    from metareward.loop.run import RunStopped, check_endpoint_models, check_writable
 
     configs = check_jobs(sys.argv[1:])
     if configs and all(config.dry_run for config in configs):
@@ -208,6 +208,7 @@ def main() -> None:
     try:
         for config in configs:
             check_model_paths(config)
+            check_endpoint_models(config)
             if config.eval.enabled:
                 load_suites(config.eval)
             check_writable(Path(config.runs_dir) / config.run_name)

@@ -600,3 +600,61 @@ def test_how_an_endpoint_is_reached_may_change_on_resume_what_it_serves_may_not(
     for changed in ["generator.openai.model=other", "judge.escalation.judge.generator.openai.model=x"]:
         with pytest.raises(RunStopped, match=re.escape(changed.partition("=")[0])):
             check_run_config(tmp_path, load_config(None, ["generator=openai", changed]))
+
+
+def test_answers_of_one_local_model_are_never_read_back_for_another_served_under_its_name(
+    serve, tmp_path, tiny_model_dir
+):
+    """M_1 and M_2 are served under one name: the cache key carries each one's weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_model_dir, trained)
+    [weights] = trained.glob("*.safetensors")
+    save_file({name: t + 1e-3 for name, t in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    server = serve()
+    cache = tmp_path / "cache"
+    params = replace(PARAMS, n=1)
+    for model_dir, sent in [(tiny_model_dir, 1), (str(trained), 2), (tiny_model_dir, 2), (str(trained), 2)]:
+        gen = OpenAIGenerator(model_dir, ModelConfig(kind="tiny"), settings(server.url), cache)
+        gen.generate([user("which model?")], params)
+        gen.close()
+        assert len(server.received) == sent, model_dir
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (["iterations=2"], "iterations=2: from iteration 2 the actor, judge, meta_judge role(s)"),
+        (["iterations=1", "eval.enabled=true"], "eval.enabled=True: the evaluation after iteration 1"),
+    ],
+)
+def test_a_loop_whose_policy_is_behind_an_endpoint_stops_before_it_would_ask_for_m1(
+    tmp_path, overrides, refused
+):
+    result = run_cli(
+        *TINY_RUN,
+        "generator=openai",
+        "generator.openai.base_urls=[http://127.0.0.1:9/v1]",
+        "generator.openai.model=served",
+        *overrides,
+        f"runs_dir={tmp_path / 'runs'}",
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert refused in line and "(served)" in line and "generator=hf" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_endpoint_as_a_fixed_model_of_its_own_is_no_policy(tmp_path):
+    from metareward.loop.run import check_endpoint_models
+
+    own = [f"roles.{role}.own_model=true" for role in ("actor", "judge", "meta_judge")]
+    check_endpoint_models(load_config(None, ["generator=openai", "iterations=3", "eval.enabled=false", *own]))
+    check_endpoint_models(
+        load_config(
+            None, ["iterations=3", "roles.judge.own_model=true", "roles.judge.generator.backend=openai"]
+        )
+    )

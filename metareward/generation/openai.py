@@ -16,8 +16,9 @@ every request (that flow control is in :mod:`metareward.generation.pacing`).
 
 Each sample is its own request (``n=1``), so every completion has an exact token count for length
 control; sample ``j`` uses a seed derived from the call's seed and ``j``. With a cache directory, each
-answer is kept in ``<cache_dir>/openai/`` as one JSON file named by a hash of the request, as soon as
-it arrives, so a resumed run pays for no call twice.
+answer is kept in ``<cache_dir>/openai/`` as one JSON file named by a hash of the request and of the
+model (its served name and, where it is a local directory, a fingerprint of its weights), as soon as it
+arrives, so a resumed run pays for no call twice. An empty answer is a failed request, never cached.
 
 ``next_token_probs`` reads the top log-probabilities of one token from the legacy ``/v1/completions``
 endpoint (vLLM serves it), through the same client; ``render`` needs the model's tokenizer in a local
@@ -89,6 +90,32 @@ def _cache_entry_problem(answer, chat: bool) -> str | None:
     return None if answer.get("finish_reason") in ("stop", "length") else "no finish_reason"
 
 
+# A local model's fingerprint reads this many evenly spaced blocks of each weights file.
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 16
+
+
+def model_fingerprint(model_dir: str) -> str:
+    """What tells one local model from another in the answer cache (M_1 from M_2, stored under one
+    served name): its config and, per weights file, its size and evenly spaced blocks of it (a DPO step
+    changes every weight). Reads a few MB whatever the model's size; "" for a model that is only
+    served (no local directory)."""
+    directory = Path(model_dir)
+    if not model_dir or not directory.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    config = directory / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for weights in sorted(directory.glob("*.safetensors")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}/{size}".encode())
+        with open(weights, "rb") as handle:
+            for block in range(FINGERPRINT_BLOCKS):
+                handle.seek(size * block // FINGERPRINT_BLOCKS)
+                digest.update(handle.read(FINGERPRINT_BLOCK))
+    return digest.hexdigest()
+
+
 class OpenAIGenerator:
     def __init__(
         self, model_dir: str, model: ModelConfig, settings: GeneratorConfig, cache_dir: Path | None = None
@@ -98,6 +125,9 @@ class OpenAIGenerator:
         self.model_dir = model_dir
         self.trust_remote_code = model.trust_remote_code
         self.served_model = self.api.model or model.path or model_dir
+        # Part of every cache key: answers of one model are never read back for another served under
+        # the same name.
+        self.fingerprint = model_fingerprint(model_dir)
         self.cache = Path(cache_dir) / "openai" if cache_dir is not None and self.api.cache else None
         self.usage = Usage()
         self._turn = 0
@@ -374,7 +404,8 @@ class OpenAIGenerator:
 
     def _key(self, kind: str, *fields) -> str:
         # The base URL is left out: any server of the pool serves the same model.
-        text = json.dumps([kind, self.served_model, *fields], ensure_ascii=False, sort_keys=True)
+        model = [self.served_model, self.fingerprint] if self.fingerprint else [self.served_model]
+        text = json.dumps([kind, *model, *fields], ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def _cache_path(self, key: str) -> Path:

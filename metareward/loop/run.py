@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from metareward import report
 from metareward.align.data import ALIGN_METRICS, align_paths, load_align_split
 from metareward.compute.models import check_model_paths
-from metareward.config import Config
+from metareward.config import Config, ConfigError
 from metareward.data import fit_to_model, load_prompts, prompts_for_iteration, reuse_notice, to_prompt_rows
 from metareward.engines import ClusterError, Engines, engines_for
 from metareward.generation import Generator, Usage
@@ -136,6 +136,46 @@ def _no_pairs_reason(stats: dict) -> str:
     return "; ".join(reasons) or "no prompts"
 
 
+def check_endpoint_models(cfg: Config) -> None:
+    """Refuse a run that would have an endpoint answer for a model it cannot serve: with
+    ``generator=openai`` every role without a model of its own, and the evaluation of M_t, are sent to
+    servers started on one fixed model (the seed), while the run asks them for M_1, M_2, ... A role's own
+    model, the evaluator and a strong judge behind an endpoint are fixed models, and unaffected."""
+    if cfg.generator.backend != "openai":
+        return
+    plays = [role for role in ("actor", "judge", "meta_judge") if not getattr(cfg.roles, role).own_model]
+    served = cfg.generator.openai.model or cfg.model.path or "the seed model"
+    where = Path(cfg.runs_dir) / cfg.run_name / "iter_1" / layout.MODEL
+    then = (
+        f"run iterations=1, serve M_1 ({where}) and start the next run from it (model.path=<M_1> "
+        f"generator.openai.model=<its served name>), or use generator=hf or generator=vllm, which load "
+        f"each M_t themselves"
+    )
+    if plays and cfg.iterations >= 2:
+        raise ConfigError(
+            "iterations",
+            cfg.iterations,
+            f"from iteration 2 the {', '.join(plays)} role(s) are played by M_1, but generator=openai "
+            f"sends them to endpoints serving one fixed model ({served}); {then}",
+        )
+    if cfg.eval.enabled:
+        raise ConfigError(
+            "eval.enabled",
+            True,
+            f"the evaluation after iteration 1 is of M_1, but generator=openai sends it to endpoints "
+            f"serving one fixed model ({served}); set eval.enabled=false (then evaluate each model with "
+            "metareward-eval-judge), or use generator=hf or generator=vllm",
+        )
+    if plays and cfg.judge_alignment.enabled:
+        raise ConfigError(
+            "judge_alignment.enabled",
+            True,
+            f"the roles of iteration 1 are played by the aligned seed, but generator=openai sends them to "
+            f"endpoints serving one fixed model ({served}); align with metareward-align-judge first, serve "
+            "the aligned model and start the run from it",
+        )
+
+
 def check_writable(run_dir: Path) -> None:
     """Fail before any model loads if the run directory cannot be created or written."""
     probe = run_dir / ".write-test"
@@ -187,6 +227,10 @@ class Run:
         # leaves no config that would then refuse the corrected one.
         all_prompts = load_prompts(cfg.data)
         check_model_paths(cfg)
+        try:
+            check_endpoint_models(cfg)
+        except ConfigError as error:
+            raise RunStopped(str(error)) from None
         if cfg.eval.enabled:
             load_suites(cfg.eval)  # a bad suite file fails here, not after minutes of generation
         if cfg.judge_alignment.enabled:
