@@ -3,6 +3,8 @@ time finishes with exactly the rows (and the model) of an uninterrupted run with
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -120,6 +122,80 @@ def test_run_killed_at_every_stage_finishes_with_the_rows_of_an_uninterrupted_ru
     trained, expected = (load_file(str(d / layout.MODEL / "model.safetensors")) for d in (killed, reference))
     assert trained.keys() == expected.keys()
     assert all((trained[k] == expected[k]).all() for k in expected)
+
+
+# ---------------------------------------------------------------- stage files edited after a kill
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True)
+
+
+def _edit_score(path: Path) -> None:
+    rows = records.read_jsonl(path)
+    rows[0]["score"] = 5.0 if rows[0]["score"] != 5.0 else 0.0
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+# (file, edit, the line the refusal names, what it says there)
+STAGE_EDITS = {
+    "prompt row duplicated": (
+        layout.PROMPTS,
+        lambda p: p.write_text(p.read_text() + _lines(p)[0]),
+        3,
+        "a row more than the 2",
+    ),
+    "judgement row deleted": (
+        layout.JUDGEMENTS,
+        lambda p: p.write_text("".join(_lines(p)[:1] + _lines(p)[2:])),
+        2,
+        "not the row",
+    ),
+    "verdict row duplicated": (
+        layout.META_JUDGEMENTS,
+        lambda p: p.write_text("".join(_lines(p)[:1] * 2 + _lines(p)[1:])),
+        2,
+        "not the row",
+    ),
+    "verdicts emptied": (
+        layout.META_JUDGEMENTS,
+        lambda p: p.write_text(""),
+        1,
+        "rows its stage wrote are missing",
+    ),
+    "score edited": (layout.JUDGEMENTS, _edit_score, 1, "not the row"),
+}
+
+
+def test_stage_files_edited_after_a_kill_are_named_by_file_and_line_and_never_used(tmp_path, tiny_model_dir):
+    runs = tmp_path / "runs"
+    killed = run_cli(*chain_args(runs, "edited"), kill_at=f"write:{layout.ACTOR_PAIRS}")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    iteration = runs / "edited" / "iter_1"
+    for case, (name, edit, line, says) in STAGE_EDITS.items():
+        original = (iteration / name).read_bytes()
+        edit(iteration / name)
+        result = run_cli(*chain_args(runs, "edited"))
+        (iteration / name).write_bytes(original)
+        assert result.returncode == 1, f"{case}: {result.stderr[-2000:]}"
+        [error] = [row for row in result.stderr.splitlines() if row.startswith("metareward: error: ")]
+        assert f"{iteration / name}:{line}: " in error and says in error, case
+        assert "Traceback" not in result.stderr
+        assert not (iteration / layout.ACTOR_PAIRS).exists(), f"{case}: pairs were built from it"
+    done = run_cli(*chain_args(runs, "edited"))
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_an_escalation_file_cut_in_half_is_refused_with_its_line(tmp_path):
+    local = tmp_path / "judgements_local.jsonl"
+    rows = [{"response_id": f"p0/r{k}", "judgement_id": f"p0/r{k}/j0", "score": 3.0} for k in range(4)]
+    records.write_stage_file(local, rows)
+    assert records.read_stage_file(local) == rows
+    local.write_text("".join(_lines(local)[:2]))
+    with pytest.raises(records.RecordError, match=rf"{re.escape(str(local))}:3: 2 of the 4 rows"):
+        records.read_stage_file(local)
+    with pytest.raises(records.RecordError, match="judgements_local.jsonl:3"):
+        records.check_stage_files(tmp_path)
 
 
 # ---------------------------------------------------------------- the kill points themselves

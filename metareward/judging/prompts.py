@@ -9,6 +9,8 @@ checked by ``metareward.config.templates`` before any model loads).
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +104,24 @@ After examining the user's question and both responses:
 - Conclude with the winner using exactly the format: "Winner: Response A" or "Winner: Response B\""""
 
 
+# A template's delimiters: the tags it wraps a placed text in (<response>, </response_a>, ...).
+_TAG = re.compile(r"</?([A-Za-z_][\w-]*)>")
+
+
+def delimiters(template: str) -> tuple[str, ...]:
+    """The names of the tags ``template`` itself opens or closes."""
+    return tuple(sorted({match[1] for match in _TAG.finditer(template)}))
+
+
+def neutralised(text: str, names: tuple[str, ...]) -> str:
+    """``text`` with every opening or closing tag of ``names`` (any case, with spaces) escaped as
+    ``&lt;...>``: a response placed in a template cannot end its own block and forge the next."""
+    if not names:
+        return text
+    pattern = rf"<(\s*/?\s*(?:{'|'.join(map(re.escape, names))})\s*>)"
+    return re.sub(pattern, r"&lt;\1", text, flags=re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class Templates:
     judge: str = JUDGE_TEMPLATE
@@ -123,25 +143,32 @@ class Templates:
             pairwise=read(pairwise_path, PAIRWISE_TEMPLATE),
         )
 
+    @functools.cached_property
+    def _delimiters(self) -> dict[str, tuple[str, ...]]:
+        return {name: delimiters(getattr(self, name)) for name in ("judge", "meta_judge", "pairwise")}
+
+    def _filled(self, name: str, **fields: str) -> list[dict]:
+        """Template ``name`` with ``fields`` placed, each with the template's delimiters neutralised."""
+        tags = self._delimiters[name]
+        placed = {key: neutralised(value, tags) for key, value in fields.items()}
+        return [{"role": "user", "content": getattr(self, name).format(rubric=RUBRIC, **placed)}]
+
     def judge_messages(self, prompt: list[dict], response: str) -> list[dict]:
-        content = self.judge.format(rubric=RUBRIC, question=question_text(prompt), response=response)
-        return [{"role": "user", "content": content}]
+        return self._filled("judge", question=question_text(prompt), response=response)
 
     def meta_judge_messages(
         self, prompt: list[dict], response: str, judgement_a: str, judgement_b: str
     ) -> list[dict]:
-        content = self.meta_judge.format(
-            rubric=RUBRIC,
+        return self._filled(
+            "meta_judge",
             question=question_text(prompt),
             response=response,
             judgement_a=judgement_a,
             judgement_b=judgement_b,
         )
-        return [{"role": "user", "content": content}]
 
     def pairwise_messages(self, prompt: list[dict], response_a: str, response_b: str) -> list[dict]:
         """A request asking which of two responses to ``prompt`` is better (the pairwise judge)."""
-        content = self.pairwise.format(
-            question=question_text(prompt), response_a=response_a, response_b=response_b
+        return self._filled(
+            "pairwise", question=question_text(prompt), response_a=response_a, response_b=response_b
         )
-        return [{"role": "user", "content": content}]

@@ -9,7 +9,9 @@
     ``score_histogram`` (counts of those response scores in the bins of :data:`SCORE_BIN_EDGES`:
     [0,1), [1,2), [2,3), [3,4), [4,5]); ``num_pairs``; ``chosen_mean_tokens`` and
     ``rejected_mean_tokens`` (``num_tokens`` of the responses named by the actor pairs);
-    ``prompts_skipped`` ({reason: prompts}, from the ``skipped_<reason>`` pair stats).
+    ``prompts_skipped`` ({reason: prompts}, from the ``skipped_<reason>`` pair stats);
+    ``verdict_cue_responses`` (responses holding a score or verdict line a judge's own answer would
+    end with, "Score: 5" or "Winner: ...": an actor learning to write the judge's verdict for it).
 ``judge``
     ``judgements``; ``scored``; ``parse_failure_rate`` (share whose ``score_source`` is not
     ``"text"``); ``mean_score`` and ``score_stdev`` (population, over all parsed scores: score
@@ -40,6 +42,7 @@ import statistics
 from collections import defaultdict
 
 from metareward.judging.judge_metrics import mean_or_none
+from metareward.judging.parsing import parse_pairwise_winner, parse_score, parse_winner
 
 # Unit bins over the 0..5 judge scale; the last bin is closed ([4, 5]).
 SCORE_BIN_EDGES = [0, 1, 2, 3, 4, 5]
@@ -111,7 +114,13 @@ def actor_metrics(
         "prompts_skipped": {
             key.removeprefix("skipped_"): value for key, value in stats.items() if key.startswith("skipped_")
         },
+        "verdict_cue_responses": sum(holds_verdict_cue(r["text"]) for r in responses),
     }
+
+
+def holds_verdict_cue(text: str) -> bool:
+    """Whether ``text`` holds what the judges' parsers read as a score or a verdict."""
+    return any(read(text) is not None for read in (parse_score, parse_winner, parse_pairwise_winner))
 
 
 def judge_metrics(responses: list[dict], judgements: list[dict], judge_pairs: list[dict]) -> dict:

@@ -41,7 +41,7 @@ from metareward.report import tracking
 from metareward.report.tracking import make_tracker
 from metareward.store import layout, records, runlock
 from metareward.store.layout import iter_dir
-from metareward.store.records import ChunkedFile, read_jsonl, write_json, write_jsonl
+from metareward.store.records import ChunkedFile, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -314,8 +314,11 @@ class Run:
                 chosen_prompts, model_dir, cfg.data, cfg.actor.max_new_tokens, cfg.model.trust_remote_code
             )
             write_json(directory / layout.PROMPT_FIT, counts)
-            write_jsonl(directory / layout.PROMPTS, fitted)
-        prompts = read_jsonl(directory / layout.PROMPTS)
+            records.write_stage_file(directory / layout.PROMPTS, fitted)
+        try:
+            prompts = records.read_stage_file(directory / layout.PROMPTS)
+        except records.RecordError as error:
+            raise RunStopped(str(error)) from None
         if not prompts:
             raise RunStopped(
                 f"iteration {t} has no prompts that fit the model's context "

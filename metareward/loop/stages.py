@@ -22,7 +22,7 @@ from metareward.judging.prompts import Templates
 from metareward.judging.requests import judge_requests, verdict_requests
 from metareward.loop import pairs
 from metareward.store import faults
-from metareward.store.records import ChunkedFile, read_jsonl, write_jsonl
+from metareward.store.records import ChunkedFile, read_stage_file, write_stage_file
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def finished_rows(out: ChunkedFile) -> list[dict] | None:
     if not out.complete:
         return None
     out.discard_chunks()  # left behind if a run was killed right after joining them
-    return read_jsonl(out.path)
+    return read_stage_file(out.path)
 
 
 def run_chunked(
@@ -236,7 +236,7 @@ def _escalated(
             placed.add(item)
             marks = {"escalated": True, "judge": escalation.strong.name, "confidence": confidence[item]}
             rows += [{**answer, **marks} for answer in strong_of[item]]
-    write_jsonl(out.path, rows)
+    write_stage_file(out.path, rows)
     return rows
 
 

@@ -33,7 +33,13 @@ from pathlib import Path
 from metareward.config import SynthesisConfig
 from metareward.generation import Generator, SamplingParams
 from metareward.store import faults, layout
-from metareward.store.records import ChunkedFile, read_chunk, read_json, read_jsonl, write_json
+from metareward.store.records import (
+    ChunkedFile,
+    read_chunk,
+    read_json,
+    read_stage_file,
+    write_json,
+)
 
 POOL = layout.POOL
 REJECTED = layout.POOL_REJECTED
@@ -210,7 +216,7 @@ def read_pool(run_dir: Path) -> tuple[list[dict], dict]:
     """The finished pool's rows and its counts (``prompt_pool.json``)."""
     ChunkedFile(run_dir / POOL).discard_chunks()  # left behind if a run was killed right after joining
     ChunkedFile(run_dir / REJECTED).discard_chunks()
-    return read_jsonl(run_dir / POOL), read_json(run_dir / POOL_STATS)
+    return read_stage_file(run_dir / POOL), read_json(run_dir / POOL_STATS)
 
 
 def _chunk_rows(out: ChunkedFile, index: int) -> list[dict]:
@@ -263,7 +269,7 @@ def build_pool(
         kept += rows
         index += 1
     num_chunks = index
-    left = read_jsonl(rejected.path) if rejected.complete else rejected.finish(num_chunks)
+    left = read_stage_file(rejected.path) if rejected.complete else rejected.finish(num_chunks)
     counts = Counter(row["reason"] for row in left)
     stats = {
         "pool_size": cfg.pool_size,

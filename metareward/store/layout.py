@@ -10,6 +10,7 @@
       iter_<t>/      prompts.jsonl responses.jsonl judgements.jsonl meta_judgements.jsonl
                      actor_pairs.jsonl judge_pairs.jsonl metrics.json eval.json prompt_fit.json
                      model/ (with training_log.json)  train_job/ (job.json, pairs.jsonl)
+                     checksums.json (what each finished stage file holds)
                      <stage file>.parts/ while a stage is under way
 
 Names only: the modules that write these files import them from here, and nothing else spells one.
@@ -65,6 +66,9 @@ TRAINING_LOG = "training_log.json"
 TRAIN_JOB = "train_job"
 JOB = "job.json"
 JOB_PAIRS = "pairs.jsonl"
+# Row count and per-row checksums of each finished stage file of the folder (prompts, responses, ...,
+# the prompt pool), recorded before the file is written: a file edited, cut or extended since is found.
+CHECKSUMS = "checksums.json"
 # A stage file's chunks while the stage is under way, and a damaged one set aside.
 PARTS_SUFFIX = ".parts"
 DAMAGED_SUFFIX = ".damaged"

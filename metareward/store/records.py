@@ -253,6 +253,54 @@ def read_chunk(path: Path) -> tuple[list[dict] | None, str]:
     return rows, ""
 
 
+def _line_digest(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()[:16]
+
+
+def write_stage_file(path: Path, rows: list[dict]) -> None:
+    """A finished stage file, whole, with its row count and each row's checksum recorded first in the
+    folder's ``checksums.json`` (so that a crash between the two leaves a record and no file: the stage
+    is made again and the record rewritten)."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    sums_path = path.parent / layout.CHECKSUMS
+    sums = read_json(sums_path) if sums_path.is_file() else {}
+    lines = [_line_digest(line) for line in text.encode("utf-8").splitlines(keepends=True)]
+    sums[path.name] = {"rows": len(lines), "lines": lines}
+    write_json(sums_path, sums)
+    _atomic_write_text(path, text)
+
+
+def stage_file_problem(path: Path) -> str | None:
+    """Why the finished stage file ``path`` is not what its stage wrote (``file:line: ...``), or None.
+    A folder with no ``checksums.json`` (stage files put together by hand) is not checked here."""
+    sums_path = path.parent / layout.CHECKSUMS
+    if not sums_path.is_file():
+        return None
+    sums = read_json(sums_path)
+    if not isinstance(sums, dict) or path.name not in sums:
+        return f"{path}: no checksum recorded in {layout.CHECKSUMS}; it was not written by its stage"
+    recorded = sums[path.name].get("lines", []) if isinstance(sums[path.name], dict) else []
+    with open(path, "rb") as handle:
+        lines = handle.read().splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        if number > len(recorded):
+            return f"{path}:{number}: a row more than the {len(recorded)} its stage wrote"
+        if _line_digest(line) != recorded[number - 1]:
+            return f"{path}:{number}: not the row its stage wrote (edited, removed or added since)"
+    if len(lines) < len(recorded):
+        missing = len(recorded) - len(lines)
+        return f"{path}:{len(lines) + 1}: {missing} of the {len(recorded)} rows its stage wrote are missing"
+    return None
+
+
+def read_stage_file(path: Path) -> list[dict]:
+    """A finished stage file's rows, refused (RecordError naming file and line) when it is not what
+    its stage wrote."""
+    if problem := stage_file_problem(path):
+        raise RecordError(f"{problem}; delete it and the stage files after it to make them again")
+    return read_jsonl(path)
+
+
 class ChunkedFile:
     """A stage's output, built chunk by chunk; ``path`` exists only once every chunk is in."""
 
@@ -310,7 +358,7 @@ class ChunkedFile:
                     "make it again"
                 )
             rows.extend(chunk)
-        write_jsonl(self.path, rows)
+        write_stage_file(self.path, rows)
         faults.point(f"joined:{self.path.name}")
         self.discard_chunks()
         return rows
@@ -344,8 +392,22 @@ ROW_IDS = {layout.RESPONSES: "response_id", layout.JUDGEMENTS: "judgement_id"}
 
 
 def check_stage_files(directory: Path) -> None:
-    """Refuse stage files that no longer fit together (e.g. edited by hand): every row must point at
-    an existing row of the stage before it, and ids must be unique. The error names file and line."""
+    """Refuse stage files that are not what their stages wrote (their recorded checksums), or that no
+    longer fit together (e.g. put together by hand): every row must point at an existing row of the
+    stage before it, and ids must be unique. The error names file and line."""
+    recorded = read_json(directory / layout.CHECKSUMS) if (directory / layout.CHECKSUMS).is_file() else {}
+    names = {
+        layout.PROMPTS,
+        *ROW_IDS,
+        layout.META_JUDGEMENTS,
+        *(recorded if isinstance(recorded, dict) else {}),
+    }
+    for name in sorted(names):
+        if (directory / name).is_file() and (problem := stage_file_problem(directory / name)):
+            raise RecordError(
+                f"{problem}; the stage files of {directory.name} no longer match what was made (delete "
+                f"{name} and later files to redo them)"
+            )
     for name, key, parent, parent_key in STAGE_LINKS:
         known = {row.get(parent_key) for row in read_jsonl(directory / parent)}
         for line, row in read_jsonl_numbered(directory / name):
