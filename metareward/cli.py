@@ -63,6 +63,26 @@ def _no_space_line(error: OSError) -> str:
     )
 
 
+def _check_out(path: Path, prog: str) -> None:
+    """Refuse, in one line and before any work, a result file that could not be written."""
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        _fail(f"--out {path} cannot be written: {error.strerror or error}", code=1, prog=prog)
+
+
+def _interrupted(stop: BaseException, prog: str, kept: str) -> None:
+    """One line for a command stopped by SIGINT (exit 130) or SIGTERM (exit 143): what is kept."""
+    name, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
+    print(f"{prog}: stopped by {name}; {kept}: run the same command to go on", file=sys.stderr)
+    raise SystemExit(code)
+
+
 def _on_cuda(device: str) -> bool | None:
     """Whether ``generator.device`` computes on CUDA; None (auto) lets the allocator module find out."""
     return None if device == "auto" else device.startswith("cuda")
@@ -321,15 +341,16 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
 
     With ``eval.escalation.enabled=true`` a stronger judge (``eval.escalation.judge.*``) answers every
     pair too, and each suite and protocol gets its cascade curve: accuracy and cost as the share of
-    pairs escalated to it grows (``"escalation"`` in the JSON, a table printed). Its answers are cached
-    in ``<stem>_cache/`` beside PATH: run again with another signal or budget and nothing is paid twice."""
+    pairs escalated to it grows (``"escalation"`` in the JSON, a table printed).
+
+    Answers from endpoints (the judge's behind ``generator=openai``, the strong judge's) are cached in
+    ``<stem>_cache/`` beside PATH as they arrive: run again after a stop, or with another signal or
+    budget, and nothing is paid twice."""
     from metareward.compute.allocator import keep_freed_memory
+    from metareward.compute.models import check_model_paths
     from metareward.engines import Engines
-    from metareward.judging.cascade import Cascade
-    from metareward.judging.context_fit import ContextFit
-    from metareward.judging.escalation import StrongJudge, prices_of
-    from metareward.judging.evaluation import evaluate_suites, load_suites
-    from metareward.judging.prompts import Templates
+    from metareward.generation.openai import OpenAIError
+    from metareward.judging.evaluation import load_suites
 
     prog = "metareward-eval-judge"
     parser = argparse.ArgumentParser(prog=prog, description=eval_judge_main.__doc__)
@@ -338,38 +359,63 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(None, args.overrides)
+        check_model_paths(config)
         # Suites first: a bad file should fail before minutes of model loading.
         suites = load_suites(config.eval)
-    except ConfigError as error:
+    except (ConfigError, FileNotFoundError) as error:
         _fail(str(error), prog=prog)
     except RecordError as error:
         _fail(str(error), code=1, prog=prog)
-    keep_freed_memory(cuda=_on_cuda(config.generator.device))
-    # The strong judge's answers are kept beside --out, so trying another signal or budget pays nothing.
-    engines = Engines(config, cache_dir=args.out.with_name(f"{args.out.stem}_cache"))
+    _check_out(args.out, prog)
+    cache = args.out.with_name(f"{args.out.stem}_cache")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        templates = Templates.load(
-            config.judge.template, config.meta_judge.template, config.eval.pairwise_template
-        )
-        # Behind an endpoint the model is a served name: nothing is loaded here.
-        model_dir = engines.locate(config.model, config.generator, local_tokenizer=False)
-    except (RecordError, OSError) as error:
+        keep_freed_memory(cuda=_on_cuda(config.generator.device))
+        # Endpoint answers (the judge's and the strong judge's) are kept beside --out: run again after
+        # a stop, or with another signal or budget, and nothing is paid twice.
+        result, per_pair, cascaded = _evaluate_judge(config, suites, Engines(config, cache_dir=cache))
+        records.write_json(args.out, result)
+        records.write_jsonl(args.out.with_name(f"{args.out.stem}_pairs.jsonl"), per_pair)
+    except (KeyboardInterrupt, Terminated) as stop:
+        _interrupted(stop, prog, f"the endpoint answers received are kept in {cache}")
+    except OSError as error:
+        _fail(_no_space_line(error) if records.is_no_space(error) else str(error), code=1, prog=prog)
+    except (RecordError, OpenAIError) as error:
         _fail(str(error), code=1, prog=prog)
+    except ValueError as error:  # e.g. transformers refusing a model (remote code not trusted)
+        _fail(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}", code=1, prog=prog)
+    print(report.format_suite_table(result))
+    if cascaded:
+        print(report.format_cascade_table(result))
+    print(f"wrote {args.out} and {args.out.stem}_pairs.jsonl")
+
+
+def _evaluate_judge(config: Config, suites: list, engines) -> tuple[dict, list[dict], bool]:
+    """metareward-eval-judge's evaluation of ``suites``: the result, its per-pair rows, and whether a
+    cascade was measured."""
+    from metareward.judging.cascade import Cascade
+    from metareward.judging.context_fit import ContextFit
+    from metareward.judging.escalation import StrongJudge, prices_of
+    from metareward.judging.evaluation import evaluate_suites
+    from metareward.judging.prompts import Templates
+
+    templates = Templates.load(
+        config.judge.template, config.meta_judge.template, config.eval.pairwise_template
+    )
+    # Behind an endpoint the model is a served name: nothing is loaded here.
+    model_dir = engines.locate(config.model, config.generator, local_tokenizer=False)
     # Pairs too long for the judge's context follow data.long_prompts (skipped or truncated, counted).
     fit = ContextFit.for_model(
         model_dir, config.model.trust_remote_code, config.eval.max_new_tokens, config.data.long_prompts
     )
-    generator = engines.start(engines.seat(None, model_dir), cached=False)
-    strong = (
-        StrongJudge(config.eval.escalation.judge, engines.strong_judge)
-        if config.eval.escalation.enabled
-        else None
-    )
+    generator = engines.start(engines.seat(None, model_dir))
+    escalation = config.eval.escalation
+    strong = StrongJudge(escalation.judge, engines.strong_judge) if escalation.enabled else None
     try:
         cascade = None
         if strong is not None:
             local_prices = prices_of(config.generator)
-            cascade = Cascade(config.eval.escalation, strong.generator(), strong.prices, local_prices)
+            cascade = Cascade(escalation, strong.generator(), strong.prices, local_prices)
         result, per_pair = evaluate_suites(
             generator, templates, suites, config.eval, config.judge.score_from, fit, cascade
         )
@@ -377,15 +423,7 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
         generator.close()
         if strong is not None:
             strong.close()
-    try:
-        records.write_json(args.out, result)
-        records.write_jsonl(args.out.with_name(f"{args.out.stem}_pairs.jsonl"), per_pair)
-    except OSError as error:
-        _fail(_no_space_line(error) if records.is_no_space(error) else str(error), code=1, prog=prog)
-    print(report.format_suite_table(result))
-    if cascade is not None:
-        print(report.format_cascade_table(result))
-    print(f"wrote {args.out} and {args.out.stem}_pairs.jsonl")
+    return result, per_pair, cascade is not None
 
 
 # ------------------------------------------------------------------ metareward-align-judge
@@ -418,6 +456,8 @@ def align_judge_main(argv: list[str] | None = None) -> None:
         _fail(str(error), code=1, prog=prog)
     work_dir, model_dir = align_paths(config)
     out = args.out or work_dir / ALIGN_METRICS
+    _check_out(out, prog)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         # The run directory's lock, as a run takes it: a run's EFT step reads and writes align/ too.
         with runlock.hold(Path(config.runs_dir) / config.run_name):
@@ -425,6 +465,8 @@ def align_judge_main(argv: list[str] | None = None) -> None:
             engines = engines_for(config)
             result = engines.align(engines.seed(), train, heldout, out_dir=model_dir, work_dir=work_dir)
             records.write_json(out, result)
+    except (KeyboardInterrupt, Terminated) as stop:
+        _interrupted(stop, prog, f"its checkpoints are kept in {work_dir / layout.CHECKPOINTS}")
     except (RecordError, OSError, runlock.RunLocked) as error:
         _fail(str(error), code=1, prog=prog)
     print("\n".join(result_lines(result)))

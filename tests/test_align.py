@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 
 from metareward.align import loss as align_loss
 from metareward.align.data import load_align_items, split_by_prompt
-from metareward.align.trainer import align_judge, collate, encode_item, label_log_probs
+from metareward.align.trainer import TRAINING_SECONDS, align_judge, collate, encode_item, label_log_probs
 from metareward.cli import align_judge_main
 from metareward.config import load_config
 from metareward.judging.prompts import PAIRWISE_CUE, SCORE_CUE, Templates
-from metareward.store import layout
-from tests.helpers import TINY_RUN, cli_env, pandalm_row, small_settings, small_split, write_rows
+from metareward.store import layout, records
+from tests.helpers import TINY_RUN, cli_env, pandalm_row, run_cli, small_settings, small_split, write_rows
 
 
 def pointwise_row(i: int) -> dict:
@@ -439,3 +439,43 @@ def test_the_dry_run_says_what_the_eft_step_trains_on(tmp_path, capsys):
     out = capsys.readouterr().out
     # 10 rows, 2 of 10 prompts held out: 16 training items, 4 held out, 4 steps of 4.
     assert f"on 16 items of {data}, 4 held out; about 4 optimiser steps an epoch, 1 epoch(s)" in out
+
+
+@pytest.mark.slow
+def test_align_judge_stopped_by_sigint_says_so_in_one_line_and_its_resume_reports_the_whole_training(
+    tmp_path, tiny_model_dir
+):
+    rows = [pandalm_row(i, ((1, 1, 2), (2, 2, 1), (1, 0, 1))[i % 3]) for i in range(12)]
+    data = write_rows(tmp_path / "align.jsonl", rows)
+    args = [
+        f"runs_dir={tmp_path}", "model=tiny", f"align.train={data}", "align.heldout_fraction=0.25",
+        "align.batch_size=2", "align.save_steps=2", "align.learning_rate=1e-3", "align.progress=false",
+        "align.max_length=1024",
+    ]  # fmt: skip
+    stopped = run_cli(*args, script="metareward-align-judge", kill_at="align_step:3", kill_with="SIGINT")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    [line] = [row for row in stopped.stderr.splitlines() if row.startswith("metareward-align-judge:")]
+    checkpoints = tmp_path / "default" / "align" / "checkpoints"
+    assert f"stopped by SIGINT; its checkpoints are kept in {checkpoints}" in line
+    saved = records.read_json(checkpoints / "checkpoint-2" / TRAINING_SECONDS)["seconds"]
+    assert saved > 0
+
+    resumed = run_cli(*args, script="metareward-align-judge")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    train = records.read_json(tmp_path / "default" / "align" / "metrics.json")["train"]
+    assert train["resumed_at_step"] == 2 and train["steps"] > 3
+    assert train["seconds"] > saved
+    assert f"{train['steps']} steps in {train['seconds']} s (resumed at step 2)" in resumed.stdout
+
+
+def test_align_judge_refuses_an_out_it_cannot_write_before_training(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    rows = write_rows(tmp_path / "rows.jsonl", [pointwise_row(i) for i in range(4)])
+    out = tmp_path / "afile" / "x.json"
+    code, _, err = cli(
+        [f"runs_dir={tmp_path}", "model=tiny", f"align.train={rows}", "--out", str(out)], capsys
+    )
+    assert code == 1 and err.count("\n") == 1
+    assert f"--out {out} cannot be written" in err
+    assert not (tmp_path / "default").exists()

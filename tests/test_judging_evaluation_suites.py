@@ -196,3 +196,99 @@ def test_the_pairwise_template_is_replaced_from_the_config(tmp_path):
     # The stand-in judges still read the responses where the replaced prompt shows them.
     m = metrics_of(judge_pairwise(StandInJudge(knows_the_labels), templates, SHORTER_BETTER, CFG, seed=0))
     assert m["accuracy"] == 1.0
+
+
+# ------------------------------------------------------------------ the command's stops and its cache
+
+
+def _ab_suite(path):
+    rows = [
+        {"question": f"Q{i}?", "response_A": "short", "response_B": "much longer answer", "label": "A>B"}
+        for i in range(4)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _endpoint_judge(server_url: str, suite, out) -> list[str]:
+    return [
+        "--out", str(out), "generator=openai", f"generator.openai.base_urls=[{server_url}]",
+        "generator.openai.model=judge", "generator.openai.max_in_flight=1", "generator.progress=false",
+        f"eval.suites=[{suite}]", "eval.protocols=[pairwise]", "eval.bootstrap_samples=20",
+    ]  # fmt: skip
+
+
+def test_eval_judge_stopped_by_sigint_keeps_the_endpoint_answers_and_pays_only_the_rest(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import as_from_a_terminal, cli_env, console_script, run_cli
+
+    server = StandInServer(answer_chat=first_position_chat, delay_s=0.3)
+    args = _endpoint_judge(server.url, _ab_suite(tmp_path / "ab.jsonl"), tmp_path / "e.json")
+    try:
+        child = subprocess.Popen(
+            [str(console_script("metareward-eval-judge")), *args],
+            env=cli_env(),
+            preexec_fn=as_from_a_terminal(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while sum(entry["answered"] is not None for entry in server.log) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+        assert child.returncode == 130, err[-3000:]
+        assert "Traceback" not in err
+        [line] = [row for row in err.splitlines() if row.startswith("metareward-eval-judge:")]
+        assert f"stopped by SIGINT; the endpoint answers received are kept in {tmp_path / 'e_cache'}" in line
+        kept = len(list((tmp_path / "e_cache").rglob("*.json")))
+        assert 3 <= kept < 8 and not (tmp_path / "e.json").exists()
+
+        sent = len(server.log)
+        done = run_cli(*args, script="metareward-eval-judge", timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert len(server.log) - sent == 8 - kept  # 4 pairs in both orders, each answer paid once
+        again = run_cli(*args, script="metareward-eval-judge", timeout=300)
+        assert again.returncode == 0 and len(server.log) - sent == 8 - kept
+    finally:
+        server.close()
+
+
+def test_eval_judge_stops_in_one_line_on_a_dead_strong_judge_and_on_an_out_it_cannot_write(tmp_path):
+    from tests.helpers import run_cli
+
+    server = StandInServer(answer_chat=first_position_chat)
+    suite = _ab_suite(tmp_path / "ab.jsonl")
+    dead = "http://127.0.0.1:9/v1"
+    strong = [
+        "eval.escalation.enabled=true", "eval.escalation.judge.generator.backend=openai",
+        f"eval.escalation.judge.generator.openai.base_urls=[{dead}]",
+        "eval.escalation.judge.generator.openai.model=strong",
+        "eval.escalation.judge.generator.openai.max_retries=0",
+        "eval.escalation.judge.generator.progress=false",
+    ]  # fmt: skip
+    (tmp_path / "afile").write_text("")
+    try:
+        down = run_cli(
+            *_endpoint_judge(server.url, suite, tmp_path / "e.json"), *strong, script="metareward-eval-judge"
+        )
+        sent = len(server.log)
+        blocked = run_cli(
+            *_endpoint_judge(server.url, suite, tmp_path / "afile" / "x.json"), script="metareward-eval-judge"
+        )
+    finally:
+        server.close()
+    assert down.returncode == 1 and "Traceback" not in down.stderr
+    [line] = down.stderr.strip().splitlines()
+    assert line.startswith("metareward-eval-judge: error: ") and dead in line
+    assert blocked.returncode == 1 and "Traceback" not in blocked.stderr
+    out = tmp_path / "afile" / "x.json"
+    assert (
+        blocked.stderr.strip()
+        == f"metareward-eval-judge: error: --out {out} cannot be written: File exists"
+    )
+    assert len(server.log) == sent  # refused before any request

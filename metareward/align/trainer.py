@@ -15,8 +15,10 @@ the same settings, resumes from the last one and ends with the weights an uninte
 The model is saved atomically to ``out_dir`` (safetensors, tokenizer, chat template; LoRA merged), so
 ``model=hf model.path=OUT_DIR`` or a role can load it. The result (the JSON of ``metareward-align-judge``)::
 
-    {"heldout": {"before": M, "after": M}, "train": {"rows", "items", "steps", "seconds", "loss_first",
-     "loss_last", "too_long", "no_majority"}, "objective", "model_dir"}
+    {"heldout": {"before": M, "after": M}, "train": {"rows", "items", "steps", "seconds",
+     "resumed_at_step", "loss_first", "loss_last", "too_long", "no_majority"}, "objective", "model_dir"}
+
+(``seconds`` over every run of a resumed alignment; ``resumed_at_step`` the checkpoint's, or null.)
 
 with M = ``{"accuracy", "kl", "jsd", "ece", "brier", "items"}``: accuracy of the model's most probable
 label against the majority label and ECE / Brier (sum over labels of (q - one-hot majority)^2) over
@@ -177,6 +179,32 @@ class _KillPoint(TrainerCallback):
         faults.point("align_step")
 
 
+# Kept in each checkpoint: the training seconds spent up to it, so a resumed alignment reports them all.
+TRAINING_SECONDS = "training_seconds.json"
+
+
+class _TrainingTime(TrainerCallback):
+    """Writes into each checkpoint the seconds trained up to it: ``before`` (those of the checkpoint
+    resumed from) and this process's since ``started``."""
+
+    def __init__(self, before: float):
+        self.before, self.started = before, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_json(checkpoint / TRAINING_SECONDS, {"seconds": self.seconds()})
+
+
+def _seconds_before(checkpoint: str | None) -> float:
+    """The training seconds a checkpoint records (0 without one, or for one saved without them)."""
+    path = Path(checkpoint) / TRAINING_SECONDS if checkpoint else None
+    return float(read_json(path)["seconds"]) if path and path.is_file() else 0.0
+
+
 @torch.no_grad()
 def predict(model, encoded: list[Encoded], pad_id: int, batch_size: int) -> list[list[float]]:
     """The model's distribution over each item's labels."""
@@ -325,9 +353,10 @@ def align_judge(
     resume = get_last_checkpoint(str(checkpoints))
     if resume:
         log.info("alignment: resuming from %s", resume)
-    started = time.perf_counter()
+    clock = _TrainingTime(_seconds_before(resume))
+    trainer.add_callback(clock)
     trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - started
+    seconds = clock.seconds()
 
     trained = trainer.accelerator.unwrap_model(trainer.model)
     if settings.use_lora:
@@ -340,7 +369,9 @@ def align_judge(
             "rows": len({item.where for item in train_items}),
             "items": len(train),
             "steps": int(trainer.state.global_step),
+            # Over every run of it: the seconds before a kill are those up to the checkpoint resumed from.
             "seconds": round(seconds, 2),
+            "resumed_at_step": int(Path(resume).name.rpartition("-")[2]) if resume else None,
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "too_long": too_long,
@@ -373,8 +404,9 @@ def result_lines(result: dict) -> list[str]:
         cells = "".join(f"{'—' if metrics[n] is None else format(metrics[n], '.4g'):>10}" for n in names)
         rows.append(f"{when:8}{cells}")
     train = result["train"]
+    resumed = f" (resumed at step {train['resumed_at_step']})" if train.get("resumed_at_step") else ""
     rows.append(
         f"objective {result['objective']}: {train['items']} items, {train['steps']} steps in "
-        f"{train['seconds']} s, loss {train['loss_first']} -> {train['loss_last']}"
+        f"{train['seconds']} s{resumed}, loss {train['loss_first']} -> {train['loss_last']}"
     )
     return rows
