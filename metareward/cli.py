@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -64,16 +65,18 @@ def _no_space_line(error: OSError) -> str:
 
 
 def _check_out(path: Path, prog: str) -> None:
-    """Refuse, in one line and before any work, a result file that could not be written."""
-    try:
-        if path.is_dir():
-            raise IsADirectoryError(f"{path} is a directory")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        _fail(f"--out {path} cannot be written: {error.strerror or error}", code=1, prog=prog)
+    """Refuse, in one line and before any work, a result file that could not be written (nothing is
+    created here: the folders it needs are made when it is written)."""
+    where = next(p for p in [path.parent, *path.parent.parents] if p.exists() or p == p.parent)
+    if path.is_dir():
+        problem = "it is a directory"
+    elif not where.is_dir():
+        problem = f"{where} is not a directory"
+    elif not os.access(where, os.W_OK | os.X_OK):
+        problem = f"{where} is not writable"
+    else:
+        return
+    _fail(f"--out {path} cannot be written: {problem}", code=1, prog=prog)
 
 
 def _interrupted(stop: BaseException, prog: str, kept: str) -> None:

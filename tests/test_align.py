@@ -477,5 +477,5 @@ def test_align_judge_refuses_an_out_it_cannot_write_before_training(tmp_path, ca
         [f"runs_dir={tmp_path}", "model=tiny", f"align.train={rows}", "--out", str(out)], capsys
     )
     assert code == 1 and err.count("\n") == 1
-    assert f"--out {out} cannot be written" in err
+    assert f"--out {out} cannot be written: {tmp_path / 'afile'} is not a directory" in err
     assert not (tmp_path / "default").exists()

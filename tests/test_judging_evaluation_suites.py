@@ -287,7 +287,6 @@ def test_eval_judge_stops_in_one_line_on_a_dead_strong_judge_and_on_an_out_it_ca
     assert line.startswith("metareward-eval-judge: error: ") and dead in line
     assert blocked.returncode == 1 and "Traceback" not in blocked.stderr
     out = tmp_path / "afile" / "x.json"
-    assert (
-        blocked.stderr.strip() == f"metareward-eval-judge: error: --out {out} cannot be written: File exists"
-    )
+    why = f"{tmp_path / 'afile'} is not a directory"
+    assert blocked.stderr.strip() == f"metareward-eval-judge: error: --out {out} cannot be written: {why}"
     assert len(server.log) == sent  # refused before any request

@@ -217,7 +217,7 @@ def test_a_role_on_its_own_model_keeps_it_while_the_others_move_to_m_t(tmp_path,
         "iterations=2",
         "roles.meta_judge.own_model=true",
         "roles.meta_judge.model.kind=hf",
-        "roles.meta_judge.model.path=external-judge",
+        "roles.meta_judge.model.path=acme/external-judge",  # a hub id: checked as a name only
     ]
     cfg = load_config(None, [*STAND_IN_RUN, f"runs_dir={tmp_path}", *overrides])
     # The seed stays the real tiny model (it is trained); the meta-judge's model is only a name here.
@@ -231,7 +231,7 @@ def test_a_role_on_its_own_model_keeps_it_while_the_others_move_to_m_t(tmp_path,
     # The meta-judge is its own, fixed model in both iterations, and every generator was closed.
     for per_role in calls:
         assert per_role["meta_judge"] is not per_role["actor"]
-        assert per_role["meta_judge"].model_dir == "/models/external-judge"
+        assert per_role["meta_judge"].model_dir == "/models/acme/external-judge"
     assert len(made) == 4 and all(g.closed for g in made)
     assert all(g.usage.samples > 0 for g in made)
 
@@ -245,17 +245,27 @@ def test_roles_default_to_the_trained_model_and_accept_overrides():
 # --- hand-edited stage files ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("with_checksums", [True, False], ids=["as-written", "hand-assembled"])
 @pytest.mark.parametrize(
-    ("edit", "message"),
+    ("edit", "line", "message"),
     [
-        (lambda rows: rows[2].update(response_id="ghost/r9"), r"judgements.jsonl:3: response_id 'ghost/r9'"),
+        (
+            lambda rows: rows[2].update(response_id="ghost/r9"),
+            3,
+            r"judgements.jsonl:3: response_id 'ghost/r9'",
+        ),
         (
             lambda rows: rows[4].update(judgement_id=rows[1]["judgement_id"]),
+            5,
             r"judgements.jsonl:5: .* already on line 2",
         ),
     ],
 )
-def test_a_hand_edited_stage_file_is_refused_with_file_and_line(edit, message, tmp_path, tiny_model_dir):
+def test_a_hand_edited_stage_file_is_refused_with_file_and_line(
+    edit, line, message, with_checksums, tmp_path, tiny_model_dir
+):
+    """Against the checksums its stage recorded; in a folder put together by hand (no checksums.json),
+    by the links between the files."""
     cfg = load_config(
         None, [*STAND_IN_RUN, f"runs_dir={tmp_path}", "iterations=1", "train.on_no_pairs=carry"]
     )
@@ -267,7 +277,11 @@ def test_a_hand_edited_stage_file_is_refused_with_file_and_line(edit, message, t
     rows = records.read_jsonl(directory / layout.JUDGEMENTS)
     edit(rows)
     records.write_jsonl(directory / layout.JUDGEMENTS, rows)
-    with pytest.raises(RunStopped, match=message):
+    if not with_checksums:
+        (directory / layout.CHECKSUMS).unlink()
+    else:
+        message = rf"judgements.jsonl:{line}: not the row its stage wrote"
+    with pytest.raises((RunStopped, records.RecordError), match=message):
         Run(cfg, engines=engines).run()
     assert not (directory / layout.METRICS).exists() and not (directory / layout.ACTOR_PAIRS).exists()
 
