@@ -218,7 +218,7 @@ def _run(cfg: DictConfig) -> None:
 def main() -> None:
     """``metareward [overrides]``: every job's config is checked (and a dry run answered) before Hydra
     creates a run directory."""
-    from metareward.loop.run import RunStopped, check_endpoint_models, check_writable
+    from metareward.loop.run import RunStopped, check_run_models, check_writable
 
     configs = check_jobs(sys.argv[1:])
     if configs and all(config.dry_run for config in configs):
@@ -231,7 +231,7 @@ def main() -> None:
     try:
         for config in configs:
             check_model_paths(config)
-            check_endpoint_models(config)
+            check_run_models(config)
             if config.eval.enabled:
                 load_suites(config.eval)
             check_writable(Path(config.runs_dir) / config.run_name)
@@ -395,35 +395,46 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
 
 def _evaluate_judge(config: Config, suites: list, engines) -> tuple[dict, list[dict], bool]:
     """metareward-eval-judge's evaluation of ``suites``: the result, its per-pair rows, and whether a
-    cascade was measured."""
+    cascade was measured. Recorded verdicts (``eval.recorded.*``) stand for the judge or the strong
+    judge with no model run."""
     from metareward.judging.cascade import Cascade
     from metareward.judging.context_fit import ContextFit
     from metareward.judging.escalation import StrongJudge, prices_of
     from metareward.judging.evaluation import evaluate_suites
     from metareward.judging.prompts import Templates
+    from metareward.judging.recorded import load_recorded
 
     templates = Templates.load(
         config.judge.template, config.meta_judge.template, config.eval.pairwise_template
     )
-    # Behind an endpoint the model is a served name: nothing is loaded here.
-    model_dir = engines.locate(config.model, config.generator, local_tokenizer=False)
-    # Pairs too long for the judge's context follow data.long_prompts (skipped or truncated, counted).
-    fit = ContextFit.for_model(
-        model_dir, config.model.trust_remote_code, config.eval.max_new_tokens, config.data.long_prompts
-    )
-    generator = engines.start(engines.seat(None, model_dir))
-    escalation = config.eval.escalation
-    strong = StrongJudge(escalation.judge, engines.strong_judge) if escalation.enabled else None
+    recorded, escalation = config.eval.recorded, config.eval.escalation
+    local_record = load_recorded(recorded.judge) if recorded.judge else None
+    strong_record = load_recorded(recorded.strong) if recorded.strong else None
+    generator = fit = None
+    if local_record is None:
+        # Behind an endpoint the model is a served name: nothing is loaded here.
+        model_dir = engines.locate(config.model, config.generator, local_tokenizer=False)
+        # Pairs too long for the judge's context follow data.long_prompts (skipped or truncated, counted).
+        fit = ContextFit.for_model(
+            model_dir, config.model.trust_remote_code, config.eval.max_new_tokens, config.data.long_prompts
+        )
+        generator = engines.start(engines.seat(None, model_dir))
+    live = escalation.enabled and strong_record is None
+    strong = StrongJudge(escalation.judge, engines.strong_judge) if live else None
     try:
         cascade = None
+        local_prices = prices_of(config.generator)
         if strong is not None:
-            local_prices = prices_of(config.generator)
             cascade = Cascade(escalation, strong.generator(), strong.prices, local_prices)
+        elif strong_record is not None:
+            strong_prices = prices_of(escalation.judge.generator)
+            cascade = Cascade(escalation, None, strong_prices, local_prices, strong_record)
         result, per_pair = evaluate_suites(
-            generator, templates, suites, config.eval, config.judge.score_from, fit, cascade
+            generator, templates, suites, config.eval, config.judge.score_from, fit, cascade, local_record
         )
     finally:
-        generator.close()
+        if generator is not None:
+            generator.close()
         if strong is not None:
             strong.close()
     return result, per_pair, cascade is not None

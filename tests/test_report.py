@@ -85,6 +85,7 @@ def _suite_eval(accuracy: float) -> dict:
         "ci_high": accuracy + 0.1,
         "position_consistency": None,
         "longer_preference": 0.6,
+        "official": {"metric": "pandalm", "score": 100 * accuracy - 20, "f1": 100 * accuracy - 20},
     }
     pairwise = {**metrics, "accuracy": accuracy - 0.05, "position_consistency": 0.8}
     return {"pandalm": {"pointwise": metrics, "pairwise": pairwise}, "hh_rlhf": {"pointwise": metrics}}
@@ -263,6 +264,7 @@ def test_report(run: Path):
     images = _images(run / "report.html")
     names = {
         "judge_accuracy",
+        "judge_official",
         "judge_biases",
         "score_histogram",
         "lengths",

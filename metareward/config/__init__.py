@@ -45,7 +45,7 @@ from metareward.config.choices import (
     WINNER_SOURCES,
 )
 from metareward.config.data import DataConfig, SynthesisConfig
-from metareward.config.evaluation import EvalConfig, EvalEscalationConfig
+from metareward.config.evaluation import EvalConfig, EvalEscalationConfig, RecordedConfig
 from metareward.config.loading import load_config, override_error, register_configs, to_config
 from metareward.config.models import (
     GeneratorConfig,
@@ -109,6 +109,7 @@ __all__ = [
     "EscalationConfig",
     "EvalConfig",
     "EvalEscalationConfig",
+    "RecordedConfig",
     "FineTuning",
     "GeneratorConfig",
     "GuardsConfig",

@@ -28,6 +28,17 @@ class EvalEscalationConfig(EscalationConfig):
 
 
 @dataclass
+class RecordedConfig(Section):
+    """Verdicts that already exist, scored instead of running a judge (metareward-eval-judge only):
+    JudgeBench's outputs format or metareward-eval-judge's own per-pair rows, matched by pair id."""
+
+    # The judge's recorded verdicts: no model is loaded.
+    judge: str | None = setting(None, file=True)
+    # With eval.escalation.enabled, the strong judge's: the cascade is priced on them.
+    strong: str | None = setting(None, file=True)
+
+
+@dataclass
 class EvalConfig(Section):
     """Judge skill on human-labelled preference suites, and the actor's win rate against M_0."""
 
@@ -67,6 +78,7 @@ class EvalConfig(Section):
     evaluator: RoleModelConfig = field(default_factory=RoleModelConfig)
     # The cascade of the judge with a stronger one, per suite and protocol (escalation.py).
     escalation: EvalEscalationConfig = field(default_factory=EvalEscalationConfig)
+    recorded: RecordedConfig = field(default_factory=RecordedConfig)
 
     def check(self) -> None:
         require(bool(self.suites), "suites", self.suites, "needs at least one suite")
@@ -76,6 +88,12 @@ class EvalConfig(Section):
             )
             require(ok, "suites", entry, "a bundled suite name, a JSONL path, or {path, name, format}")
         require(bool(self.protocols), "protocols", self.protocols, f"one or more of {EVAL_PROTOCOLS}")
+        require(
+            self.recorded.strong is None or self.escalation.enabled,
+            "recorded.strong",
+            self.recorded.strong,
+            "prices a cascade: set eval.escalation.enabled=true",
+        )
         if "pointwise" in self.protocols:
             self.escalation.check_signal(POINTWISE_SIGNALS, self.num_judgements, "pointwise judgements")
         if "pairwise" in self.protocols:

@@ -4,6 +4,7 @@ for comparison), with accuracy and cost at each share (``eval.escalation``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from metareward.config import EvalEscalationConfig
@@ -17,25 +18,37 @@ from metareward.judging.escalation import (
     pair_confidence,
 )
 from metareward.judging.judge_metrics import SIDES, JudgedPair, credit
+from metareward.judging.recorded import RecordedVerdicts
 
 
 @dataclass(frozen=True)
 class Cascade:
-    """Evaluation's strong judge: it answers every pair, and :func:`cascade` mixes its answers with the
-    local judge's."""
+    """Evaluation's strong judge: it answers every pair (``strong``, or its ``recorded`` verdicts), and
+    :func:`cascade` mixes its answers with the local judge's."""
 
     cfg: EvalEscalationConfig
-    strong: Generator
+    strong: Generator | None
     strong_prices: Prices | None
     local_prices: Prices | None
+    recorded: RecordedVerdicts | None = None
 
 
 def _cost(judged: JudgedPair, prices: Prices | None) -> float:
     return prices.cost(judged.prompt_tokens, judged.completion_tokens) if prices else 0.0
 
 
+def outcome_credit(judged: JudgedPair) -> float:
+    """The project's per-pair credit (judge_metrics.credit of the pair's outcome)."""
+    return credit(judged.outcome(), judged.label)
+
+
 def cascade(
-    local: list[JudgedPair], strong: list[JudgedPair], cfg: EvalEscalationConfig, prices: tuple, seed: int
+    local: list[JudgedPair],
+    strong: list[JudgedPair],
+    cfg: EvalEscalationConfig,
+    prices: tuple,
+    seed: int,
+    credit_of: Callable[[JudgedPair], float] = outcome_credit,
 ) -> dict:
     """Accuracy and cost as the escalated share of a suite's pairs goes from 0 to 1, for ``cfg.signal``
     and for random escalation; ``local[i]`` and ``strong[i]`` are the two judges' answers on pair i,
@@ -47,7 +60,9 @@ def cascade(
     so is the signal's curve when the signal is ``random``. ``fraction_to_match_strong`` is the smallest
     k/n, over every k, at which the cascade is within MATCH_TOLERANCE of the strong judge alone;
     ``area_over_random`` the area between the signal's curve and random's (trapezoids over every k/n).
-    ``operating_point`` is what the budget (``cfg.fraction`` or ``cfg.threshold``) escalates."""
+    ``operating_point`` is what the budget (``cfg.fraction`` or ``cfg.threshold``) escalates.
+    ``credit_of`` is a pair's credit: the project's by default, a benchmark's own where it has one
+    (official.pair_credit), so that the cascade is priced on the benchmark's terms."""
     local_prices, strong_prices = prices
     n = len(local)
     if n == 0:
@@ -66,10 +81,10 @@ def cascade(
     labelled = [j.label in SIDES for j in local]
     n_labelled = sum(labelled)
     gain = [
-        credit(s.outcome(), s.label) - credit(lo.outcome(), lo.label) if lab else 0.0
+        credit_of(s) - credit_of(lo) if lab else 0.0
         for lo, s, lab in zip(local, strong, labelled, strict=True)
     ]
-    local_credit = sum(credit(j.outcome(), j.label) for j, lab in zip(local, labelled, strict=True) if lab)
+    local_credit = sum(credit_of(j) for j, lab in zip(local, labelled, strict=True) if lab)
     strong_cost = [_cost(j, strong_prices) for j in strong]
     strong_tokens = [j.prompt_tokens + j.completion_tokens for j in strong]
     base_cost = sum(_cost(j, local_prices) for j in local)

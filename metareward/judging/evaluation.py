@@ -29,7 +29,9 @@ from metareward.judging.context_fit import ContextFit
 from metareward.judging.escalation import StrongJudge, prices_of
 from metareward.judging.heldout import generate_responses, load_heldout_prompts, win_rate
 from metareward.judging.judge_metrics import JudgedPair, Verdict, mean_or_none, suite_metrics
+from metareward.judging.official import official_score, pair_credit
 from metareward.judging.prompts import Templates
+from metareward.judging.recorded import RecordedVerdicts
 from metareward.judging.requests import judge_requests, verdict_requests
 from metareward.judging.suites import SuiteEntryError, SuitePair, load_suite
 
@@ -178,13 +180,14 @@ def _judged(
 
 
 def evaluate_suites(
-    generator: Generator,
+    generator: Generator | None,
     templates: Templates,
     suites: list[tuple[str, list[SuitePair]]],
     cfg: EvalConfig,
     score_from: str,
     fit: ContextFit | None = None,
     cascade: Cascade | None = None,
+    recorded: RecordedVerdicts | None = None,
 ) -> tuple[dict, list[dict]]:
     """Every suite under every protocol of ``cfg.protocols``: ``({"suites": {name: {protocol:
     metrics}}}, per-pair rows)``, metrics as
@@ -196,11 +199,15 @@ def evaluate_suites(
     With ``cascade`` (``eval.escalation``) its strong judge answers every pair too, in text, and each
     suite and protocol gets ``"escalation"``: the cascade curve of
     :func:`~metareward.judging.cascade.cascade`; per-pair rows then hold the strong judge's outcome, the
-    local judge's confidence and whether the budget escalates the pair."""
+    local judge's confidence and whether the budget escalates the pair.
+
+    With ``recorded`` (``eval.recorded.judge``) the judge's verdicts are read from it, no generator
+    needed; a cascade's strong judge likewise from ``cascade.recorded``."""
     result: dict = {"suites": {}}
     per_pair = []
     for name, all_pairs in suites:
         result["suites"][name] = {}
+        fmt = all_pairs[0].format if all_pairs else "pairs"
         pairs = [p for p in all_pairs if p.response_a.strip() != p.response_b.strip()]
         identical = len(all_pairs) - len(pairs)
         if identical:
@@ -216,14 +223,18 @@ def evaluate_suites(
                     counts["skipped_too_long"],
                     counts["truncated"],
                 )
-            read_probs = (
-                cascade is not None
-                and escalation.needs_probabilities(cascade.cfg.signal)
-                and reads_probabilities(generator)
-            )
-            judged = _judge_suite(generator, templates, fitted, cfg, protocol, score_from, read_probs)
+            if recorded is not None:
+                judged = recorded.judged(name, protocol, fitted)
+            else:
+                read_probs = (
+                    cascade is not None
+                    and escalation.needs_probabilities(cascade.cfg.signal)
+                    and reads_probabilities(generator)
+                )
+                judged = _judge_suite(generator, templates, fitted, cfg, protocol, score_from, read_probs)
             metrics = {
                 **suite_metrics(judged, cfg.bootstrap_samples, cfg.seed),
+                "official": official_score(fmt, judged),
                 "identical_pairs": identical,
                 "skipped_too_long": counts["skipped_too_long"] if counts else None,
                 "truncated": counts["truncated"] if counts else None,
@@ -242,13 +253,15 @@ def evaluate_suites(
                 for j in judged
             ]
             if cascade is not None:
-                # The strong judge answers in text: an endpoint gives no probabilities to read.
-                strong = _judge_suite(
-                    cascade.strong, templates, fitted, cfg, protocol, "text", False, "strong"
-                )
-                curve = cascades.cascade(
-                    judged, strong, cascade.cfg, (cascade.local_prices, cascade.strong_prices), cfg.seed
-                )
+                if cascade.recorded is not None:
+                    strong = cascade.recorded.judged(name, protocol, fitted)
+                else:  # in text: an endpoint gives no probabilities to read
+                    strong = _judge_suite(
+                        cascade.strong, templates, fitted, cfg, protocol, "text", False, "strong"
+                    )
+                prices = (cascade.local_prices, cascade.strong_prices)
+                credit_of = pair_credit(fmt) or cascades.outcome_credit
+                curve = cascades.cascade(judged, strong, cascade.cfg, prices, cfg.seed, credit_of)
                 escalated = set(curve.pop("escalated_pairs", []))
                 confidences = curve.pop("confidences", [])
                 for index, (row, confidence) in enumerate(zip(rows, confidences, strict=True)):

@@ -109,6 +109,8 @@ class SuitePair:
     human: tuple[float, float] | None
     subset: str | None
     suite: str
+    # The format the row was read in (its benchmark's official score follows it).
+    format: str = "pairs"
 
 
 def is_suite_row(row: dict) -> bool:
@@ -276,7 +278,7 @@ def suite_pair(row: dict, fmt: str, suite: str, pair_id: str, where: str) -> Sui
         a, b = _text(row, "response 1", where), _text(row, "response 2", where)
         label = {0: "A", 1: "B", 2: "tie"}[_int_label(row["label"], (0, 1, 2), "label", where)]
         subset = _subset(row, "scenario", where)
-    return SuitePair(pair_id, prompt, a, b, label, human, subset, suite)
+    return SuitePair(pair_id, prompt, a, b, label, human, subset, suite, fmt)
 
 
 def read_suite_file(path: str | os.PathLike, suite: str, fmt: str | None = None) -> list[SuitePair]:

@@ -136,6 +136,20 @@ def _no_pairs_reason(stats: dict) -> str:
     return "; ".join(reasons) or "no prompts"
 
 
+def check_run_models(cfg: Config) -> None:
+    """Refuse, before the run starts, settings that would have it judged by anything but the models it
+    trains: recorded verdicts (metareward-eval-judge's), and endpoints serving one fixed model in place
+    of M_t (:func:`check_endpoint_models`)."""
+    for key in ("judge", "strong"):
+        if (value := getattr(cfg.eval.recorded, key)) is not None:
+            raise ConfigError(
+                f"eval.recorded.{key}",
+                value,
+                "is for metareward-eval-judge: a run evaluates each model it trains",
+            )
+    check_endpoint_models(cfg)
+
+
 def check_endpoint_models(cfg: Config) -> None:
     """Refuse a run that would have an endpoint answer for a model it cannot serve: with
     ``generator=openai`` every role without a model of its own, and the evaluation of M_t, are sent to
@@ -228,7 +242,7 @@ class Run:
         all_prompts = load_prompts(cfg.data)
         check_model_paths(cfg)
         try:
-            check_endpoint_models(cfg)
+            check_run_models(cfg)
         except ConfigError as error:
             raise RunStopped(str(error)) from None
         if cfg.eval.enabled:

@@ -12,12 +12,18 @@ from metareward.store import layout, records
 
 def eval_lines(evaluated: dict) -> list[str]:
     """The judge's accuracy with its 95% interval, per suite and protocol of an evaluation."""
-    return [
-        f"eval       {suite}/{protocol} judge accuracy {number(m['accuracy'], '.2f')} "
-        f"[{number(m['ci_low'], '.2f')}, {number(m['ci_high'], '.2f')}]"
-        for suite, protocols in evaluated.items()
-        for protocol, m in protocols.items()
-    ]
+    lines = []
+    for suite, protocols in evaluated.items():
+        for protocol, m in protocols.items():
+            official = m.get("official") or {}
+            theirs = (
+                f", {official['metric']} score {number(official.get('score'), '.1f')}" if official else ""
+            )
+            lines.append(
+                f"eval       {suite}/{protocol} judge accuracy {number(m['accuracy'], '.2f')} "
+                f"[{number(m['ci_low'], '.2f')}, {number(m['ci_high'], '.2f')}]{theirs}"
+            )
+    return lines
 
 
 def summary(metrics: dict) -> str:

@@ -17,6 +17,10 @@ PLOTS = [
     ("judge_accuracy.png", "Judge accuracy on the preference suites (95% CI)",
      [("accuracy", 0.5, "acc:")],
      "Should rise over iterations (0 = seed model M_0); a fall means the judge drifts from human taste."),
+    ("judge_official.png", "Judge on each benchmark's own terms (0-100)",
+     [("official score", None, "official:")],
+     "The figure each benchmark publishes, computed its way (JudgeBench, RewardBench sections, PandaLM F1, "
+     "Auto-J agreement; else accuracy over both orders): set it beside the benchmark's leaderboard."),
     ("judge_biases.png", "Judge biases on the preference suites",
      [("position consistency", None, "consistency:"), ("longer preferred", 0.5, "longer:")],
      "Consistency well below 1 = verdicts follow the order shown; longer-preferred far above the humans' "

@@ -47,7 +47,13 @@ LEGEND = (
     "first suite and protocol of eval.suites and eval.protocols (all of them: --json, and the report)"
 )
 # Row keys per suite and protocol ("acc:pandalm/pointwise"), from metrics.json's "eval".
-SUITE_KEYS = {"acc:": "accuracy", "consistency:": "position_consistency", "longer:": "longer_preference"}
+SUITE_KEYS = {
+    "acc:": "accuracy",
+    "consistency:": "position_consistency",
+    "longer:": "longer_preference",
+    # The benchmark's own score, 0..100 (judging/official.py).
+    "official:": "official.score",
+}
 
 
 def _get(data, path: str):
@@ -84,7 +90,8 @@ def _row(iteration: int, metrics: dict) -> dict:
 
 
 def _suite_keys(evaluated) -> dict:
-    """``{"acc:<suite>/<protocol>": accuracy, ..._ci_low, ..._ci_high, "consistency:...", "longer:..."}``
+    """``{"acc:<suite>/<protocol>": accuracy, ..._ci_low, ..._ci_high, "consistency:...", "longer:...",
+    "official:...": the benchmark's own score}``
     of an iteration's judge evaluation ``{suite: {protocol: metrics}}``, in its order."""
     found: dict = {}
     for suite, protocols in (evaluated or {}).items():
@@ -92,7 +99,7 @@ def _suite_keys(evaluated) -> dict:
             if not isinstance(m, dict):
                 continue
             for prefix, metric in SUITE_KEYS.items():
-                found[f"{prefix}{suite}/{protocol}"] = num(m.get(metric))
+                found[f"{prefix}{suite}/{protocol}"] = num(_get(m, metric))
             found[f"acc:{suite}/{protocol}_ci_low"] = num(m.get("ci_low"))
             found[f"acc:{suite}/{protocol}_ci_high"] = num(m.get("ci_high"))
     return found

@@ -23,14 +23,23 @@ METRIC_COLUMNS = [
 ]
 
 
+def official_cells(m: dict) -> list[str]:
+    """The benchmark's own metric and score (0..100) of one suite and protocol, "-" without one."""
+    official = m.get("official") or {}
+    score = official.get("score")
+    return [official.get("metric", "-"), "-" if score is None else f"{score:.1f}"]
+
+
 def format_suite_table(result: dict) -> str:
-    """One row per suite and protocol, "-" where a metric does not apply."""
-    header = ["suite", "protocol", *(title for _, title, _ in METRIC_COLUMNS)]
+    """One row per suite and protocol, "-" where a metric does not apply; the benchmark's own score
+    (``official``, 0..100, computed its way) after the project's accuracy."""
+    titles = [title for _, title, _ in METRIC_COLUMNS]
+    header = ["suite", "protocol", titles[0], "official", "score", *titles[1:]]
     lines = [header]
     for name, protocols in result["suites"].items():
         for protocol, m in protocols.items():
             cells = ["-" if m[key] is None else fmt.format(m[key]) for key, _, fmt in METRIC_COLUMNS]
-            lines.append([name, protocol, *cells])
+            lines.append([name, protocol, cells[0], *official_cells(m), *cells[1:]])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in lines)
 

@@ -1,0 +1,193 @@
+"""Each benchmark's own score (judging/official.py) against values worked out by hand on crafted pairs,
+and JudgeBench's against a transcription of its own scoring code on a random both-order file."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from metareward.config import EvalEscalationConfig
+from metareward.judging.cascade import cascade
+from metareward.judging.judge_metrics import JudgedPair, Verdict
+from metareward.judging.official import judgebench_credit, official_score, pair_credit
+
+
+def pair(label: str, *winners: str | None, subset: str | None = None, pid: str = "") -> JudgedPair:
+    """A pair judged in len(winners) orders (A shown first, then B), or once (pointwise)."""
+    firsts = ("A", "B") if len(winners) == 2 else (None,)
+    verdicts = tuple(Verdict(w, first=f) for w, f in zip(winners, firsts, strict=True))
+    return JudgedPair(label, 10, 20, verdicts, len(verdicts), 0, subset=subset, pair_id=pid)
+
+
+# ---------------------------------------------------------------- JudgeBench
+
+
+def test_judgebench_counts_a_pair_only_when_its_orders_sum_above_zero():
+    judged = [
+        pair("A", "A", "A", subset="mmlu-pro-math"),  # +2: counts
+        pair("A", "A", "B", subset="mmlu-pro-law"),  # 0: inconsistent, no credit
+        pair("B", "B", None, subset="livebench-math"),  # +1: counts
+        pair("B", None, None, subset="livebench-math"),  # 0
+        pair("A", "B", "B", subset="livecodebench"),  # -2
+        pair("B", "tie", "B", subset="livebench-reasoning"),  # +1: counts
+    ]
+    official = official_score("ab", judged)
+    assert official["metric"] == "judgebench" and official["pairs"] == 6
+    assert official["score"] == pytest.approx(100 * 3 / 6)
+    # mmlu-pro-math is knowledge (by prefix), not math.
+    assert official["categories"] == {"knowledge": 50.0, "reasoning": 100.0, "math": 50.0, "coding": 0.0}
+    assert [judgebench_credit(j) for j in judged] == [1, 0, 1, 0, 0, 1]
+
+
+def _judgebench_transcribed(rows: list[dict]) -> float:
+    """ScalerLab/JudgeBench utils/metrics.py compute_final_metrics(pairs, reverse_order=True), transcribed."""
+
+    def flip(decision):
+        return {"A>B": "B>A", "B>A": "A>B"}.get(decision, decision)
+
+    correct = 0
+    for row in rows:
+        label = row["label"]
+        decisions = [row["judgments"][0]["decision"], flip(row["judgments"][1]["decision"])]
+        counter = sum(1 if d == label else -1 if d == flip(label) else 0 for d in decisions)
+        correct += counter > 0
+    return 100 * correct / len(rows)
+
+
+def test_judgebench_equals_the_benchmarks_own_formula_on_a_random_both_order_file():
+    rng = random.Random(3)
+    decisions = ["A>B", "B>A", "A=B", None]
+    rows = [
+        {
+            "label": rng.choice(["A>B", "B>A"]),
+            "judgments": [{"decision": rng.choice(decisions)}, {"decision": rng.choice(decisions)}],
+        }
+        for _ in range(200)
+    ]
+    # Ours: verdicts are sides of the pair, the second order mapped back (B>A shown swapped names A).
+    side = {"A>B": "A", "B>A": "B", "A=B": "tie", None: None}
+    swapped = {"A>B": "B", "B>A": "A", "A=B": "tie", None: None}
+    judged = [
+        pair(
+            side[row["label"]],
+            side[row["judgments"][0]["decision"]],
+            swapped[row["judgments"][1]["decision"]],
+        )
+        for row in rows
+    ]
+    assert official_score("ab", judged)["score"] == pytest.approx(_judgebench_transcribed(rows))
+
+
+# ---------------------------------------------------------------- RewardBench
+
+
+def test_rewardbench_weighs_subsets_into_sections_and_prior_sets_at_half_a_section():
+    judged = [
+        pair("A", "A", "A", subset="alpacaeval-easy"),  # 1
+        pair("A", "A", "B", subset="alpacaeval-easy"),  # 0.5
+        pair("A", "B", "B", subset="mt-bench-easy"),  # 0
+        pair("A", "A", None, subset="llmbar-natural"),  # 0.75
+        pair("A", "tie", subset="donotanswer"),  # pointwise tie: 0.5
+        pair("A", "A", "A", subset="math-prm"),  # 1, weighed 984
+        pair("A", "B", "B", subset="hep-python"),  # 0, weighed 164
+        pair("A", "A", "A", subset="shp"),  # prior set: 1
+        pair("A", "B", "B", subset="anthropic_hhh"),  # prior set: 0
+    ]
+    official = official_score("pairs", judged)
+    chat = 100 * (0.75 * 100 + 0 * 28) / 128
+    chat_hard, safety, reasoning = 75.0, 50.0, 100 * 984 / (984 + 164)
+    assert official["metric"] == "rewardbench" and official["complete"]
+    assert official["sections"] == pytest.approx(
+        {"Chat": chat, "Chat Hard": chat_hard, "Safety": safety, "Reasoning": reasoning}
+    )
+    assert official["prior_sets"] == 50.0
+    assert official["score"] == pytest.approx((2 * (chat + chat_hard + safety + reasoning) + 50.0) / 9)
+    assert official["subsets"]["alpacaeval-easy"] == 75.0
+
+
+def test_rewardbench_without_prior_sets_is_the_mean_of_its_sections_and_says_when_one_is_missing():
+    judged = [pair("A", "A", "A", subset="alpacaeval-easy"), pair("A", "A", "B", subset="donotanswer")]
+    official = official_score("pairs", judged)
+    assert official["score"] == pytest.approx((100 + 50) / 2)
+    assert official["sections"]["Chat Hard"] is None and not official["complete"]
+
+
+def test_pairs_of_other_subsets_and_llmbar_get_accuracy_averaged_over_the_orders():
+    judged = [
+        pair("A", "A", "B", subset="mine"),
+        pair("A", "A", None, subset="mine"),
+        pair("B", "A", "B"),
+        pair("tie", "A", "A"),  # a tied label is left out
+    ]
+    for fmt in ("pairs", "llmbar"):
+        official = official_score(fmt, judged)
+        # First order: 1, 1, 0; second: 0, 0.5, 1.
+        assert official["metric"] == "accuracy" and official["pairs"] == 3
+        assert official["orders"] == pytest.approx([200 / 3, 150 / 3])
+        assert official["score"] == pytest.approx((200 / 3 + 150 / 3) / 2)
+
+
+# ---------------------------------------------------------------- PandaLM and Auto-J
+
+
+def test_pandalm_is_three_classes_with_macro_precision_recall_and_f1():
+    judged = [
+        pair("A", "A", "A"),  # A / A
+        pair("A", "B", "B"),  # A / B
+        pair("B", "B", "B"),  # B / B
+        pair("tie", "A", "B"),  # tie / tie (split verdicts)
+        pair("tie", "A", "A"),  # tie / A
+        pair("B", None, None),  # B / tie (no verdict)
+    ]
+    official = official_score("pandalm", judged)
+    # tie: P 1/2, R 1/2; A: P 1/2, R 1/2; B: P 1/2, R 1/2 -> every F1 1/2.
+    assert official["metric"] == "pandalm" and official["pairs"] == 6
+    assert official["accuracy"] == pytest.approx(100 * 3 / 6)
+    assert official["precision"] == pytest.approx(50.0) and official["recall"] == pytest.approx(50.0)
+    assert official["f1"] == official["score"] == pytest.approx(50.0)
+
+
+def test_pandalm_gives_a_class_never_predicted_precision_zero():
+    judged = [pair("A", "A", "A"), pair("B", "A", "A"), pair("tie", "A", "A")]
+    official = official_score("pandalm", judged)
+    # A: P 1/3, R 1; B and tie: never predicted, P 0, R 0.
+    assert official["precision"] == pytest.approx(100 * (1 / 3) / 3)
+    assert official["recall"] == pytest.approx(100 / 3)
+    assert official["f1"] == pytest.approx(100 * (2 * (1 / 3) / (1 / 3 + 1)) / 3)
+
+
+def test_autoj_agreement_needs_both_orders_on_the_label_and_ties_are_a_class():
+    judged = [
+        pair("A", "A", "A"),  # agrees, consistent
+        pair("A", "A", "B"),  # neither
+        pair("B", "A", "A"),  # consistent, wrong
+        pair("tie", "tie", "tie"),  # agrees on a tie
+        pair("B", None, None),  # no verdict: neither
+    ]
+    official = official_score("autoj", judged)
+    assert official["metric"] == "autoj"
+    assert official["agreement"] == official["score"] == pytest.approx(100 * 2 / 5)
+    assert official["consistency"] == pytest.approx(100 * 3 / 5)
+    pointwise = official_score("autoj", [pair("A", "A"), pair("tie", "tie"), pair("B", "A")])
+    assert pointwise["agreement"] == pytest.approx(200 / 3) and pointwise["consistency"] is None
+
+
+# ---------------------------------------------------------------- a cascade on the benchmark's terms
+
+
+def test_a_judgebench_cascade_is_priced_on_judgebench_credit():
+    # Local: inconsistent on pairs 0 and 1 (no JudgeBench credit, half under the project's rule),
+    # right on 2. Strong: right everywhere but pair 2.
+    local = [pair("A", "A", "B", pid="0"), pair("A", "B", "A", pid="1"), pair("B", "B", "B", pid="2")]
+    strong = [pair("A", "A", "A"), pair("A", "A", "A"), pair("B", "A", "A")]
+    cfg = EvalEscalationConfig(signal="order", fraction=None, threshold=0.5, curve_points=4)
+    curve = cascade(local, strong, cfg, (None, None), seed=0, credit_of=pair_credit("ab"))
+    assert curve["local_accuracy"] == pytest.approx(1 / 3) and curve["strong_accuracy"] == pytest.approx(
+        2 / 3
+    )
+    # The order signal sends the two inconsistent pairs first: escalating them gives 3/3.
+    assert [p["accuracy"] for p in curve["curve"]] == pytest.approx([1 / 3, 2 / 3, 1.0, 2 / 3])
+    assert curve["fraction_to_match_strong"] == pytest.approx(1 / 3)
+    project = cascade(local, strong, cfg, (None, None), seed=0)
+    assert project["local_accuracy"] == pytest.approx(2 / 3)
