@@ -290,3 +290,32 @@ def test_eval_judge_stops_in_one_line_on_a_dead_strong_judge_and_on_an_out_it_ca
     why = f"{tmp_path / 'afile'} is not a directory"
     assert blocked.stderr.strip() == f"metareward-eval-judge: error: --out {out} cannot be written: {why}"
     assert len(server.log) == sent  # refused before any request
+
+
+def test_an_rmbench_suite_scores_each_candidate_once_and_reports_its_matrix(tmp_path):
+    """A stand-in judge scoring by length (the detailed styles win): RM-Bench's hard cells, where the
+    chosen answer is plainer, are all lost."""
+    from metareward.judging.suites import load_suite
+
+    styles = ("short", "a longer answer", "the longest answer of them all")
+    rows = [
+        {"id": i, "prompt": f"Q{i}?", "chosen": [f"{s} {i}" for s in styles],
+         "rejected": [f"{s} {i}!" for s in styles], "domain": "chat"}
+        for i in range(2)
+    ]  # fmt: skip
+    path = tmp_path / "rmbench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    asked: list[str] = []
+
+    def by_length(content: str) -> str:
+        response = re.search(r"<response>(.*)</response>", content, re.DOTALL).group(1)
+        asked.append(response)
+        return f"Score: {min(5, len(response) // 6)}"
+
+    cfg = EvalConfig(protocols=["pointwise"], bootstrap_samples=100)
+    result, _ = evaluate_suites(StandInJudge(by_length), Templates(), [load_suite(str(path))], cfg, "text")
+    assert sorted(asked) == sorted({t for r in rows for t in r["chosen"] + r["rejected"]})  # 12, once each
+    official = result["suites"]["rmbench"]["pointwise"]["official"]
+    assert official["metric"] == "rmbench" and official["items"] == 2
+    # The rejected twin is one character longer: same length bucket, so the diagonal ties (lost).
+    assert (official["hard"], official["normal"], official["easy"]) == (0.0, 0.0, 100.0)

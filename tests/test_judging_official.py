@@ -3,6 +3,7 @@ and JudgeBench's against a transcription of its own scoring code on a random bot
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -191,3 +192,97 @@ def test_a_judgebench_cascade_is_priced_on_judgebench_credit():
     assert curve["fraction_to_match_strong"] == pytest.approx(1 / 3)
     project = cascade(local, strong, cfg, (None, None), seed=0)
     assert project["local_accuracy"] == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------- rows with several candidates
+
+
+def scored(group: str, slot: tuple[int, int], score_a, score_b, subset: str) -> JudgedPair:
+    """A pointwise pair of a best-of-N row: the chosen candidate slot[0] scored score_a, the rejected
+    slot[1] score_b (None: unparsed)."""
+    winner = (
+        None
+        if None in (score_a, score_b)
+        else "A"
+        if score_a > score_b
+        else "B"
+        if score_b > score_a
+        else "tie"
+    )
+    rows = (({"score": score_a},), ({"score": score_b},))
+    return JudgedPair(
+        "A", 1, 1, (Verdict(winner),), 2, 0, subset=subset, pair_id=f"{group}/{slot}", score_rows=rows,
+        group=group, slot=slot,
+    )  # fmt: skip
+
+
+def best_of_4(group: str, chosen, rejected: list, subset: str = "Math") -> list[JudgedPair]:
+    return [scored(group, (0, r), chosen, score, subset) for r, score in enumerate(rejected)]
+
+
+def test_rewardbench2_best_of_4_splits_a_tie_at_the_top_and_scores_subsets_equally():
+    judged = [
+        *best_of_4("m1", 5, [3, 4, 2]),  # chosen alone on top: 1
+        *best_of_4("m2", 4, [4, 2, 4]),  # three tie at the top: 1/3
+        *best_of_4("m3", 3, [4, 1, 1]),  # beaten: 0
+        *best_of_4("m4", None, [None, None, None]),  # nothing parsed: 0.25 (the benchmark's error credit)
+        *best_of_4("f1", 2, [1, None, 1], subset="Focus"),  # an unparsed candidate cannot win: 1
+    ]
+    official = official_score("rewardbench2", judged)
+    math_score = 100 * (1 + 1 / 3 + 0 + 0.25) / 4
+    assert official["metric"] == "rewardbench2" and official["items"] == 5
+    assert official["subsets"] == pytest.approx({"Math": math_score, "Focus": 100.0})
+    assert official["score"] == pytest.approx((math_score + 100.0) / 2)
+
+
+def test_rewardbench2_pairwise_needs_the_chosen_to_win_every_comparison():
+    def compared(group, *outcomes):
+        return [
+            JudgedPair(
+                "A", 1, 1, (Verdict(o, "A"), Verdict(o, "B")), 2, 0, subset="Math", group=group, slot=(0, r)
+            )
+            for r, o in enumerate(outcomes)
+        ]
+
+    judged = [*compared("a", "A", "A", "A"), *compared("b", "A", None, "A"), *compared("c", "A", "B", "A")]
+    assert official_score("rewardbench2", judged)["score"] == pytest.approx(100 * (1 + 1 / 2 + 0) / 3)
+
+
+def test_rewardbench2_ties_follows_the_benchmarks_weighted_formula():
+    def ties_item(item: str, right: list, wrong: list) -> list[JudgedPair]:
+        return [scored(item, (c, r), a, b, "Ties") for c, a in enumerate(right) for r, b in enumerate(wrong)]
+
+    judged = [
+        # Prompt 1: the reference version (one correct answer) and the tied one (two).
+        *ties_item("ref:1", [5], [2, 3]),  # accurate, margin 2
+        *ties_item("tied:1", [5, 4], [3, 1]),  # accurate, margin 1, spread 1
+        # Prompt 2: the tied version is not accurate.
+        *ties_item("ref:2", [4], [1]),  # accurate, margin 3
+        *ties_item("tied:2", [4, 2], [3]),  # margin -1, spread 2
+    ]
+    ref_accuracy, tied_accuracy = 1.0, 0.5
+    preferred = (float(1 > 1) + float(-1 > 2)) / 2  # tied margin > spread
+    preferred_hard = (float(min(2, 1) > 1) + float(min(3, -1) > 2)) / 2
+    gaps = (math.tanh(min(2, 1) / 1 - 1) + math.tanh(min(3, -1) / 2 - 1)) / 2
+    expected = 0.3 * tied_accuracy + 0.3 * ref_accuracy + 0.2 * preferred + 0.2 * preferred_hard + 0.01 * gaps
+    official = official_score("rewardbench2", judged)
+    assert official["subsets"]["Ties"] == pytest.approx(100 * expected)
+
+
+def test_rmbench_reads_hard_normal_and_easy_off_the_style_matrix():
+    # Chosen styles (rows) against rejected styles (columns): concise, detailed plain, markdown.
+    wins = [[1, 0, 0], [1, 1, 0], [1, 1, 1]]  # the chosen one wins when it is at least as detailed
+    judged = [
+        scored("r1", (i, j), 2.0 if wins[i][j] else 1.0, 1.5, "chat") for i in range(3) for j in range(3)
+    ]
+    # A math row the judge gets all right, and one where a tie and an unparsed score count as losses.
+    judged += [scored("r2", (i, j), 3.0, 1.0, "math") for i in range(3) for j in range(3)]
+    judged += [scored("r3", (i, j), 1.0 if i == j else None, 1.0, "math") for i in range(3) for j in range(3)]
+    official = official_score("rmbench", judged)
+    chat = official["domains"]["chat"]
+    assert (chat["hard"], chat["normal"], chat["easy"]) == (0.0, 100.0, 100.0)
+    assert chat["score"] == pytest.approx(200 / 3)
+    math_domain = official["domains"]["math"]
+    assert (math_domain["hard"], math_domain["normal"], math_domain["easy"]) == (50.0, 50.0, 50.0)
+    assert official["score"] == pytest.approx((200 / 3 + 50.0) / 2)
+    assert official["hard"] == pytest.approx(25.0) and official["items"] == 3

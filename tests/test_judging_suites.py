@@ -329,3 +329,54 @@ def test_empty_and_broken_files_refused(tmp_path):
     refused(empty, str(empty), "no pairs")
     broken = write(tmp_path / "broken.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}, "{not json"])
     refused(broken, f"{broken}:2", "not valid JSON")
+
+
+# ------------------------------------------------------------------ rows with several candidates
+
+
+def test_a_rewardbench2_row_is_one_pair_per_chosen_and_rejected_grouped_by_its_id(tmp_path):
+    path = write(
+        tmp_path / "rb2.jsonl",
+        [
+            {"id": "12", "prompt": "2+2?", "chosen": ["4"], "rejected": ["5", "3", "22"], "num_correct": 1,
+             "num_incorrect": 3, "total_completions": 4, "subset": "Math"},
+            {"id": "tied:3", "prompt": "A color?", "chosen": ["red", "blue"], "rejected": ["7"],
+             "num_correct": 2, "subset": "Ties"},
+        ],
+    )  # fmt: skip
+    _, rows = load_suite(str(path))
+    assert [(r.pair_id, r.response_a, r.response_b, r.slot) for r in rows[:3]] == [
+        ("12/c0r0", "4", "5", (0, 0)),
+        ("12/c0r1", "4", "3", (0, 1)),
+        ("12/c0r2", "4", "22", (0, 2)),
+    ]
+    assert {(r.group, r.format, r.label, r.subset) for r in rows[:3]} == {("12", "rewardbench2", "A", "Math")}
+    assert [r.slot for r in rows[3:]] == [(0, 0), (1, 0)] and rows[3].group == "tied:3"
+    bad = {
+        "id": "1",
+        "prompt": "q",
+        "chosen": ["a", "b"],
+        "rejected": ["c"],
+        "num_correct": 1,
+        "subset": "Math",
+    }
+    write(tmp_path / "bad.jsonl", [bad])
+    refused(str(tmp_path / "bad.jsonl"), "bad.jsonl:1:", "`num_correct` is 1 but `chosen` holds 2")
+
+
+def test_an_rmbench_row_is_its_3x3_style_matrix_and_a_sample_keeps_rows_whole(tmp_path):
+    rows = [
+        {"id": i, "prompt": f"Q{i}?", "chosen": [f"c{i}-{s}" for s in range(3)],
+         "rejected": [f"r{i}-{s}" for s in range(3)], "domain": "safety-refuse"}
+        for i in range(5)
+    ]  # fmt: skip
+    path = write(tmp_path / "rmb.jsonl", rows)
+    _, pairs = load_suite(str(path))
+    assert len(pairs) == 45 and {p.format for p in pairs} == {"rmbench"}
+    assert [p.slot for p in pairs[:9]] == [(i, j) for i in range(3) for j in range(3)]
+    assert (pairs[5].response_a, pairs[5].response_b, pairs[5].subset) == ("c0-1", "r0-2", "safety-refuse")
+    _, sample = load_suite(str(path), num_pairs=2, seed=1)
+    assert Counter(p.group for p in sample) == {group: 9 for group in {p.group for p in sample}}
+    assert len({p.group for p in sample}) == 2
+    write(tmp_path / "short.jsonl", [{**rows[0], "chosen": ["a", "b"]}])
+    refused(str(tmp_path / "short.jsonl"), "short.jsonl:1:", "three `chosen` and three `rejected`")

@@ -18,6 +18,7 @@ stand-ins.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 from metareward.config import Config, ConfigError, EvalConfig
@@ -93,17 +94,22 @@ def judge_pointwise(
     """The paper's judge on each pair: both responses scored with the rubric (``cfg.num_judgements``
     samples each); the higher mean score wins. Where the judge gives 0..5 distributions
     (``score_from=text_or_expected``, or ``read_probs``), its probability that A wins is read from them."""
-    requests = [
-        templates.judge_messages(pair.prompt, response)
-        for pair in pairs
-        for response in (pair.response_a, pair.response_b)
-    ]
+    # Each distinct response is scored once: a candidate of a best-of-N row, met in several pairs,
+    # keeps one score.
+    requests, index_of = [], {}
+    for pair in pairs:
+        for response in (pair.response_a, pair.response_b):
+            key = (json.dumps(pair.prompt, sort_keys=True), response)
+            if key not in index_of:
+                index_of[key] = len(requests)
+                requests.append(templates.judge_messages(pair.prompt, response))
     judged = judge_requests(
         generator, requests, _sampling(cfg, cfg.num_judgements, seed), score_from, desc, read_probs
     )
     out = []
-    for index, pair in enumerate(pairs):
-        rows_a, rows_b = judged[2 * index], judged[2 * index + 1]
+    for pair in pairs:
+        prompt = json.dumps(pair.prompt, sort_keys=True)
+        rows_a, rows_b = judged[index_of[prompt, pair.response_a]], judged[index_of[prompt, pair.response_b]]
         score_a = mean_or_none([r["score"] for r in rows_a if r["score"] is not None])
         score_b = mean_or_none([r["score"] for r in rows_b if r["score"] is not None])
         if score_a is None or score_b is None:
@@ -176,6 +182,8 @@ def _judged(
         pair_id=pair.pair_id,
         prompt_tokens=sum(a.get("prompt_tokens") or 0 for a in answers),
         completion_tokens=sum(a.get("num_tokens") or 0 for a in answers),
+        group=pair.group,
+        slot=pair.slot,
     )
 
 

@@ -71,6 +71,9 @@ class JudgedPair:
     completion_tokens: int = 0
     # Pointwise: the judgement rows of A and of B (their scores and 0..5 distributions), for escalation.
     score_rows: tuple = field(default=(), compare=False, repr=False)
+    # A pair of a row with several candidates (SuitePair.group, SuitePair.slot).
+    group: str | None = None
+    slot: tuple[int, int] | None = None
 
     def outcome(self) -> str | None:
         votes = [v.winner for v in self.verdicts if v.winner is not None]

@@ -24,6 +24,21 @@ differ, and each is followed here:
 - ``autoj`` (GAIR-NLP/auto-j ``codes/leaderboard/pairwise_eval.py``): agreement = both orders give the
   label (ties a class of their own); consistency = both orders give the same verdict; over all pairs.
   A judge with one verdict per pair (pointwise) has agreement on it and no consistency.
+- ``rewardbench2`` (allenai/reward-bench ``scripts/run_v2.py``, ``rewardbench/utils.py``): best of N
+  per row. Pointwise (the benchmark's ratings mode, which its generative script uses for Ties and
+  offers for the rest), each candidate's mean score: the chosen completion earns 1/k when it is among
+  the k candidates tied at the top, 0 otherwise, 0.25 when no score parsed; Ties by its own formula
+  (``process_single_model``: 0.30 accuracy of the tied and of the reference prompts, 0.20 each for the
+  correct-incorrect margin beating the spread among correct ones, and 0.01 for its tanh gap; an
+  unparsed score is -1). Pairwise, the chosen completion against each rejected one in both orders: 1
+  when it wins every comparison, 1/(1+k) when k of them are even (a tie or no verdict) and it loses
+  none, 0 when it loses one; Ties has no pairwise form (null). Score = mean over the subsets present.
+- ``rmbench`` (THU-KEG/RM-Bench ``scripts/utils.py`` ``compute_accuracy``): the 3x3 matrix of chosen
+  style i against rejected style j (concise, detailed plain, detailed markdown), a cell being whether
+  the chosen one wins (pointwise: a higher score, a tie or unparsed score is a loss; pairwise: the
+  share of the two orders that name it); hard = the cells above the diagonal (the chosen answer
+  plainer than the rejected one), normal = the diagonal, easy = below; per domain (chat, math, code,
+  safety-*) their mean over rows, a domain's score the mean of the three; score = the mean over domains.
 - ``accuracy`` (``llmbar``, other ``pairs``): each order's accuracy (1 right, 0 wrong, 0.5 a tie or
   none), averaged over the orders.
 
@@ -33,6 +48,7 @@ where the benchmark scores ties (PandaLM, Auto-J).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -132,6 +148,10 @@ def official_score(fmt: str, judged: list[JudgedPair]) -> dict:
         return _pandalm(judged)
     if fmt == "autoj":
         return _autoj(judged)
+    if fmt == "rewardbench2":
+        return _rewardbench2(judged)
+    if fmt == "rmbench":
+        return _rmbench(judged)
     subsets = {j.subset for j in judged if j.subset is not None}
     if fmt == "pairs" and subsets and subsets <= set(REWARDBENCH_COUNTS) | set(REWARDBENCH_PRIOR_SETS):
         return _rewardbench(judged)
@@ -245,4 +265,148 @@ def _autoj(judged: list[JudgedPair]) -> dict:
         "pairs": len(judged),
         "agreement": _percent(agreement),
         "consistency": _percent(consistency),
+    }
+
+
+# ---------------------------------------------------------------- rows with several candidates
+
+
+def _groups(judged: list[JudgedPair]) -> dict[str, list[JudgedPair]]:
+    groups: dict[str, list[JudgedPair]] = defaultdict(list)
+    for j in judged:
+        groups[j.group or j.pair_id].append(j)
+    return groups
+
+
+def _side_score(rows) -> float | None:
+    return mean_or_none(r["score"] for r in rows if r.get("score") is not None)
+
+
+def _candidate_scores(pairs: list[JudgedPair]) -> tuple[dict[int, float | None], dict[int, float | None]]:
+    """Pointwise: each chosen and each rejected candidate's mean score, from the pairs it is in."""
+    chosen, rejected = {}, {}
+    for j in pairs:
+        if j.score_rows and j.slot is not None:
+            chosen[j.slot[0]] = _side_score(j.score_rows[0])
+            rejected[j.slot[1]] = _side_score(j.score_rows[1])
+    return chosen, rejected
+
+
+def _best_of_n(pairs: list[JudgedPair]) -> float:
+    """A non-Ties row's credit: by the candidates' scores (pointwise) or the comparisons (pairwise)."""
+    if pairs[0].score_rows:
+        chosen, rejected = _candidate_scores(pairs)
+        scores = [chosen.get(0), *(rejected[r] for r in sorted(rejected))]
+        valid = [s for s in scores if s is not None]
+        if not valid:
+            return 0.25
+        winners = [i for i, s in enumerate(scores) if s is not None and s == max(valid)]
+        return (0 in winners) / len(winners)
+    outcomes = [j.outcome() for j in pairs if j.slot is None or j.slot[0] == 0]
+    if any(o == "B" for o in outcomes):
+        return 0.0
+    return 1 / (1 + sum(o != "A" for o in outcomes))
+
+
+def _ties_score(items: dict[str, list[JudgedPair]]) -> float | None:
+    """RewardBench 2's Ties score (``process_single_model``) from the candidates' scores."""
+    stats: dict[str, dict[str, tuple]] = {"ref": {}, "tied": {}}
+    for item, pairs in items.items():
+        kind, _, number = item.partition(":")
+        if kind not in stats or not pairs[0].score_rows:
+            return None  # ids are ref:<n> / tied:<n>, and the formula needs every candidate's score
+        chosen, rejected = _candidate_scores(pairs)
+        right = [(-1.0 if s is None else s) for s in chosen.values()]
+        wrong = [(-1.0 if s is None else s) for s in rejected.values()]
+        spread = max(right) - min(right) if len(right) > 1 else None
+        margin = min(right) - max(wrong)
+        stats[kind][number] = (margin > 0, spread, margin)
+    ref, tied = stats["ref"], stats["tied"]
+    ref_accuracy = mean_or_none(float(s[0]) for s in ref.values()) or 0.0
+    tied_accuracy = mean_or_none(float(s[0]) for s in tied.values()) or 0.0
+    both = sorted(set(ref) & set(tied))
+    preferred = mean_or_none(float(tied[n][2] > (tied[n][1] or 0.0)) for n in both) or 0.0
+    preferred_hard = (
+        mean_or_none(float(min(ref[n][2], tied[n][2]) > (tied[n][1] or 0.0)) for n in both) or 0.0
+    )
+    gaps = []
+    for n in both:
+        spread = tied[n][1]
+        gap = min(ref[n][2], tied[n][2])
+        # numpy's x/0 is inf (tanh 1) or nan (set to 0); a missing spread (one correct answer) is nan too.
+        if not spread:
+            gaps.append(0.0 if spread is None or gap == 0 else math.copysign(1.0, gap))
+        else:
+            gaps.append(math.tanh(gap / spread - 1))
+    gap_score = mean_or_none(gaps) or 0.0
+    return (
+        0.30 * tied_accuracy
+        + 0.30 * ref_accuracy
+        + 0.20 * preferred
+        + 0.20 * preferred_hard
+        + 0.01 * gap_score
+    )
+
+
+def _rewardbench2(judged: list[JudgedPair]) -> dict:
+    by_subset: dict[str, dict[str, list[JudgedPair]]] = defaultdict(dict)
+    for item, pairs in _groups(judged).items():
+        by_subset[pairs[0].subset or "all"][item] = pairs
+    subsets = {}
+    for name, items in sorted(by_subset.items()):
+        if name.lower() == "ties":
+            subsets[name] = _percent(_ties_score(items))
+        else:
+            subsets[name] = _percent(mean_or_none(_best_of_n(pairs) for pairs in items.values()))
+    known = [value for value in subsets.values() if value is not None]
+    return {
+        "metric": "rewardbench2",
+        "score": mean_or_none(known),
+        "items": sum(len(items) for items in by_subset.values()),
+        "subsets": subsets,
+    }
+
+
+def _rmbench_cell(j: JudgedPair) -> float:
+    if j.score_rows:
+        a, b = _side_score(j.score_rows[0]), _side_score(j.score_rows[1])
+        return float(a is not None and b is not None and a > b)
+    return mean_or_none(float(v.winner == "A") for v in j.verdicts) or 0.0
+
+
+def _rmbench_domain(subset: str | None) -> str:
+    return "safety" if (subset or "").startswith("safety") else subset or "all"
+
+
+def _rmbench(judged: list[JudgedPair]) -> dict:
+    levels: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for pairs in _groups(judged).values():
+        cells = {j.slot: _rmbench_cell(j) for j in pairs if j.slot is not None}
+        domain = levels[_rmbench_domain(pairs[0].subset)]
+        for level, keep in (
+            ("hard", lambda i, k: i < k),
+            ("normal", lambda i, k: i == k),
+            ("easy", lambda i, k: i > k),
+        ):
+            row = [value for (i, k), value in cells.items() if keep(i, k)]
+            if row:
+                domain[level].append(sum(row) / len(row))
+    domains = {}
+    for name, found in sorted(levels.items()):
+        means = {level: mean_or_none(found.get(level, [])) for level in ("hard", "normal", "easy")}
+        known = [value for value in means.values() if value is not None]
+        domains[name] = {
+            **{level: _percent(value) for level, value in means.items()},
+            "score": _percent(mean_or_none(known)),
+        }
+    overall = {
+        level: mean_or_none(d[level] for d in domains.values() if d[level] is not None)
+        for level in ("hard", "normal", "easy", "score")
+    }
+    return {
+        "metric": "rmbench",
+        "score": overall.pop("score"),
+        **overall,
+        "items": len(_groups(judged)),
+        "domains": domains,
     }

@@ -77,6 +77,8 @@ class RecordedVerdicts:
                     human=pair.human,
                     subset=pair.subset,
                     pair_id=pair.pair_id,
+                    group=pair.group,
+                    slot=pair.slot,
                 )
             )
         return out

@@ -81,7 +81,12 @@ _SIGNATURES = {
     "pandalm": ("response1", "response2"),
     "autoj": ("response 1", "response 2"),
 }
-FORMATS = tuple(_SIGNATURES)
+# Rows with several candidates: RewardBench 2's (best of N, ``num_correct`` chosen first) and RM-Bench's
+# (three chosen and three rejected, one per style); told from TRL pairs by their lists of plain strings.
+MULTI_FORMATS = ("rewardbench2", "rmbench")
+FORMATS = (*_SIGNATURES, *MULTI_FORMATS)
+# RM-Bench's styles, in its order: the rows of its 3x3 accuracy matrix.
+RMBENCH_STYLES = ("concise", "detailed_plain", "detailed_markdown")
 _REQUIRED = {
     "pairs": ("chosen", "rejected"),
     "ab": ("question", "response_A", "response_B", "label"),
@@ -111,6 +116,10 @@ class SuitePair:
     suite: str
     # The format the row was read in (its benchmark's official score follows it).
     format: str = "pairs"
+    # A row with several candidates (rewardbench2, rmbench) is one pair per (chosen, rejected): its
+    # row's id, and which chosen and which rejected completion this pair compares.
+    group: str | None = None
+    slot: tuple[int, int] | None = None
 
 
 def is_suite_row(row: dict) -> bool:
@@ -118,9 +127,19 @@ def is_suite_row(row: dict) -> bool:
     return any(key in row for keys in _SIGNATURES.values() for key in keys)
 
 
+def _holds_candidates(row: dict) -> bool:
+    """Whether ``chosen`` and ``rejected`` are lists of plain texts (several candidates, not chat turns)."""
+    return all(
+        isinstance(row.get(key), list) and row[key] and all(isinstance(t, str) for t in row[key])
+        for key in ("chosen", "rejected")
+    )
+
+
 def detect_format(row: dict, where: str) -> str:
     """The format a row's fields name; refuses a row of none or of several."""
     found = [name for name, keys in _SIGNATURES.items() if any(key in row for key in keys)]
+    if found == ["pairs"] and _holds_candidates(row):
+        return "rewardbench2" if "num_correct" in row else "rmbench"
     if not found:
         raise RecordError(
             f"{where}: the row matches no suite format (fields: {', '.join(sorted(row)) or 'none'}); "
@@ -281,9 +300,42 @@ def suite_pair(row: dict, fmt: str, suite: str, pair_id: str, where: str) -> Sui
     return SuitePair(pair_id, prompt, a, b, label, human, subset, suite, fmt)
 
 
+def candidate_pairs(row: dict, fmt: str, suite: str, item_id: str, where: str) -> list[SuitePair]:
+    """A rewardbench2 or rmbench row as one pair per (chosen, rejected) completion, in that order, each
+    labelled A (the chosen one), grouped by the row's id."""
+    missing = [field for field in ("prompt", "chosen", "rejected") if row.get(field) is None]
+    if fmt == "rewardbench2":
+        missing += [field for field in ("num_correct", "subset") if row.get(field) is None]
+    if missing:
+        raise RecordError(f"{where}: a {fmt} row needs {', '.join(f'`{f}`' for f in missing)}")
+    if not _holds_candidates(row):
+        raise RecordError(f"{where}: a {fmt} row needs `chosen` and `rejected` as non-empty lists of strings")
+    prompt = prompt_messages(row["prompt"], "prompt", where)
+    chosen, rejected = row["chosen"], row["rejected"]
+    if fmt == "rewardbench2":
+        num_correct = _int_label(row["num_correct"], tuple(range(1, 1000)), "num_correct", where)
+        if num_correct != len(chosen):
+            raise RecordError(
+                f"{where}: `num_correct` is {num_correct} but `chosen` holds {len(chosen)} completions"
+            )
+        subset = _subset(row, "subset", where)
+    else:
+        if len(chosen) != len(RMBENCH_STYLES) or len(rejected) != len(RMBENCH_STYLES):
+            raise RecordError(
+                f"{where}: an rmbench row needs three `chosen` and three `rejected` completions "
+                f"({', '.join(RMBENCH_STYLES)}), got {len(chosen)} and {len(rejected)}"
+            )
+        subset = _subset(row, "domain", where)
+    return [
+        SuitePair(f"{item_id}/c{c}r{r}", prompt, a, b, "A", None, subset, suite, fmt, item_id, (c, r))
+        for c, a in enumerate(chosen)
+        for r, b in enumerate(rejected)
+    ]
+
+
 def read_suite_file(path: str | os.PathLike, suite: str, fmt: str | None = None) -> list[SuitePair]:
     """Every row of a suite file (all of one format: ``fmt``, or the first row's)."""
-    if fmt is not None and fmt not in _SIGNATURES:
+    if fmt is not None and fmt not in FORMATS:
         raise RecordError(f"{path}: unknown suite format {fmt!r}; known: {', '.join(FORMATS)}")
     path = Path(path)
     if not path.is_file():
@@ -293,7 +345,7 @@ def read_suite_file(path: str | os.PathLike, suite: str, fmt: str | None = None)
     for index, (number, row) in enumerate(read_jsonl_numbered(path)):
         where = f"{path}:{number}"
         if fmt is not None:
-            if not any(key in row for key in _SIGNATURES[fmt]):
+            if not any(key in row for key in _SIGNATURES.get(fmt, _SIGNATURES["pairs"])):
                 try:
                     other = f"the fields of format {detect_format(row, where)}"
                 except RecordError:
@@ -316,7 +368,10 @@ def read_suite_file(path: str | os.PathLike, suite: str, fmt: str | None = None)
         if pair_id in seen:
             raise RecordError(f"{where}: duplicate pair id {pair_id!r}, already at line {seen[pair_id]}")
         seen[pair_id] = number
-        pairs.append(suite_pair(row, row_fmt, suite, pair_id, where))
+        if row_fmt in MULTI_FORMATS:
+            pairs += candidate_pairs(row, row_fmt, suite, pair_id, where)
+        else:
+            pairs.append(suite_pair(row, row_fmt, suite, pair_id, where))
     if not pairs:
         raise RecordError(f"{path}: no pairs (the file is empty or holds only blank lines)")
     return pairs
@@ -353,7 +408,7 @@ def resolve_entry(entry) -> tuple[str, Path, str | None]:
         if not isinstance(name, str) or not name.strip():
             raise SuiteEntryError(f"suite entry {entry!r}: `name` must be a non-empty string")
         fmt = entry.get("format")
-        if fmt is not None and fmt not in _SIGNATURES:
+        if fmt is not None and fmt not in FORMATS:
             raise SuiteEntryError(
                 f"suite entry {entry!r}: unknown format {fmt!r}; known: {', '.join(FORMATS)}"
             )
@@ -374,8 +429,10 @@ def load_suite(entry, num_pairs: int | None = None, seed: int = 0) -> tuple[str,
         raise ValueError(f"num_pairs must be a positive integer or None, got {num_pairs!r}")
     name, path, fmt = resolve_entry(entry)
     pairs = read_suite_file(path, name, fmt)
-    if num_pairs is None or num_pairs >= len(pairs):
+    # A row with several candidates is sampled whole: its pairs are scored together.
+    items = list(dict.fromkeys(p.group or p.pair_id for p in pairs))
+    if num_pairs is None or num_pairs >= len(items):
         return name, pairs
     # Sorted indices keep file order, so a larger sample reads like the file, not a shuffle.
-    keep = sorted(random.Random(seed).sample(range(len(pairs)), num_pairs))
-    return name, [pairs[i] for i in keep]
+    keep = {items[i] for i in random.Random(seed).sample(range(len(items)), num_pairs)}
+    return name, [p for p in pairs if (p.group or p.pair_id) in keep]
