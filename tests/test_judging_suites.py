@@ -380,3 +380,48 @@ def test_an_rmbench_row_is_its_3x3_style_matrix_and_a_sample_keeps_rows_whole(tm
     assert len({p.group for p in sample}) == 2
     write(tmp_path / "short.jsonl", [{**rows[0], "chosen": ["a", "b"]}])
     refused(str(tmp_path / "short.jsonl"), "short.jsonl:1:", "three `chosen` and three `rejected`")
+
+
+# ------------------------------------------------------------------ Parquet files and Hugging Face datasets
+
+
+def _rb2_rows() -> list[dict]:
+    return [
+        {"id": str(i), "prompt": f"{i}+1?", "chosen": [str(i + 1)], "rejected": ["0", "x", "-1"],
+         "num_correct": 1, "subset": "Math"}
+        for i in range(3)
+    ]  # fmt: skip
+
+
+def test_a_parquet_suite_reads_like_its_jsonl_twin(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = _rb2_rows()
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "rb2.parquet")
+    _, from_parquet = load_suite(str(tmp_path / "rb2.parquet"))
+    _, from_jsonl = load_suite(str(write(tmp_path / "rb2.jsonl", rows)))
+    assert from_parquet == from_jsonl and len(from_parquet) == 9
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    refused(str(tmp_path / "broken.parquet"), "broken.parquet: not a Parquet file")
+
+
+def test_a_hugging_face_dataset_entry_loads_through_datasets_and_an_absent_one_is_one_line(
+    tmp_path, monkeypatch
+):
+    import pyarrow
+    import pyarrow.parquet
+
+    # A dataset repository on disk, as the hub serves one: a data folder of Parquet shards per split.
+    repo = tmp_path / "acme-rb2"
+    (repo / "data").mkdir(parents=True)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(_rb2_rows()), repo / "data" / "test-00000.parquet")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    name, pairs = load_suite({"hf": str(repo), "split": "test"})
+    assert name == "acme-rb2" and len(pairs) == 9 and pairs[0].format == "rewardbench2"
+    named, again = load_suite({"hf": str(repo), "name": "rb2"})  # its one split
+    assert named == "rb2" and [p.pair_id for p in again] == [p.pair_id for p in pairs]
+    message = refused(
+        {"hf": "acme/no-such-dataset", "split": "test"}, "acme/no-such-dataset", "local datasets cache"
+    )
+    assert "\n" not in message

@@ -23,7 +23,9 @@ TRACKING_MODES = ("wandb", "offline", "none")
 SCORE_SOURCES = ("text", "text_or_expected")
 # How a judge is asked about a preference pair: each response scored with the rubric, or both in one prompt.
 EVAL_PROTOCOLS = ("pointwise", "pairwise")
-SUITE_ENTRY_KEYS = ("path", "name", "format")
+# A suite entry: a file ({path}) or a Hugging Face dataset ({hf, split, revision, subset}), named and
+# of a declared format where given.
+SUITE_ENTRY_KEYS = ("path", "hf", "split", "revision", "subset", "name", "format")
 WINNER_SOURCES = ("text", "text_or_probs")
 # What metareward-align-judge trains toward: the human label distribution, or its majority label.
 ALIGN_OBJECTIVES = ("distribution", "point")

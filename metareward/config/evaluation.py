@@ -84,9 +84,17 @@ class EvalConfig(Section):
         require(bool(self.suites), "suites", self.suites, "needs at least one suite")
         for entry in self.suites:
             ok = isinstance(entry, str) or (
-                isinstance(entry, dict) and "path" in entry and set(entry) <= set(SUITE_ENTRY_KEYS)
+                isinstance(entry, dict)
+                and ("path" in entry) != ("hf" in entry)
+                and set(entry) <= set(SUITE_ENTRY_KEYS)
             )
-            require(ok, "suites", entry, "a bundled suite name, a JSONL path, or {path, name, format}")
+            require(
+                ok,
+                "suites",
+                entry,
+                "a bundled suite name, a JSONL or Parquet path, {path, name, format}, or a Hugging Face "
+                "dataset {hf, split, revision, subset, name, format}",
+            )
         require(bool(self.protocols), "protocols", self.protocols, f"one or more of {EVAL_PROTOCOLS}")
         require(
             self.recorded.strong is None or self.escalation.enabled,

@@ -334,15 +334,58 @@ def candidate_pairs(row: dict, fmt: str, suite: str, item_id: str, where: str) -
 
 
 def read_suite_file(path: str | os.PathLike, suite: str, fmt: str | None = None) -> list[SuitePair]:
-    """Every row of a suite file (all of one format: ``fmt``, or the first row's)."""
-    if fmt is not None and fmt not in FORMATS:
-        raise RecordError(f"{path}: unknown suite format {fmt!r}; known: {', '.join(FORMATS)}")
+    """Every row of a suite file, JSONL or Parquet (all of one format: ``fmt``, or the first row's)."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: no such suite file")
+    rows = _parquet_rows(path) if path.suffix == ".parquet" else read_jsonl_numbered(path)
+    return read_suite_rows(rows, str(path), suite, fmt)
+
+
+def _parquet_rows(path: Path) -> list[tuple[int, dict]]:
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except Exception as error:  # pyarrow's errors have no common base beyond these
+        raise RecordError(f"{path}: not a Parquet file ({error})") from None
+    return [(number, row) for number, row in enumerate(table.to_pylist(), start=1)]
+
+
+def read_hf_suite(entry: dict, suite: str, fmt: str | None = None) -> list[SuitePair]:
+    """Every row of a Hugging Face dataset entry ``{hf, split, revision, subset}`` (from the local cache
+    when offline); a dataset that cannot be loaded is one line naming it."""
+    import datasets
+
+    name, split = entry["hf"], entry.get("split")
+    try:
+        dataset = datasets.load_dataset(
+            name, entry.get("subset"), split=split, revision=entry.get("revision")
+        )
+    except Exception as error:  # the hub client's and the builders' errors share no base class
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecordError(
+            f"suite {suite}: the Hugging Face dataset {name} cannot be loaded ({first}); offline, it must "
+            "be in the local datasets cache (load it once with network access)"
+        ) from None
+    if split is None:  # every split came back: one is the suite, several need a choice
+        if len(dataset) != 1:
+            raise RecordError(
+                f"suite {suite}: the Hugging Face dataset {name} has splits {', '.join(dataset)}; choose "
+                "one with `split`"
+            )
+        split, dataset = next(iter(dataset.items()))
+    return read_suite_rows(enumerate(dataset, start=1), f"{name}[{split}]", suite, fmt)
+
+
+def read_suite_rows(rows, origin: str, suite: str, fmt: str | None = None) -> list[SuitePair]:
+    """Suite pairs from ``(line or row number, row)`` of ``origin`` (a file, or a dataset's split)."""
+    if fmt is not None and fmt not in FORMATS:
+        raise RecordError(f"{origin}: unknown suite format {fmt!r}; known: {', '.join(FORMATS)}")
+    path = origin
     pairs, seen = [], {}
     first: tuple[str, int] | None = None  # (format, line) of the first row, when detected
-    for index, (number, row) in enumerate(read_jsonl_numbered(path)):
+    for index, (number, row) in enumerate(rows):
         where = f"{path}:{number}"
         if fmt is not None:
             if not any(key in row for key in _SIGNATURES.get(fmt, _SIGNATURES["pairs"])):
@@ -381,8 +424,9 @@ class SuiteEntryError(RecordError):
     """A suite entry names no bundled suite or file, or is malformed (a setting, not a file's content)."""
 
 
-def resolve_entry(entry) -> tuple[str, Path, str | None]:
-    """(name, path, declared format) of a suite entry; :class:`SuiteEntryError` when it is not one."""
+def resolve_entry(entry) -> tuple[str, Path | dict, str | None]:
+    """(name, path or Hugging Face entry, declared format) of a suite entry; :class:`SuiteEntryError`
+    when it is not one."""
     if isinstance(entry, str) and entry in BUNDLED_SUITES:
         return entry, bundled_path(BUNDLED_SUITES[entry]), None
     if isinstance(entry, (str, os.PathLike)):
@@ -396,25 +440,33 @@ def resolve_entry(entry) -> tuple[str, Path, str | None]:
         unknown = sorted(set(entry) - set(SUITE_ENTRY_KEYS))
         if unknown:
             raise SuiteEntryError(
-                f"suite entry {entry!r}: unknown keys {', '.join(unknown)} (known: path, name, format)"
+                f"suite entry {entry!r}: unknown keys {', '.join(unknown)} (known: "
+                f"{', '.join(SUITE_ENTRY_KEYS)})"
             )
+        fmt = entry.get("format")
+        if fmt is not None and fmt not in FORMATS:
+            raise SuiteEntryError(
+                f"suite entry {entry!r}: unknown format {fmt!r}; known: {', '.join(FORMATS)}"
+            )
+        if "hf" in entry:
+            hf = entry["hf"]
+            if not isinstance(hf, str) or not hf.strip() or "path" in entry:
+                raise SuiteEntryError(f"suite entry {entry!r}: `hf` must name one dataset (and no `path`)")
+            name = entry.get("name") or hf.rstrip("/").rpartition("/")[2]
+            return name, dict(entry), fmt
         raw_path = entry.get("path")
         if not isinstance(raw_path, (str, os.PathLike)) or not str(raw_path).strip():
-            raise SuiteEntryError(f"suite entry {entry!r}: `path` must name a JSONL file")
+            raise SuiteEntryError(f"suite entry {entry!r}: `path` must name a JSONL or Parquet file")
         path = Path(raw_path).expanduser()
         name = entry.get("name")
         if name is None:
             name = path.stem
         if not isinstance(name, str) or not name.strip():
             raise SuiteEntryError(f"suite entry {entry!r}: `name` must be a non-empty string")
-        fmt = entry.get("format")
-        if fmt is not None and fmt not in FORMATS:
-            raise SuiteEntryError(
-                f"suite entry {entry!r}: unknown format {fmt!r}; known: {', '.join(FORMATS)}"
-            )
         return name, path, fmt
     raise SuiteEntryError(
-        f"suite entry {entry!r}: expected a bundled suite name, a file path or {{path, name, format}}"
+        f"suite entry {entry!r}: expected a bundled suite name, a file path, {{path, name, format}} or "
+        "{hf, split, revision, subset, name, format}"
     )
 
 
@@ -427,8 +479,10 @@ def load_suite(entry, num_pairs: int | None = None, seed: int = 0) -> tuple[str,
         isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1
     ):
         raise ValueError(f"num_pairs must be a positive integer or None, got {num_pairs!r}")
-    name, path, fmt = resolve_entry(entry)
-    pairs = read_suite_file(path, name, fmt)
+    name, source, fmt = resolve_entry(entry)
+    pairs = (
+        read_hf_suite(source, name, fmt) if isinstance(source, dict) else read_suite_file(source, name, fmt)
+    )
     # A row with several candidates is sampled whole: its pairs are scored together.
     items = list(dict.fromkeys(p.group or p.pair_id for p in pairs))
     if num_pairs is None or num_pairs >= len(items):
