@@ -4,12 +4,17 @@
 
 - a bundled suite's name (:data:`BUNDLED_SUITES`: ``hh_rlhf``, ``llmbar_natural``, ``pandalm``; see
   metareward/data/README.md for sources and licences); a bundled name wins over a file of that name;
-- a path to a JSONL file (the suite is named after the file's stem); or
+- a path to a JSONL or Parquet file (the suite is named after the file's stem);
 - a dict ``{"path": ..., "name": ..., "format": ...}`` (``name`` and ``format`` optional): a given format
-  is checked against every row instead of detected.
+  is checked against every row instead of detected; or
+- a Hugging Face dataset ``{"hf": NAME, "split": ..., "revision": ..., "subset": ..., "name": ...,
+  "format": ...}`` read with ``datasets.load_dataset`` (offline, from its cache), named after NAME's
+  last part; without ``split``, its only split.
 
 With ``num_pairs``, a seeded sample of that many rows is returned, in file order (all rows when the file
-has fewer); every row is read and checked whatever the sample.
+has fewer); every row is read and checked whatever the sample. A row with several candidates
+(``rewardbench2``, ``rmbench``) becomes one pair per (chosen, rejected) completion, labelled A, sharing
+the row's id as ``group`` with ``slot`` = (chosen index, rejected index); a sample keeps rows whole.
 
 Formats, detected from each row's fields: ``pairs`` is that of RewardBench, HH-RLHF and TRL preference
 data, ``ab`` JudgeBench's, ``llmbar`` LLMBar's (and MT-Bench's human judgements as LLMBar ships them),
@@ -28,6 +33,10 @@ pandalm   ``instruction``, ``input``, ``response1``,             each annotator 
           ``response2``, ``annotator1``..``annotatorK``
 autoj     ``prompt``, ``response 1``, ``response 2``, ``label``,  0 = response 1 better, 1 = response 2,
           ``scenario`` (the subset)                              2 = tie
+rewardbench2 ``prompt``, ``chosen`` and ``rejected`` (lists of   the ``num_correct`` chosen ones are better
+          texts), ``num_correct``, ``subset``, ``id``
+rmbench   ``prompt``, ``chosen`` [3], ``rejected`` [3] (concise,  chosen is better, in every style pairing
+          detailed plain, detailed markdown), ``domain``, ``id``
 ========  =====================================================  ==========================================
 
 Details:
