@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.metadata
 import logging
 import os
 import signal
@@ -32,6 +33,14 @@ from metareward.store.records import RecordError
 
 log = logging.getLogger("metareward")
 register_configs()
+
+
+def _log_like_the_run() -> None:
+    """The argparse commands' logging, as the Hydra app's console has it (conf/config.yaml): other
+    libraries' warnings and metareward's INFO lines, as they are; on stderr, so stdout holds only
+    what the command prints."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("metareward").setLevel(logging.INFO)
 
 
 def _fail(message: str, code: int = 2, prog: str = "metareward") -> None:
@@ -220,6 +229,9 @@ def main() -> None:
     creates a run directory."""
     from metareward.loop.run import RunStopped, check_run_models, check_writable
 
+    if "--version" in sys.argv[1:]:  # metareward's own, not Hydra's
+        print(f"metareward {importlib.metadata.version('metareward')}")
+        return
     configs = check_jobs(sys.argv[1:])
     if configs and all(config.dry_run for config in configs):
         for config in configs:
@@ -257,6 +269,7 @@ def pairs_main(argv: list[str] | None = None) -> None:
     from metareward.loop.pairs import build_pairs, write_pairs
 
     prog = "metareward-pairs"
+    _log_like_the_run()
     parser = argparse.ArgumentParser(prog=prog, description=pairs_main.__doc__)
     parser.add_argument("iter_dir", type=Path, help="an iteration directory, runs/<name>/iter_<t>")
     parser.add_argument(
@@ -303,6 +316,7 @@ def _run_dir_arg(parser: argparse.ArgumentParser, argv: list[str] | None) -> tup
 
 
 def inspect_main(argv: list[str] | None = None) -> None:
+    _log_like_the_run()
     parser = argparse.ArgumentParser(prog="metareward-inspect", description="Summary table and sample pairs.")
     parser.add_argument("--iter", type=int, dest="iteration", metavar="K", help="sample pairs of iter_K")
     parser.add_argument("--role", choices=["actor", "judge"], default="actor", help="default: actor")
@@ -319,6 +333,7 @@ def inspect_main(argv: list[str] | None = None) -> None:
 
 
 def report_main(argv: list[str] | None = None) -> None:
+    _log_like_the_run()
     parser = argparse.ArgumentParser(prog="metareward-report", description="HTML report with plots of a run.")
     parser.add_argument("--out", metavar="FILE", help="HTML file to write (default RUN_DIR/report.html)")
     args, run = _run_dir_arg(parser, argv)
@@ -356,6 +371,7 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
     from metareward.judging.evaluation import load_suites
 
     prog = "metareward-eval-judge"
+    _log_like_the_run()
     parser = argparse.ArgumentParser(prog=prog, description=eval_judge_main.__doc__)
     parser.add_argument("--out", type=Path, default=Path("eval_judge.json"), help="result JSON file")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny eval.num_pairs=32")
@@ -456,6 +472,7 @@ def align_judge_main(argv: list[str] | None = None) -> None:
     from metareward.engines import engines_for
 
     prog = "metareward-align-judge"
+    _log_like_the_run()
     parser = argparse.ArgumentParser(prog=prog, description=align_judge_main.__doc__)
     parser.add_argument("--out", type=Path, default=None, help="result JSON file")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny align.num_epochs=2")

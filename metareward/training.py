@@ -93,10 +93,18 @@ def _dpo_config(
     checkpointing = (
         "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     )
+    # DPO's own options, passed through here only: RPO is TRL's "sft" term added at weight rpo_alpha.
+    losses = [settings.loss_type] + (["sft"] if settings.rpo_alpha is not None else [])
+    weights = [1.0, settings.rpo_alpha] if settings.rpo_alpha is not None else None
     return DPOConfig(
         **{checkpointing: settings.gradient_checkpointing},
         output_dir=str(work_dir),
         beta=settings.beta,
+        loss_type=losses,
+        loss_weights=weights,
+        label_smoothing=settings.label_smoothing,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
         learning_rate=settings.learning_rate,
         num_train_epochs=settings.num_epochs,
         per_device_train_batch_size=settings.batch_size,

@@ -463,6 +463,8 @@ def test_align_judge_stopped_by_sigint_says_so_in_one_line_and_its_resume_report
 
     resumed = run_cli(*args, script="metareward-align-judge")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Its INFO lines are logged, as the Hydra app's are.
+    assert f"alignment: resuming from {checkpoints / 'checkpoint-2'}" in resumed.stderr
     train = records.read_json(tmp_path / "default" / "align" / "metrics.json")["train"]
     assert train["resumed_at_step"] == 2 and train["steps"] > 3
     assert train["seconds"] > saved

@@ -610,3 +610,15 @@ def test_the_former_data_option_names_still_work():
     assert build(["data=self_instruct_seed"]) == build(["data=bundled"]) == build([])
     assert build(["data=hf_dataset", "data.hf_name=x"]) == build(["data=hf", "data.hf_name=x"])
     assert build(["data=hf", "data.hf_name=x"]).data.kind == "hf"
+
+
+def test_version_is_metarewards_own():
+    import importlib.metadata
+
+    from tests.helpers import run_cli
+
+    done = run_cli("--version", timeout=120)
+    assert (
+        done.returncode == 0
+        and done.stdout.strip() == f"metareward {importlib.metadata.version('metareward')}"
+    )

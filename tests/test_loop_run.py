@@ -96,6 +96,10 @@ def test_offline_wandb_run_holds_judge_skill_and_iteration_metrics(two_iteration
     final = history[-1]
     accuracy = "eval/hh_rlhf/pointwise/accuracy"  # eval/<suite>/<protocol>/<metric>
     assert summary[accuracy] == pytest.approx(final["eval"]["hh_rlhf"]["pointwise"]["accuracy"])
+    # The benchmark's own score beside it (hh_rlhf: accuracy averaged over the orders, 0..100).
+    official = final["eval"]["hh_rlhf"]["pointwise"]["official"]
+    assert official["metric"] == "accuracy"
+    assert summary["eval/hh_rlhf/pointwise/official/score"] == pytest.approx(official["score"])
     for key in [
         "actor/mean_response_score",
         "actor/num_pairs",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,55 @@ def test_accelerate_launch_failure_names_the_log(tiny_model, tmp_path):
             accelerate_config=str(config),
         )
     assert not (tmp_path / "m1").exists()
+
+
+# ---------------------------------------------------------------- DPO's own options
+
+
+def test_each_dpo_option_reaches_dpoconfig(tmp_path):
+    settings = _settings(
+        loss_type="ipo", label_smoothing=0.1, rpo_alpha=0.5, weight_decay=0.01, max_grad_norm=0.5, beta=0.2
+    )
+    config = training._dpo_config(settings, tmp_path, seed=0, report_to="none", trust_remote_code=False)
+    assert (config.loss_type, config.loss_weights) == (["ipo", "sft"], [1.0, 0.5])  # RPO: + alpha x NLL
+    assert (config.label_smoothing, config.weight_decay, config.max_grad_norm, config.beta) == (
+        0.1,
+        0.01,
+        0.5,
+        0.2,
+    )
+    plain = training._dpo_config(_settings(), tmp_path, seed=0, report_to="none", trust_remote_code=False)
+    assert (plain.loss_type, plain.loss_weights, plain.max_grad_norm) == (["sigmoid"], None, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "first_loss"),
+    [
+        # At the first step the policy is its reference: every log-ratio difference is 0.
+        ({"loss_type": "ipo", "beta": 0.1}, (1 / (2 * 0.1)) ** 2),  # (0 - 1/(2 beta))^2
+        ({"loss_type": "hinge"}, 1.0),  # relu(1 - beta * 0)
+        ({"loss_type": "robust", "label_smoothing": 0.2}, 0.6931),  # ((1-e) ln 2 - e ln 2) / (1 - 2e)
+    ],
+)
+def test_the_loss_type_is_the_loss_trained(tiny_model, tmp_path, options, first_loss):
+    result = train_dpo(tiny_model, _pairs(2), _settings(**options), tmp_path / "m1", seed=0)
+    steps = [entry for entry in result["log_history"] if "loss" in entry]
+    assert steps[0]["loss"] == pytest.approx(first_loss, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("override", "refused"),
+    [
+        ("train.dpo.loss_type=nope", "train.dpo.loss_type='nope'"),
+        ("train.dpo.label_smoothing=0.5", "train.dpo.label_smoothing=0.5"),
+        ("train.dpo.max_grad_norm=-1", "train.dpo.max_grad_norm=-1"),
+        ("train.dpo.no_such_option=1", "train.dpo.no_such_option"),
+    ],
+)
+def test_a_bad_dpo_option_is_refused_by_its_full_key(override, refused):
+    from metareward.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        load_config(None, [override])
+    with pytest.raises(ConfigError, match=r"train\.dpo\.rpo_alpha=0\.5: adds the sft term"):
+        load_config(None, ["train.dpo.loss_type=sft", "train.dpo.rpo_alpha=0.5"])

@@ -11,6 +11,24 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "fp32", "bf16")
 GENERATOR_BACKENDS = ("hf", "vllm", "openai")
 LAUNCHERS = ("inline", "accelerate")
+# TRL's DPO losses that train on chosen/rejected pairs as the iterations write them (aot_unpaired is for
+# unpaired batches); RPO is train.dpo.rpo_alpha, which adds TRL's "sft" term to the loss.
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 # Where a run's engines and training processes run: this process and its machine, or a Ray cluster.
 CLUSTER_KINDS = ("none", "ray")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from metareward.config.checks import Section, require, setting
-from metareward.config.choices import ALIGN_OBJECTIVES, LAUNCHERS, ON_NO_PAIRS, PRECISIONS
+from metareward.config.choices import ALIGN_OBJECTIVES, DPO_LOSS_TYPES, LAUNCHERS, ON_NO_PAIRS, PRECISIONS
 
 # `accelerate launch` config files shipped with metareward (train.accelerate_config); not Hydra options.
 ACCELERATE_CONFIGS = Path(__file__).parent.parent / "accelerate_configs"
@@ -38,10 +38,27 @@ class DPOSettings(FineTuning):
     """Our DPO settings; ``training.py`` turns them into ``trl.DPOConfig``."""
 
     beta: float = setting(0.1, "> 0")
+    # TRL's loss: sigmoid (DPO), ipo, robust (with label_smoothing), hinge, exo_pair, ... (DPO_LOSS_TYPES).
+    loss_type: str = setting("sigmoid", DPO_LOSS_TYPES)
+    # robust: the probability a preference label is flipped (cDPO); exo_pair: its epsilon.
+    label_smoothing: float = setting(0.0, "[0, 0.5)")
+    # RPO: the loss plus rpo_alpha x the chosen response's NLL (TRL's "sft" term at this weight).
+    rpo_alpha: float | None = setting(None, "> 0", note="(or null: no NLL term)")
+    weight_decay: float = setting(0.0, ">= 0")
+    # Gradient clipping; 0 turns it off.
+    max_grad_norm: float = setting(1.0, ">= 0")
     warmup_ratio: float = setting(0.0, "[0, 1)")
     lr_scheduler_type: str = "linear"
     precompute_ref_log_probs: bool = False
     gradient_checkpointing: bool = False
+
+    def check(self) -> None:
+        require(
+            self.rpo_alpha is None or self.loss_type != "sft",
+            "rpo_alpha",
+            self.rpo_alpha,
+            "adds the sft term, which loss_type=sft already is",
+        )
 
 
 @dataclass
