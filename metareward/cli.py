@@ -266,6 +266,7 @@ def main() -> None:
 def pairs_main(argv: list[str] | None = None) -> None:
     """Rebuild actor_pairs.jsonl and judge_pairs.jsonl from an iteration's stage files."""
     from metareward.judging.prompts import Templates
+    from metareward.loop.dataset_card import played_by, write_dataset_card
     from metareward.loop.pairs import build_pairs, write_pairs
 
     prog = "metareward-pairs"
@@ -299,6 +300,8 @@ def pairs_main(argv: list[str] | None = None) -> None:
     try:
         with runlock.hold(run_dir) if writes_run else contextlib.nullcontext():
             write_pairs(out, actor_rows, judge_rows)
+            # The card names what is now in `out` (a `trained` config only where DPO's rows are).
+            write_dataset_card(out, config, iteration, played_by(config, run_dir, iteration))
     except (runlock.RunLocked, OSError) as error:
         _fail(str(error), code=1, prog=prog)
     print(f"{out}: {len(actor_rows)} actor pairs, {len(judge_rows)} judge pairs (rho {rho})")

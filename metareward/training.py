@@ -333,6 +333,12 @@ JOB = layout.JOB
 JOB_PAIRS = layout.JOB_PAIRS
 
 
+def trained_rows(rows: list[dict]) -> list[dict]:
+    """Pair rows as DPO trains on them: ``prompt``, ``chosen``, ``rejected`` (actor and judge pairs in
+    one schema)."""
+    return [{key: row[key] for key in PAIR_KEYS} for row in rows]
+
+
 def launch_dpo(
     model_dir: str,
     rows: list[dict],
@@ -386,7 +392,7 @@ def write_job(
         "seed": seed,
         "trust_remote_code": trust_remote_code,
     }
-    write_jsonl(job_dir / JOB_PAIRS, [{key: row[key] for key in PAIR_KEYS} for row in rows])
+    write_jsonl(job_dir / JOB_PAIRS, trained_rows(rows))
     write_json(job_dir / JOB, job)
 
 

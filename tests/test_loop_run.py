@@ -152,6 +152,28 @@ def test_pair_files_load_with_datasets(two_iterations, tmp_path):
     assert rows(run_dir / "iter_1" / layout.JUDGE_PAIRS), "the tiny run should give at least one judge pair"
 
 
+def test_each_iteration_directory_loads_as_a_dataset_by_its_card(two_iterations, tmp_path):
+    run_dir, _ = two_iterations
+    for t in (1, 2):
+        iteration = run_dir / f"iter_{t}"
+        card = (iteration / layout.DATASET_CARD).read_text()
+        assert card.startswith("---\nconfigs:\n") and f"iteration {t}" in card
+        files = {
+            "actor": iteration / layout.ACTOR_PAIRS,
+            "judge": iteration / layout.JUDGE_PAIRS,
+            "trained": iteration / layout.TRAIN_JOB / layout.JOB_PAIRS,
+        }
+        for name, path in files.items():
+            if not rows(path):
+                assert f"config_name: {name}\n" not in card
+                continue
+            loaded = datasets.load_dataset(str(iteration), name, split="train", cache_dir=str(tmp_path))
+            assert len(loaded) == len(rows(path)), (t, name)
+        # "trained" is exactly what DPO trained on: the actor pairs, and the judge pairs in iterations 1-2.
+        trained = records.read_json(iteration / layout.MODEL / layout.TRAINING_LOG)["train_pairs"]
+        assert len(rows(files["trained"])) == trained == len(rows(files["actor"])) + len(rows(files["judge"]))
+
+
 def test_iterations_train_from_the_previous_model(two_iterations, tiny_model_dir):
     run_dir, _ = two_iterations
     m0 = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
@@ -222,6 +244,13 @@ def test_pairs_cli_rebuilds_with_another_rho(tmp_path):
     assert (rho0["chosen_id"], rho0["rejected_id"]) == ("q/r0", "q/r2")
     assert (rho4["chosen_id"], rho4["rejected_id"]) == ("q/r1", "q/r3")
     assert rows(tmp_path / "out" / layout.JUDGE_PAIRS) == []
+    # The rewritten pairs come with their card: the actor pairs load by it; no judge pair, no config.
+    card = (tmp_path / "out" / layout.DATASET_CARD).read_text()
+    assert "config_name: judge" not in card and "rho" in card
+    loaded = datasets.load_dataset(
+        str(tmp_path / "out"), "actor", split="train", cache_dir=str(tmp_path / "c")
+    )
+    assert loaded[0]["chosen_id"] == "q/r1"
 
 
 def test_pairs_cli_rejects_a_bad_override(tmp_path):

@@ -36,12 +36,13 @@ from metareward.judging.exports import write_heldout_exports
 from metareward.judging.heldout import load_heldout_prompts
 from metareward.judging.prompts import Templates
 from metareward.loop import guards, pairs, stages, synthesis
+from metareward.loop.dataset_card import played_by, write_dataset_card
 from metareward.loop.metrics import iteration_metrics
 from metareward.report import tracking
 from metareward.report.tracking import make_tracker
 from metareward.store import layout, records, runlock
 from metareward.store.layout import iter_dir
-from metareward.store.records import ChunkedFile, read_jsonl, write_json
+from metareward.store.records import ChunkedFile, read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -395,6 +396,15 @@ class Run:
         pair_stats["actor"]["pairs"], pair_stats["judge"]["pairs"] = len(actor_rows), len(judge_rows)
         train_judge = t in cfg.train.judge_iterations
         rows = actor_rows + (judge_rows if train_judge else [])
+        # Exactly what DPO trains on, whichever launcher runs it; then the card naming the files.
+        from metareward.training import trained_rows  # with TRL: imported only where it trains
+
+        job_pairs = directory / layout.TRAIN_JOB / layout.JOB_PAIRS
+        if rows:
+            write_jsonl(job_pairs, trained_rows(rows))
+        else:
+            job_pairs.unlink(missing_ok=True)
+        write_dataset_card(directory, cfg, t, played_by(cfg, self.dir, t))
         if rows:
             training = self._train(model_dir, rows, directory, t, tracker)
         else:

@@ -11,6 +11,7 @@
                      actor_pairs.jsonl judge_pairs.jsonl metrics.json eval.json prompt_fit.json
                      model/ (with training_log.json)  train_job/ (job.json, pairs.jsonl)
                      checksums.json (what each finished stage file holds)
+                     README.md (the dataset card: configs actor, judge and trained)
                      <stage file>.parts/ while a stage is under way
 
 Names only: the modules that write these files import them from here, and nothing else spells one.
@@ -43,6 +44,8 @@ POOL_REJECTED = "prompt_pool_rejected.jsonl"
 # --- align/: the judge alignment (the EFT step, metareward-align-judge) ----------------------------
 ALIGN_DIR = "align"
 ALIGN_METRICS = "metrics.json"
+# The iteration's dataset card: its YAML configs make the folder a Hugging Face dataset.
+DATASET_CARD = "README.md"
 ALIGN_BEFORE = "heldout_before.json"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_SETTINGS = "settings.json"
