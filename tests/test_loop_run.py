@@ -174,6 +174,19 @@ def test_each_iteration_directory_loads_as_a_dataset_by_its_card(two_iterations,
         assert len(rows(files["trained"])) == trained == len(rows(files["actor"])) + len(rows(files["judge"]))
 
 
+def test_each_model_has_a_card_naming_its_base_iteration_and_judge_skill(two_iterations, tiny_model_dir):
+    run_dir, history = two_iterations
+    for t, metrics in zip((1, 2), history, strict=True):
+        card = (run_dir / f"iter_{t}" / layout.MODEL / layout.MODEL_CARD).read_text()
+        assert card.startswith("---\nlibrary_name: transformers\n") and f"# e2e: M_{t}" in card
+        assert "the seed model `tiny`" in card
+        trained_from = tiny_model_dir if t == 1 else str(run_dir / "iter_1" / layout.MODEL)
+        assert f"from `{trained_from}`" in card
+        assert f"| actor pairs | {metrics['pairs']['actor']['pairs']} |" in card
+        accuracy = metrics["eval"]["hh_rlhf"]["pointwise"]["accuracy"]
+        assert f"| hh_rlhf | pointwise | {accuracy:.3f} |" in card
+
+
 def test_iterations_train_from_the_previous_model(two_iterations, tiny_model_dir):
     run_dir, _ = two_iterations
     m0 = load_file(str(Path(tiny_model_dir) / "model.safetensors"))

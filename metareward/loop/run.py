@@ -38,6 +38,7 @@ from metareward.judging.prompts import Templates
 from metareward.loop import guards, pairs, stages, synthesis
 from metareward.loop.dataset_card import played_by, write_dataset_card
 from metareward.loop.metrics import iteration_metrics
+from metareward.loop.model_card import write_model_card
 from metareward.report import tracking
 from metareward.report.tracking import make_tracker
 from metareward.store import layout, records, runlock
@@ -443,6 +444,7 @@ class Run:
                 for role in [*ROLE_FILES, *(f"{role}_strong" for role in escalations)]
             },
         }
+        write_model_card(directory / layout.MODEL, cfg, t, model_dir, metrics)
         write_json(directory / layout.METRICS, metrics)
 
     def _guard(self, t: int, responses: list, judgements: list, verdicts: list, tracker) -> dict:

@@ -65,6 +65,8 @@ PROMPT_FIT = "prompt_fit.json"
 MODEL = "model"
 # Saved inside the model directory, so that a model and its training log appear together or not at all.
 TRAINING_LOG = "training_log.json"
+# M_t's model card (written into the model directory once the iteration is measured).
+MODEL_CARD = "README.md"
 # A DPO job run in other processes (accelerate or Ray Train): its settings and the pairs it trains on.
 TRAIN_JOB = "train_job"
 JOB = "job.json"
