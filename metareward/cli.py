@@ -107,7 +107,9 @@ def job_config(config: Config, job_num: int | None) -> Config:
     """A multirun job's config: its own run directory, ``<run_name>_<job number>``."""
     if job_num is None:
         return config
-    return dataclasses.replace(config, run_name=f"{config.run_name}_{job_num}")
+    # The jobs of one sweep share a W&B group, named after it (unless one is given).
+    tracking = dataclasses.replace(config.tracking, group=config.tracking.group or config.run_name)
+    return dataclasses.replace(config, run_name=f"{config.run_name}_{job_num}", tracking=tracking)
 
 
 # Hydra's flags that print something and run no job: their configs are not checked beforehand.

@@ -119,6 +119,24 @@ def test_offline_wandb_run_holds_judge_skill_and_iteration_metrics(two_iteration
     for t in (0, 1, 2):
         assert accuracy in rows_at(logged, "iteration", t), t
     assert logged["metrics"][accuracy] == "iteration"
+    # Artifacts: M_0's evaluation, then per iteration its pairs, its evaluation and M_t by reference.
+    ours = [a for a in logged["artifacts"] if a["type"] in ("dataset", "evaluation", "model")]  # not tables
+    made = [(a["type"], a["name"], [x for x in a["aliases"] if x != "latest"]) for a in ours]
+    assert made == [
+        ("evaluation", "e2e-eval", ["iter_0"]),
+        *[
+            (kind, f"e2e-{what}", [f"iter_{t}"])
+            for t in (1, 2)
+            for kind, what in (("dataset", "pairs"), ("evaluation", "eval"), ("model", "model"))
+        ],
+    ]
+    pairs = ours[1]["files"]
+    assert set(pairs) == {"actor_pairs.jsonl", "judge_pairs.jsonl", "README.md", "train_job/pairs.jsonl"}
+    model = ours[3]
+    # By reference: each file of M_1's folder is pointed at where it is, none uploaded.
+    folder = (run_dir / "iter_1" / "model").resolve()
+    expected = {f"model/{f.name}": f.as_uri() for f in folder.iterdir() if f.is_file()}
+    assert model["files"] == expected and "model/model.safetensors" in expected
     m0 = json.loads((run_dir / "eval_0.json").read_text())
     assert 0 <= m0["judge"]["hh_rlhf"]["pointwise"]["accuracy"] <= 1 and len(m0["per_pair"]) == 4
     # The best judge of M_0, M_1, M_2 on the default selection (the first suite and protocol).
@@ -291,7 +309,8 @@ def test_no_pairs_stops_the_run_with_a_reason(tmp_path, tiny_model_dir):
 
 
 def test_a_multirun_gives_each_job_its_own_complete_run_directory(tmp_path, tiny_model_dir):
-    sweep = ["-m", *TINY_RUN, f"runs_dir={tmp_path}", "run_name=sweep", "iterations=1"]
+    tracked = [*(o for o in TINY_RUN if not o.startswith("tracking=")), "tracking=offline"]
+    sweep = ["-m", *tracked, f"runs_dir={tmp_path}", "run_name=sweep", "iterations=1"]
     sweep += ["data.prompts_per_iteration=2", "actor.num_responses=2,3"]
     result = run_cli(*sweep)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -305,3 +324,6 @@ def test_a_multirun_gives_each_job_its_own_complete_run_directory(tmp_path, tiny
         assert len(rows(directory / layout.RESPONSES)) == 2 * k
         # Hydra's own files and log are the job's, beside its run.
         assert (run_dir / ".hydra" / "overrides.yaml").is_file() and (run_dir / "metareward.log").is_file()
+        # Each job is its own W&B run, in the sweep's group.
+        [wandb_file] = offline_files(run_dir)
+        assert read_run(wandb_file)["run"].run_group == "sweep"

@@ -73,9 +73,10 @@ def _key(item) -> str:
 
 def read_run(wandb_file: Path) -> dict:
     """One .wandb file: its run record, final summary {key: value}, history {_step: {key: value}},
-    rows (the history rows in the order logged) and metrics {name: step metric, "" for none}, from
-    the run's ``define_metric`` calls."""
-    run, summary, history, metrics = None, {}, {}, {}
+    rows (the history rows in the order logged), metrics {name: step metric, "" for none}, from
+    the run's ``define_metric`` calls, and artifacts [{"type", "name", "aliases", "metadata",
+    "files": {path: ref or ""}}] in the order logged."""
+    run, summary, history, metrics, artifacts = None, {}, {}, {}, []
     for record in finished_records(wandb_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -87,8 +88,26 @@ def read_run(wandb_file: Path) -> dict:
             row.update({_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "metric":
             metrics[record.metric.name or record.metric.glob_name] = record.metric.step_metric
+        elif kind == "artifact":
+            made = record.artifact
+            artifacts.append(
+                {
+                    "type": made.type,
+                    "name": made.name,
+                    "aliases": list(made.aliases),
+                    "metadata": json.loads(made.metadata or "{}"),
+                    "files": {entry.path: entry.ref for entry in made.manifest.contents},
+                }
+            )
     rows = [history[step] for step in sorted(history)]
-    return {"run": run, "summary": summary, "history": history, "rows": rows, "metrics": metrics}
+    return {
+        "run": run,
+        "summary": summary,
+        "history": history,
+        "rows": rows,
+        "metrics": metrics,
+        "artifacts": artifacts,
+    }
 
 
 def rows_at(logged: dict, step_metric: str, value) -> dict:

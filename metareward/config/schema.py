@@ -31,6 +31,11 @@ class TrackingConfig(Section):
     tags: list[str] = field(default_factory=list)
     # Rows of sample actor and judge pairs logged as W&B Tables each iteration.
     table_rows: int = setting(8, ">= 0")
+    # Each iteration's pairs (a "dataset" artifact) and evaluation are W&B Artifacts of the run; M_t is
+    # a "model" artifact by reference to its folder, or with its weights uploaded when this is true.
+    upload_models: bool = False
+    # The W&B group; empty: none, and a multirun's jobs share one named after the sweep's run_name.
+    group: str | None = None
 
 
 @dataclass

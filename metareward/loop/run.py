@@ -265,6 +265,7 @@ class Run:
                 judge_0 = records.read_json(self.dir / layout.EVAL_0)["judge"]
                 tracker.log({"eval": judge_0}, step=0)
                 tracking.log_cascade_curves(tracker, judge_0, step=0)
+                tracker.log_artifact(tracking.seed_eval_artifact(cfg.run_name, self.dir / layout.EVAL_0))
             if cfg.eval.enabled:
                 judge_0 = records.read_json(self.dir / layout.EVAL_0)["judge"]
                 log.info("\n".join(["== the seed model M_0 ==", *report.eval_lines(judge_0)]))
@@ -492,6 +493,9 @@ class Run:
         metrics = records.read_json(directory / layout.METRICS)
         tracker.log(metrics, step=t)
         tracking.log_iteration_tables(tracker, directory, metrics, step=t, limit=self.cfg.tracking.table_rows)
+        upload = self.cfg.tracking.upload_models
+        for artifact in tracking.iteration_artifacts(self.cfg.run_name, directory, t, upload):
+            tracker.log_artifact(artifact)
 
     def _evaluate(self, model_dir: str, iteration: int) -> dict:
         """Judge-human agreement of M_``iteration`` and, after iteration 1.., its actor's win rate

@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import string
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,11 +69,70 @@ class Tracker(Protocol):
 
     def log_dpo_step(self, iteration: int, global_step: int, row: dict) -> None: ...
 
+    def log_artifact(self, artifact: ArtifactSpec) -> None: ...
+
     def finish(self) -> None: ...
 
     def __enter__(self) -> Tracker: ...
 
     def __exit__(self, *exc_info) -> None: ...
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """A W&B Artifact of the run: ``files`` uploaded (name in the artifact: path), ``references`` only
+    pointed at (``file://`` URIs: a model stays where it is), under ``aliases`` (e.g. ``iter_2``)."""
+
+    name: str
+    kind: str
+    files: dict[str, Path] = field(default_factory=dict)
+    references: dict[str, Path] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    metadata: dict = field(default_factory=dict)
+
+
+def _artifact_name(run_name: str, what: str) -> str:
+    return re.sub(r"[^\w.-]", "-", f"{run_name}-{what}")
+
+
+def iteration_artifacts(
+    run_name: str, directory: Path, iteration: int, upload_models: bool
+) -> list[ArtifactSpec]:
+    """Iteration ``iteration``'s artifacts (``directory`` is its ``iter_<t>``): its pairs with their
+    dataset card (type ``dataset``), its evaluation (``evaluation``), and M_t (``model``: a reference
+    to the folder, or the folder itself with ``upload_models``); one version per iteration, aliased
+    ``iter_<t>``."""
+    alias = (f"iter_{iteration}",)
+    pair_files = [layout.ACTOR_PAIRS, layout.JUDGE_PAIRS, layout.DATASET_CARD]
+    pairs = {name: directory / name for name in pair_files if (directory / name).is_file()}
+    trained = directory / layout.TRAIN_JOB / layout.JOB_PAIRS
+    if trained.is_file():
+        pairs[f"{layout.TRAIN_JOB}/{layout.JOB_PAIRS}"] = trained
+    meta = {"iteration": iteration}
+    found = [ArtifactSpec(_artifact_name(run_name, "pairs"), "dataset", pairs, aliases=alias, metadata=meta)]
+    if (directory / layout.EVAL).is_file():
+        files = {layout.EVAL: directory / layout.EVAL}
+        found.append(
+            ArtifactSpec(_artifact_name(run_name, "eval"), "evaluation", files, aliases=alias, metadata=meta)
+        )
+    model = directory / layout.MODEL
+    if model.is_dir():
+        kept = {"files": {"": model}} if upload_models else {"references": {layout.MODEL: model}}
+        found.append(
+            ArtifactSpec(_artifact_name(run_name, "model"), "model", aliases=alias, metadata=meta, **kept)
+        )
+    return found
+
+
+def seed_eval_artifact(run_name: str, eval_path: Path) -> ArtifactSpec:
+    """M_0's evaluation (``eval_0.json``), the first version of the run's evaluation artifact."""
+    return ArtifactSpec(
+        _artifact_name(run_name, "eval"),
+        "evaluation",
+        {layout.EVAL: eval_path},
+        aliases=("iter_0",),
+        metadata={"iteration": 0},
+    )
 
 
 class NullTracker:
@@ -85,6 +145,9 @@ class NullTracker:
         pass
 
     def log_dpo_step(self, iteration: int, global_step: int, row: dict) -> None:
+        pass
+
+    def log_artifact(self, artifact: ArtifactSpec) -> None:
         pass
 
     def finish(self) -> None:
@@ -174,6 +237,7 @@ class WandbTracker:
             mode=wandb_mode(cfg.mode),
             config=_without_secrets(config),
             tags=list(cfg.tags) or None,
+            group=cfg.group,
             # A resumed run may have been started with another config (allow_config_change).
             allow_val_change=True,
             # Our run object is used directly, so another active run in the process is left alone.
@@ -224,6 +288,20 @@ class WandbTracker:
         payload[DPO_PREFIX + "iteration"] = iteration
         self._define(payload, DPO_STEP)
         self.run.log(payload)
+
+    def log_artifact(self, artifact: ArtifactSpec) -> None:
+        """``artifact`` as a W&B Artifact logged by (and linked to) this run; offline, it is kept in the
+        run's files and uploaded by ``wandb sync`` with them."""
+        made = self._wandb.Artifact(artifact.name, type=artifact.kind, metadata=artifact.metadata)
+        for name, path in artifact.files.items():
+            if path.is_dir():
+                made.add_dir(str(path), name=name)
+            elif path.is_file():
+                made.add_file(str(path), name=name)
+        for name, path in artifact.references.items():
+            # No checksum: a model's weights are not read just to be pointed at.
+            made.add_reference(Path(path).resolve().as_uri(), name=name, checksum=False)
+        self.run.log_artifact(made, aliases=list(artifact.aliases) or None)
 
     def finish(self, exit_code: int | None = None) -> None:
         if not self._finished:
