@@ -149,9 +149,10 @@ def test_load_heldout_prompts_bundled_and_turns_files(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     loaded = load_heldout_prompts(str(path), 5)
     assert loaded == [
-        {"prompt_id": "81", "messages": [{"role": "user", "content": "First?"}]},
+        {"prompt_id": "81", "messages": [{"role": "user", "content": "First?"}], "later_turns": ["Second?"]},
         {"prompt_id": "p1", "messages": [{"role": "user", "content": "Plain?"}]},
     ]
+    assert len(load_heldout_prompts(None, None)) == 80  # every Vicuna-bench question
 
 
 # ------------------------------------------------------------------ win rate

@@ -142,6 +142,9 @@ class RecordingTrackerStandIn:
     def log_dpo_step(self, iteration, global_step, row):
         pass
 
+    def log_artifact(self, artifact):
+        pass
+
     def __enter__(self):
         return self
 

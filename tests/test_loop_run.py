@@ -152,7 +152,7 @@ def test_each_evaluated_model_exports_its_heldout_answers_and_its_self_preferenc
     for t in (0, 1, 2):
         outputs = json.loads((run_dir / "heldout" / f"M_{t}" / "alpaca_eval_model_outputs.json").read_text())
         assert len(outputs) == 2 and {o["generator"] for o in outputs} == {f"e2e-M_{t}"}
-        assert (run_dir / "heldout" / f"M_{t}" / "fastchat_answers.jsonl").is_file()
+        assert (run_dir / "heldout" / f"M_{t}" / "model_answer" / f"e2e-M_{t}.jsonl").is_file()
     for metrics in history:
         actor = metrics["eval_actor"]
         assert actor["self_preference"] == pytest.approx(actor["self_judged_win_rate"] - actor["win_rate"])

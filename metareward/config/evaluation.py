@@ -55,7 +55,8 @@ class EvalConfig(Section):
     win_rate: bool = True
     # JSONL prompts (any shape data.path accepts, or Vicuna/MT-Bench `turns`); empty: bundled Vicuna-bench.
     heldout_prompts: str | None = setting(None, file=True)
-    num_heldout: int = setting(16, ">= 1")
+    # The first this many prompts of the file; null: every one (what MT-Bench's judge needs).
+    num_heldout: int | None = setting(None, ">= 1", note="(or null: every prompt of the file)")
     response_max_new_tokens: int = setting(256, ">= 1")
     # Preference suites the judge is measured on (metareward-eval-judge): bundled suites (hh_rlhf,
     # llmbar_natural, pandalm), JSONL files in any suite format, or {path, name, format} entries;

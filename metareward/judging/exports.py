@@ -3,8 +3,10 @@
 - alpaca_eval ``model_outputs`` (``alpaca_eval --model_outputs FILE``; AlpacaEval 2 length-controlled
   win rate is the Meta-Rewarding paper's headline metric): a JSON list of
   ``{"instruction", "output", "generator", "dataset"}``;
-- FastChat answer rows (MT-Bench's ``gen_judgment.py`` reads ``data/<bench>/model_answer/<model>.jsonl``):
-  ``{"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [output]}], "tstamp"}``.
+- FastChat answer rows in FastChat's layout, ``model_answer/<model_id>.jsonl`` (MT-Bench's
+  ``gen_judgment.py`` reads ``data/<bench>/model_answer/<model_id>.jsonl`` and takes the model's name
+  from the file's): ``{"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns":
+  [answer to each turn]}], "tstamp"}``.
 
     write_heldout_exports(run_dir / "heldout" / "M_2", prompts, responses, model_name="demo-M_2")
 """
@@ -18,7 +20,7 @@ from metareward.store import layout
 from metareward.store.records import write_json, write_jsonl
 
 ALPACA_EVAL_OUTPUTS = layout.ALPACA_EVAL_OUTPUTS
-FASTCHAT_ANSWERS = layout.FASTCHAT_ANSWERS
+FASTCHAT_ANSWER_DIR = layout.FASTCHAT_ANSWER_DIR
 
 
 def _question(prompt: dict) -> str:
@@ -49,15 +51,16 @@ def fastchat_answers(
     by_id = {r["prompt_id"]: r for r in responses}
     rows = []
     for p in prompts:
-        text = by_id[p["prompt_id"]]["text"]
-        # A stable answer id: the same model and answer give the same id on every export.
-        answer_id = hashlib.sha1(f"{model_name}/{p['prompt_id']}/{text}".encode()).hexdigest()[:22]
+        response = by_id[p["prompt_id"]]
+        turns = response.get("turns") or [response["text"]]
+        # A stable answer id: the same model and answers give the same id on every export.
+        answer_id = hashlib.sha1(f"{model_name}/{p['prompt_id']}/{turns}".encode()).hexdigest()[:22]
         rows.append(
             {
                 "question_id": _question_id(p["prompt_id"]),
                 "answer_id": answer_id,
                 "model_id": model_name,
-                "choices": [{"index": 0, "turns": [text]}],
+                "choices": [{"index": 0, "turns": turns}],
                 "tstamp": tstamp,
             }
         )
@@ -67,6 +70,13 @@ def fastchat_answers(
 def write_heldout_exports(
     directory: Path, prompts: list[dict], responses: list[dict], model_name: str, tstamp: float = 0.0
 ) -> None:
-    """Both files in ``directory`` (each written whole)."""
+    """Both files in ``directory`` (each written whole): the alpaca_eval outputs, and FastChat's
+    ``model_answer/<model_name>.jsonl``."""
     write_json(Path(directory) / ALPACA_EVAL_OUTPUTS, alpaca_eval_outputs(prompts, responses, model_name))
-    write_jsonl(Path(directory) / FASTCHAT_ANSWERS, fastchat_answers(prompts, responses, model_name, tstamp))
+    answers = fastchat_answers(prompts, responses, model_name, tstamp)
+    write_jsonl(fastchat_path(directory, model_name), answers)
+
+
+def fastchat_path(directory: Path, model_name: str) -> Path:
+    """Where FastChat looks for ``model_name``'s answers below a bench's data folder."""
+    return Path(directory) / FASTCHAT_ANSWER_DIR / f"{model_name}.jsonl"

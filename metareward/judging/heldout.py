@@ -32,39 +32,67 @@ def _json_list(source: Path) -> list[tuple[int, dict]]:
     return list(enumerate(rows, start=1))
 
 
-def load_heldout_prompts(path: str | None, num: int) -> list[dict]:
-    """The first ``num`` held-out prompts ``{"prompt_id", "messages"}`` of a JSONL file, or of a JSON
-    list (``.json``: alpaca_eval's evaluation set, whose rows have ``instruction``; "line" then means
-    the row's place in the list).
+def load_heldout_prompts(path: str | None, num: int | None) -> list[dict]:
+    """The first ``num`` (None: every) held-out prompts ``{"prompt_id", "messages"[, "later_turns"]}``
+    of a JSONL file, or of a JSON list (``.json``: alpaca_eval's evaluation set, whose rows have
+    ``instruction``; "line" then means the row's place in the list).
 
     None reads the bundled Vicuna-bench questions. Rows with ``turns`` (Vicuna / MT-Bench) become
-    their first turn as one user message, id from ``question_id``; any other row may take any
-    shape ``data.path`` accepts. The first rows, not a sample, so M_0 and every M_t see the same."""
+    their first turn as one user message, id from ``question_id``, the turns after it in
+    ``later_turns`` (each asked after the model's answer to the one before); any other row may take
+    any shape ``data.path`` accepts. The first rows, not a sample, so M_0 and every M_t see the same."""
     source = Path(path) if path else bundled_path(BUNDLED_HELDOUT)
     numbered = _json_list(source) if source.suffix == ".json" else read_jsonl_numbered(source)
-    rows = []
+    rows, later = [], {}
     for number, row in numbered:
         if "turns" in row:
             turns = row["turns"]
-            if not (isinstance(turns, list) and turns and isinstance(turns[0], str)):
-                raise RecordError(f"{source}:{number}: `turns` must be a non-empty list of strings")
-            # Only the first turn: later MT-Bench turns refer to an answer the model has not given.
+            if not (
+                isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns)
+            ):
+                raise RecordError(f"{source}:{number}: `turns` must be a non-empty list of non-empty strings")
             ids = {k: row[k] for k in ("prompt_id", "id", "question_id") if k in row}
             row = {**ids, "prompt": turns[0]}
+            later[number] = turns[1:]
         rows.append(row)
     prompts = to_prompt_rows(rows, str(source), [number for number, _ in numbered])
-    return prompts[:num]
+    for prompt, (number, _) in zip(prompts, numbered, strict=True):
+        if later.get(number):
+            prompt["later_turns"] = later[number]
+    return prompts if num is None else prompts[:num]
 
 
 def generate_responses(
     generator: Generator, prompts: list[dict], max_new_tokens: int, seed: int
 ) -> list[dict]:
-    """One greedy response per prompt, ``{"prompt_id", "text", "num_tokens"}``: greedy so a model's
-    answers are its most likely ones and do not vary between evaluations."""
+    """Greedy answers, ``{"prompt_id", "text", "num_tokens", "turns"}``: ``text`` answers the first
+    turn (what the win rate compares), ``turns`` every turn in order, each asked after the answer to
+    the one before (MT-Bench's two turns). Greedy, so a model's answers are its most likely ones and
+    do not vary between evaluations."""
     params = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
-    outputs = generator.generate([p["messages"] for p in prompts], params, desc="eval responses")
-    firsts = [(prompt["prompt_id"], c[0]) for prompt, c in zip(prompts, outputs, strict=True)]
-    return [{"prompt_id": pid, "text": c.text, "num_tokens": c.num_tokens} for pid, c in firsts]
+    conversations = {p["prompt_id"]: list(p["messages"]) for p in prompts}
+    answers: dict[str, list] = {p["prompt_id"]: [] for p in prompts}
+    turn = 0
+    while asked := [p for p in prompts if turn <= len(p.get("later_turns", []))]:
+        if turn:
+            for p in asked:
+                conversations[p["prompt_id"]].append({"role": "user", "content": p["later_turns"][turn - 1]})
+        desc = "eval responses" + (f" (turn {turn + 1})" if turn else "")
+        outputs = generator.generate([list(conversations[p["prompt_id"]]) for p in asked], params, desc=desc)
+        for p, completions in zip(asked, outputs, strict=True):
+            answer = completions[0]
+            answers[p["prompt_id"]].append(answer)
+            conversations[p["prompt_id"]].append({"role": "assistant", "content": answer.text})
+        turn += 1
+    return [
+        {
+            "prompt_id": pid,
+            "text": given[0].text,
+            "num_tokens": given[0].num_tokens,
+            "turns": [answer.text for answer in given],
+        }
+        for pid, given in answers.items()
+    ]
 
 
 def win_rate(

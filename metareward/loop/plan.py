@@ -51,9 +51,13 @@ def _evaluation(cfg: Config, iteration: int) -> list[dict]:
         if "pairwise" in ev.protocols:
             rows.append(_row(iteration, "eval pairwise (strong)", pairs, 1, ev.max_new_tokens))
     if ev.win_rate:
-        rows.append(_row(iteration, "eval responses", ev.num_heldout, 1, ev.response_max_new_tokens))
+        from metareward.judging.heldout import load_heldout_prompts
+
+        heldout = load_heldout_prompts(ev.heldout_prompts, ev.num_heldout)
+        answers = sum(1 + len(p.get("later_turns", [])) for p in heldout)  # one per turn
+        rows.append(_row(iteration, "eval responses", answers, 1, ev.response_max_new_tokens))
         if iteration > 0:
-            rows.append(_row(iteration, "eval win rate", 2 * ev.num_heldout, 1, ev.max_new_tokens))
+            rows.append(_row(iteration, "eval win rate", 2 * len(heldout), 1, ev.max_new_tokens))
     return rows
 
 

@@ -4,7 +4,8 @@
       config.yaml  .metareward.lock  eval_0.json  best.json  report.html  report/  wandb/  wandb_run_id
       cache/         answers of endpoint backends (a resumed run pays for no call twice)
       ray_train/     Ray Train's own files of each training job (cluster=ray)
-      heldout/M_<t>/ each evaluated model's held-out answers (AlpacaEval's and FastChat's formats)
+      heldout/M_<t>/ each evaluated model's held-out answers (AlpacaEval's and FastChat's formats:
+                     alpaca_eval_model_outputs.json, model_answer/<run>-M_<t>.jsonl)
       prompt_pool.jsonl  prompt_pool.json  prompt_pool_rejected.jsonl   (data=synthetic)
       align/         the judge alignment: metrics.json, heldout_before.json, checkpoints/, model/
       iter_<t>/      prompts.jsonl responses.jsonl judgements.jsonl meta_judgements.jsonl
@@ -82,7 +83,8 @@ ITERATION_FILES = [PROMPTS, RESPONSES, JUDGEMENTS, META_JUDGEMENTS, ACTOR_PAIRS,
 
 # --- heldout/M_<t>/ -------------------------------------------------------------------------------
 ALPACA_EVAL_OUTPUTS = "alpaca_eval_model_outputs.json"
-FASTCHAT_ANSWERS = "fastchat_answers.jsonl"
+# FastChat's layout: model_answer/<model_id>.jsonl (MT-Bench's judge names the model by the file).
+FASTCHAT_ANSWER_DIR = "model_answer"
 
 
 def iter_dir(run_dir: Path, iteration: int) -> Path:
