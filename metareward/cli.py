@@ -136,6 +136,9 @@ def check_jobs(argv: list[str]) -> list[Config]:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
         if args.multirun:
+            # An interval, which an optimising sweeper (Optuna's, Ax's) samples from and the basic one
+            # cannot split, is checked at its midpoint: its key and the type of its values.
+            parsed = OverridesParser.create().parse_overrides([_at_midpoint(o) for o in parsed])
             jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
         else:
             jobs = [overrides]
@@ -149,6 +152,19 @@ def check_jobs(argv: list[str]) -> list[Config]:
     except (HydraException, OmegaConfBaseException) as error:
         _fail(str(override_error(error)))
     return configs
+
+
+def _at_midpoint(override) -> str:
+    """An ``interval(a, b)`` sweep override as ``key=(a+b)/2`` (an integer for integer bounds); any
+    other override as typed."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    value = override.value()
+    if not isinstance(value, IntervalSweep):
+        return override.input_line
+    whole = isinstance(value.start, int) and isinstance(value.end, int)
+    middle = (value.start + value.end) // 2 if whole else (value.start + value.end) / 2
+    return f"{override.get_key_element()}={middle}"
 
 
 def print_plan(config: Config) -> None:
@@ -194,10 +210,10 @@ def _print_alignment_plan(config: Config) -> None:
 
 
 @hydra.main(config_path="pkg://metareward.conf", config_name="config", version_base="1.3")
-def _run(cfg: DictConfig) -> None:
+def _run(cfg: DictConfig) -> float | None:
     from metareward.compute.allocator import keep_freed_memory
     from metareward.generation.openai import OpenAIError
-    from metareward.loop.run import Run, RunStopped
+    from metareward.loop.run import Run, RunStopped, run_objective
     from metareward.report.tracking import TrackingError
 
     try:
@@ -209,7 +225,7 @@ def _run(cfg: DictConfig) -> None:
     keep_freed_memory(cuda=_on_cuda(config.generator.device))
     try:
         run = Run(config)
-        run.run()
+        history = run.run()
     except (KeyboardInterrupt, Terminated) as stop:
         _stopped(stop, Path(config.runs_dir) / config.run_name)
     except OSError as error:
@@ -224,6 +240,8 @@ def _run(cfg: DictConfig) -> None:
         # E.g. transformers refusing a model (remote code not trusted, no safetensors weights).
         _fail(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}", code=1)
     log.info("run directory: %s", run.dir)
+    # What an optimising sweeper (hydra/sweeper=optuna) optimises; the basic one ignores it.
+    return run_objective(config, history)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from metareward.config import load_config
@@ -327,3 +328,46 @@ def test_a_multirun_gives_each_job_its_own_complete_run_directory(tmp_path, tiny
         # Each job is its own W&B run, in the sweep's group.
         [wandb_file] = offline_files(run_dir)
         assert read_run(wandb_file)["run"].run_group == "sweep"
+
+
+def test_a_two_trial_optuna_sweep_optimises_what_the_run_returns(tmp_path, tiny_model_dir):
+    """Hydra's Optuna sweeper samples pairs.rho from an interval (which the basic sweeper cannot split)
+    and maximises what each run returns: its judge's accuracy on eval.select_by."""
+    evaluated = [
+        "eval.enabled=true", "eval.num_pairs=4", "eval.max_new_tokens=8", "eval.win_rate=false",
+        "eval.bootstrap_samples=20", "eval.suites=[llmbar_natural]",
+    ]  # fmt: skip
+    sweep = [
+        "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=maximize",
+        "hydra.sweeper.sampler.seed=0", *(o for o in TINY_RUN if not o.startswith("eval.")), *evaluated,
+        f"runs_dir={tmp_path}", "run_name=opt", "iterations=1", "data.prompts_per_iteration=2",
+        "pairs.rho=interval(0,0.4)",
+    ]  # fmt: skip
+    result = run_cli(*sweep)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rhos, accuracies = [], []
+    for job in ("opt_0", "opt_1"):
+        config = load_config(tmp_path / job / layout.CONFIG, [])
+        rhos.append(config.pairs.rho)
+        metrics = records.read_json(tmp_path / job / "iter_1" / layout.METRICS)
+        accuracies.append(metrics["eval"]["llmbar_natural"]["pointwise"]["accuracy"])
+    assert all(0 <= rho < 0.4 for rho in rhos) and rhos[0] != rhos[1]
+    found = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert found["best_value"] == pytest.approx(max(accuracies))
+    assert found["best_params"]["pairs.rho"] == pytest.approx(rhos[accuracies.index(max(accuracies))])
+
+
+def test_the_run_returns_its_objective(tmp_path):
+    from metareward.loop.run import run_objective
+
+    last = {"eval": {"hh_rlhf": {"pointwise": {"accuracy": 0.75}}}, "eval_actor": {"win_rate": 0.6}}
+    assert run_objective(load_config(None, []), [last]) == 0.75
+    assert run_objective(load_config(None, ["objective=eval_actor.win_rate"]), [last]) == 0.6
+    assert run_objective(load_config(None, ["objective=eval_actor.nothing"]), [last]) is None
+
+
+def test_an_interval_sweep_of_a_bad_setting_is_refused_before_any_job(tmp_path):
+    sweep = ["-m", "hydra/sweeper=optuna", *TINY_RUN, f"runs_dir={tmp_path}", "pairs.rho=interval(0.5,0.9)"]
+    result = run_cli(*sweep)
+    assert result.returncode == 2 and "pairs.rho=0.7" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())

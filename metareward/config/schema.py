@@ -91,6 +91,9 @@ class Config(Section, root=True):
     allow_config_change: bool = False
     # Load no model; print per iteration and stage the generation calls and a bound on generated tokens.
     dry_run: bool = False
+    # What the run returns to an optimising sweeper (hydra/sweeper=optuna): a dotted key of the last
+    # iteration's metrics.json (e.g. eval_actor.win_rate); empty: the judge's accuracy on eval.select_by.
+    objective: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -56,6 +56,8 @@ RESUMABLE_CHANGES = {
     "generator.device",
     # Synthesis chunks depend on their index only, so a larger budget goes on from the ones written.
     "data.synthetic.request_budget",
+    # What the run returns to a sweeper.
+    "objective",
 }
 # Guards only decide whether the run goes on: a rerun with guards.on_alarm=warn goes past a stop. Where
 # engines run changes no row (a run may resume on a cluster, or off it); the number of training
@@ -540,6 +542,27 @@ class Run:
         """Optimiser steps of iterations 1..t-1, from their models' training logs."""
         logs = [iter_dir(self.dir, s) / layout.MODEL / layout.TRAINING_LOG for s in range(1, t)]
         return sum(records.read_json(path).get("global_steps", 0) for path in logs if path.is_file())
+
+
+def run_objective(cfg: Config, history: list[dict]) -> float | None:
+    """The figure a run returns to an optimising sweeper: the last iteration's ``objective`` (a dotted
+    key of its metrics.json, e.g. ``eval_actor.win_rate``), else its judge's accuracy on
+    ``eval.select_by``; None (with a warning) when the run has no such number."""
+    last = history[-1] if history else {}
+    if cfg.objective:
+        value: object = last
+        for part in cfg.objective.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+    elif last.get("eval"):
+        suite, protocol = select_key(cfg, last["eval"])
+        value = last["eval"].get(suite, {}).get(protocol, {}).get("accuracy")
+    else:
+        value = None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        what = cfg.objective or "the judge's accuracy (eval.enabled=false?)"
+        log.warning("metareward: the run has no number at %s to return to a sweeper", what)
+        return None
+    return float(value)
 
 
 def select_key(cfg: Config, evaluated: dict) -> tuple[str, str]:
