@@ -386,7 +386,8 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
 
     Answers from endpoints (the judge's behind ``generator=openai``, the strong judge's) are cached in
     ``<stem>_cache/`` beside PATH as they arrive: run again after a stop, or with another signal or
-    budget, and nothing is paid twice."""
+    budget, and nothing is paid twice. A model that is only served is known by its served name alone:
+    evaluate another model under the same name with another --out."""
     from metareward.compute.allocator import keep_freed_memory
     from metareward.compute.models import check_model_paths
     from metareward.engines import Engines

@@ -319,3 +319,33 @@ def test_an_rmbench_suite_scores_each_candidate_once_and_reports_its_matrix(tmp_
     assert official["metric"] == "rmbench" and official["items"] == 2
     # The rejected twin is one character longer: same length bucket, so the diagonal ties (lost).
     assert (official["hard"], official["normal"], official["easy"]) == (0.0, 0.0, 100.0)
+
+
+def test_a_row_with_a_pair_left_out_is_left_out_whole_and_shared_answers_are_paid_once(tmp_path):
+    from metareward.judging.suites import load_suite
+
+    rows = [
+        {
+            "id": "same",
+            "prompt": "Q?",
+            "chosen": ["a", "b", "c"],
+            "rejected": ["a", "y", "z"],
+            "domain": "chat",
+        },
+        {
+            "id": "ok",
+            "prompt": "R?",
+            "chosen": ["d", "e", "f"],
+            "rejected": ["u", "v", "w"],
+            "domain": "chat",
+        },
+    ]
+    path = tmp_path / "rmbench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    judge = StandInJudge(lambda content: "Score: 3")
+    cfg = EvalConfig(protocols=["pointwise"], bootstrap_samples=100, num_judgements=1)
+    result, per_pair = evaluate_suites(judge, Templates(), [load_suite(str(path))], cfg, "text")
+    m = result["suites"]["rmbench"]["pointwise"]
+    # "same" has one identical pair ("a" against "a"): the whole row is left out, not scored on 8 cells.
+    assert m["official"]["items"] == 1 and m["pairs"] == 9 and {r["pair_id"][:2] for r in per_pair} == {"ok"}
+    assert all(r["scores"] == [3.0, 3.0] for r in per_pair)

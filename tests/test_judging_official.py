@@ -286,3 +286,15 @@ def test_rmbench_reads_hard_normal_and_easy_off_the_style_matrix():
     assert (math_domain["hard"], math_domain["normal"], math_domain["easy"]) == (50.0, 50.0, 50.0)
     assert official["score"] == pytest.approx((200 / 3 + 50.0) / 2)
     assert official["hard"] == pytest.approx(25.0) and official["items"] == 3
+
+
+def test_review_edge_cases_pandalm_classes_present_rewardbench_unsubsetted_and_uncounted_sets():
+    # No tie anywhere: the macro average is over A and B only (scikit-learn's), so perfect is 100.
+    assert official_score("pandalm", [pair("A", "A", "A"), pair("B", "B", "B")])["f1"] == pytest.approx(100.0)
+    # A pair of no subset beside RewardBench's belongs to no section (and does not break the sort).
+    mixed = [pair("A", "A", "A", subset="alpacaeval-easy"), pair("A", "B", "B", subset=None)]
+    assert official_score("pairs", mixed)["sections"]["Chat"] == 100.0
+    # The pref-test-sets the overall score does not count still make a RewardBench suite.
+    sets = [pair("A", "A", "A", subset="shp"), pair("A", "B", "B", subset="mtbench_human")]
+    found = official_score("pairs", sets)
+    assert found["metric"] == "rewardbench" and found["prior_sets"] == 100.0

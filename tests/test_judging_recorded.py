@@ -165,3 +165,28 @@ def test_a_run_refuses_recorded_verdicts_by_key(tmp_path):
         check_run_models(load_config(None, [f"eval.recorded.judge={path}"]))
     with pytest.raises(ConfigError, match=r"eval\.recorded\.strong=.*eval\.escalation\.enabled=true"):
         load_config(None, [f"eval.recorded.strong={path}"])
+
+
+def test_pointwise_rows_of_the_command_keep_their_scores_for_a_best_of_n_rescoring(tmp_path):
+    from metareward.judging.official import official_score
+    from metareward.judging.suites import read_suite_rows
+
+    row = {
+        "id": "1",
+        "prompt": "Q?",
+        "chosen": ["c"],
+        "rejected": ["r0", "r1"],
+        "num_correct": 1,
+        "subset": "Math",
+    }
+    pairs = read_suite_rows([(1, row)], "crafted", "rb2")
+    own = [
+        {"suite": "rb2", "protocol": "pointwise", "pair_id": p.pair_id, "verdicts": ["tie"], "prob_a": None,
+         "scores": [4.0, score]}
+        for p, score in zip(pairs, (4.0, 2.0), strict=True)
+    ]  # fmt: skip
+    path = tmp_path / "own.jsonl"
+    records.write_jsonl(path, own)
+    judged = load_recorded(path).judged("rb2", "pointwise", pairs)
+    # The chosen one ties the first rejected at the top: 1/2, as RewardBench 2 scores it.
+    assert official_score("rewardbench2", judged)["subsets"]["Math"] == pytest.approx(50.0)

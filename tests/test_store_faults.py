@@ -257,3 +257,14 @@ def test_a_point_can_fill_the_disk_or_send_a_signal_instead(fault, ends):
     )
     assert result.returncode != 0 and "passed" not in result.stdout
     assert result.stderr.strip().splitlines()[-1].startswith(ends), result.stderr
+
+
+def test_stage_files_written_before_checksums_are_adopted_when_the_first_is_recorded(tmp_path):
+    prompts = [{"prompt_id": "p0", "messages": [{"role": "user", "content": "Hi?"}]}]
+    records.write_jsonl(tmp_path / layout.PROMPTS, prompts)  # as an older metareward wrote it
+    responses = [{"prompt_id": "p0", "response_id": "p0/r0", "text": "Hello."}]
+    records.write_stage_file(tmp_path / layout.RESPONSES, responses)
+    assert records.read_stage_file(tmp_path / layout.PROMPTS) == prompts
+    (tmp_path / layout.PROMPTS).write_text("")  # edited after: found
+    with pytest.raises(records.RecordError, match="prompts.jsonl:1: 1 of the 1 rows"):
+        records.read_stage_file(tmp_path / layout.PROMPTS)

@@ -34,7 +34,8 @@ class RecordedConfig(Section):
 
     # The judge's recorded verdicts: no model is loaded.
     judge: str | None = setting(None, file=True)
-    # With eval.escalation.enabled, the strong judge's: the cascade is priced on them.
+    # With eval.escalation.enabled, the strong judge's: the cascade's accuracy is priced on them (its
+    # cost only where the generator's prices are set and the file holds token counts: else null or 0).
     strong: str | None = setting(None, file=True)
 
 
@@ -55,8 +56,8 @@ class EvalConfig(Section):
     win_rate: bool = True
     # JSONL prompts (any shape data.path accepts, or Vicuna/MT-Bench `turns`); empty: bundled Vicuna-bench.
     heldout_prompts: str | None = setting(None, file=True)
-    # The first this many prompts of the file; null: every one (what MT-Bench's judge needs).
-    num_heldout: int | None = setting(None, ">= 1", note="(or null: every prompt of the file)")
+    # The first this many prompts of the file; null: every one (MT-Bench's judge needs every question).
+    num_heldout: int | None = setting(16, ">= 1", note="(or null: every prompt of the file)")
     response_max_new_tokens: int = setting(256, ">= 1")
     # Preference suites the judge is measured on (metareward-eval-judge): bundled suites (hh_rlhf,
     # llmbar_natural, pandalm), JSONL files in any suite format, or {path, name, format} entries;

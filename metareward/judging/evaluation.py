@@ -106,10 +106,14 @@ def judge_pointwise(
     judged = judge_requests(
         generator, requests, _sampling(cfg, cfg.num_judgements, seed), score_from, desc, read_probs
     )
-    out = []
+    out, charged = [], set()
     for pair in pairs:
         prompt = json.dumps(pair.prompt, sort_keys=True)
-        rows_a, rows_b = judged[index_of[prompt, pair.response_a]], judged[index_of[prompt, pair.response_b]]
+        sides = (index_of[prompt, pair.response_a], index_of[prompt, pair.response_b])
+        rows_a, rows_b = judged[sides[0]], judged[sides[1]]
+        # Calls and tokens count once, on the first pair that shows the response (cost is not doubled).
+        paid = [row for index in dict.fromkeys(sides) if index not in charged for row in judged[index]]
+        charged.update(sides)
         score_a = mean_or_none([r["score"] for r in rows_a if r["score"] is not None])
         score_b = mean_or_none([r["score"] for r in rows_b if r["score"] is not None])
         if score_a is None or score_b is None:
@@ -118,8 +122,7 @@ def judge_pointwise(
             winner = "A" if score_a > score_b else "B" if score_b > score_a else "tie"
         dist_a, dist_b = _mean_distribution(rows_a), _mean_distribution(rows_b)
         prob_a = _prob_first_wins(dist_a, dist_b) if dist_a and dist_b else None
-        rows = rows_a + rows_b
-        judged_pair = _judged(pair, (Verdict(winner, prob_a=prob_a),), rows, "score_source")
+        judged_pair = _judged(pair, (Verdict(winner, prob_a=prob_a),), rows_a + rows_b, "score_source", paid)
         out.append(dataclasses.replace(judged_pair, score_rows=(tuple(rows_a), tuple(rows_b))))
     return out
 
@@ -167,21 +170,27 @@ def judge_pairwise(
 
 
 def _judged(
-    pair: SuitePair, verdicts: tuple[Verdict, ...], answers: list[dict], source_key: str
+    pair: SuitePair,
+    verdicts: tuple[Verdict, ...],
+    answers: list[dict],
+    source_key: str,
+    paid: list[dict] | None = None,
 ) -> JudgedPair:
-    """A judged pair; an answer counts as unparsed when its verdict or score did not come from its text."""
+    """A judged pair; an answer counts as unparsed when its verdict or score did not come from its text.
+    ``paid``: the answers this pair is charged for (default all; a shared answer is charged once)."""
+    paid = answers if paid is None else paid
     return JudgedPair(
         label=pair.label,
         len_a=len(pair.response_a),
         len_b=len(pair.response_b),
         verdicts=verdicts,
-        calls=len(answers),
-        unparsed=sum(a[source_key] != "text" for a in answers),
+        calls=len(paid),
+        unparsed=sum(a[source_key] != "text" for a in paid),
         human=pair.human,
         subset=pair.subset,
         pair_id=pair.pair_id,
-        prompt_tokens=sum(a.get("prompt_tokens") or 0 for a in answers),
-        completion_tokens=sum(a.get("num_tokens") or 0 for a in answers),
+        prompt_tokens=sum(a.get("prompt_tokens") or 0 for a in paid),
+        completion_tokens=sum(a.get("num_tokens") or 0 for a in paid),
         group=pair.group,
         slot=pair.slot,
     )
@@ -222,6 +231,8 @@ def evaluate_suites(
             log.warning("metareward: suite %s: %d pair(s) with identical responses left out", name, identical)
         for protocol in cfg.protocols:
             fitted, counts = fit.fit(templates, pairs, protocol) if fit else (pairs, None)
+            # A row with several candidates is scored whole: one left out (identical, too long) drops it.
+            fitted = _whole_groups(all_pairs, fitted)
             if counts and any(counts.values()):
                 log.warning(
                     "metareward: suite %s (%s): %d pair(s) too long for the judge's context skipped, %d "
@@ -257,6 +268,8 @@ def evaluate_suites(
                     "verdicts": [v.winner for v in j.verdicts],
                     "prob_a": j.prob_a(),
                     "subset": j.subset,
+                    # Pointwise: each side's mean score, so a recorded re-scoring has what best-of-N needs.
+                    "scores": [_side_score(rows) for rows in j.score_rows] if j.score_rows else None,
                 }
                 for j in judged
             ]
@@ -279,6 +292,31 @@ def evaluate_suites(
             result["suites"][name][protocol] = metrics
             per_pair += rows
     return result, per_pair
+
+
+def _side_score(rows) -> float | None:
+    return mean_or_none([r["score"] for r in rows if r.get("score") is not None])
+
+
+def _whole_groups(all_pairs: list[SuitePair], kept: list[SuitePair]) -> list[SuitePair]:
+    """``kept`` without the pairs of any row with several candidates that lost one of its pairs."""
+    sizes: dict[str, int] = {}
+    for pair in all_pairs:
+        if pair.group is not None:
+            sizes[pair.group] = sizes.get(pair.group, 0) + 1
+    if not sizes:
+        return kept
+    left: dict[str, int] = {}
+    for pair in kept:
+        if pair.group is not None:
+            left[pair.group] = left.get(pair.group, 0) + 1
+    dropped = {group for group, size in sizes.items() if left.get(group, 0) not in (0, size)}
+    if dropped:
+        log.warning(
+            "metareward: %d row(s) with several candidates left out whole (a pair could not be judged)",
+            len(dropped),
+        )
+    return [p for p in kept if p.group not in dropped]
 
 
 def _judge_suite(

@@ -20,7 +20,8 @@ differ, and each is followed here:
   leaderboard's two forms). ``complete`` says whether every section had pairs.
 - ``pandalm`` (WeOpenML/PandaLM, as its maintainers compute it with scikit-learn): three classes (tie,
   1, 2) against the annotators' majority, a judge's tie or missing verdict being the tie class;
-  accuracy and macro precision, recall and F1 (a class never predicted has precision 0); score = F1.
+  accuracy and macro precision, recall and F1 over the classes present (a class never predicted has
+  precision 0); score = F1.
 - ``autoj`` (GAIR-NLP/auto-j ``codes/leaderboard/pairwise_eval.py``): agreement = both orders give the
   label (ties a class of their own); consistency = both orders give the same verdict; over all pairs.
   A judge with one verdict per pair (pointwise) has agreement on it and no consistency.
@@ -100,9 +101,10 @@ REWARDBENCH_SECTIONS = {
     ],
     "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
 }
-# The prior preference sets the overall score counts at half a section's weight (the rest are run but
-# not counted).
+# The prior preference sets the overall score counts at half a section's weight; the others of
+# allenai/pref-test-sets are run but not counted.
 REWARDBENCH_PRIOR_SETS = ("anthropic_helpful", "anthropic_hhh", "shp", "summarize")
+REWARDBENCH_UNCOUNTED = ("anthropic_harmless", "mtbench_gpt4", "mtbench_human", "summarize_prompted")
 # JudgeBench's categories, by prefix of a pair's source (mmlu-pro-math is knowledge).
 JUDGEBENCH_CATEGORIES = {
     "knowledge": "mmlu-pro",
@@ -153,7 +155,8 @@ def official_score(fmt: str, judged: list[JudgedPair]) -> dict:
     if fmt == "rmbench":
         return _rmbench(judged)
     subsets = {j.subset for j in judged if j.subset is not None}
-    if fmt == "pairs" and subsets and subsets <= set(REWARDBENCH_COUNTS) | set(REWARDBENCH_PRIOR_SETS):
+    known = set(REWARDBENCH_COUNTS) | set(REWARDBENCH_PRIOR_SETS) | set(REWARDBENCH_UNCOUNTED)
+    if fmt == "pairs" and subsets and subsets <= known:
         return _rewardbench(judged)
     return _order_accuracy(judged)
 
@@ -179,7 +182,8 @@ def _judgebench(judged: list[JudgedPair]) -> dict:
 def _rewardbench(judged: list[JudgedPair]) -> dict:
     by_subset: dict[str, list[float]] = defaultdict(list)
     for j in _labelled(judged):
-        by_subset[j.subset].append(order_credit(j))
+        if j.subset is not None:  # a pair of no subset belongs to no section
+            by_subset[j.subset].append(order_credit(j))
     subsets = {name: mean_or_none(credits) for name, credits in sorted(by_subset.items())}
     sections = {}
     for section, members in REWARDBENCH_SECTIONS.items():
@@ -229,7 +233,8 @@ def _pandalm(judged: list[JudgedPair]) -> dict:
     # A judge's tie, and a pair it gave no verdict on, are the tie class (PandaLM reads them so).
     guess = [j.outcome() if j.outcome() in SIDES else "tie" for j in judged]
     precision, recall, f1 = [], [], []
-    for cls in PANDALM_CLASSES:
+    # Over the classes that occur in the labels or the verdicts, as scikit-learn's macro average.
+    for cls in [c for c in PANDALM_CLASSES if c in truth or c in guess]:
         hits = sum(t == cls and g == cls for t, g in zip(truth, guess, strict=True))
         predicted, actual = guess.count(cls), truth.count(cls)
         p = hits / predicted if predicted else 0.0

@@ -39,6 +39,8 @@ _FIRSTS = ("A", "B")
 class _Record:
     verdicts: tuple[Verdict, ...]
     where: str
+    # Pointwise rows of metareward-eval-judge: each side's mean score, as judgement rows.
+    score_rows: tuple = ()
 
 
 class RecordedVerdicts:
@@ -79,6 +81,7 @@ class RecordedVerdicts:
                     pair_id=pair.pair_id,
                     group=pair.group,
                     slot=pair.slot,
+                    score_rows=record.score_rows,
                 )
             )
         return out
@@ -153,4 +156,13 @@ def _own_row(row: dict, where: str) -> tuple[tuple, _Record]:
         raise RecordError(f"{where}: `prob_a` must be a probability or null, got {prob_a!r}")
     firsts = _FIRSTS if protocol == "pairwise" else (None,) * len(winners)
     verdicts = tuple(Verdict(w, first=f, prob_a=prob_a) for w, f in zip(winners, firsts, strict=False))
-    return (suite, protocol, _pair_id(row, where)), _Record(verdicts, where)
+    scores = row.get("scores")
+    ok = scores is None or (
+        isinstance(scores, list)
+        and len(scores) == 2
+        and all(s is None or isinstance(s, int | float) for s in scores)
+    )
+    if not ok:
+        raise RecordError(f"{where}: `scores` must be [score of A, score of B] (each a number or null)")
+    score_rows = tuple(({"score": s},) for s in scores) if scores else ()
+    return (suite, protocol, _pair_id(row, where)), _Record(verdicts, where, score_rows)

@@ -25,7 +25,8 @@ def model_card(cfg: Config, iteration: int, trained_from: str, metrics: dict) ->
     trained from."""
     seed = cfg.model.path if cfg.model.kind == "hf" else cfg.model.kind
     yaml = ["---", "library_name: transformers"]
-    if cfg.model.kind == "hf" and cfg.model.path and _HUB_ID.match(cfg.model.path):
+    path = cfg.model.path
+    if cfg.model.kind == "hf" and path and _HUB_ID.match(path) and not Path(path).expanduser().exists():
         yaml.append(f"base_model: {cfg.model.path}")
     yaml += ["tags:", "- dpo", "- trl", "- meta-rewarding", "- llm-as-a-judge", "---", ""]
     pairs, train = metrics.get("pairs", {}), metrics.get("train", {})

@@ -78,6 +78,9 @@ CHECKSUMS = "checksums.json"
 # A stage file's chunks while the stage is under way, and a damaged one set aside.
 PARTS_SUFFIX = ".parts"
 DAMAGED_SUFFIX = ".damaged"
+# The files whose rows are checked against checksums.json (with the escalation stages' *_local and
+# *_strong files beside them).
+STAGE_FILES = (PROMPTS, RESPONSES, JUDGEMENTS, META_JUDGEMENTS, POOL, POOL_REJECTED)
 # An iteration's files in the order the loop makes them (where_stopped reports the first one missing).
 ITERATION_FILES = [PROMPTS, RESPONSES, JUDGEMENTS, META_JUDGEMENTS, ACTOR_PAIRS, JUDGE_PAIRS, MODEL, METRICS]
 
