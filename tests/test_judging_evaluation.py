@@ -115,8 +115,10 @@ def test_length_preferring_judge_disagrees_with_humans_who_prefer_short():
     assert m["judge_tie_rate"] == 0.0 and m["parse_failure_rate"] == 0.0 and m["pairs"] == 4
     assert m["ci_low"] is None and m["ci_high"] is None  # 4 decided pairs: too few for an interval
     assert [j.outcome() for j in judged] == ["B", "B", "B", "A"]
-    # Two judgements per response, both parsed: 4 answers behind each pair.
-    assert all(j.calls == 4 and j.unparsed == 0 for j in judged)
+    # Two judgements per response, both parsed. The four pairs show the same two responses to one
+    # question: each is judged once and paid on the first pair that shows it.
+    assert [j.calls for j in judged] == [4, 0, 0, 0] and all(j.unparsed == 0 for j in judged)
+    assert all(len(rows) == 2 for j in judged for rows in j.score_rows)
 
 
 def test_equal_scores_count_as_a_tie():
