@@ -56,9 +56,19 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+def _signal_of(stop: BaseException) -> tuple[str, int]:
+    """The signal that stopped a command and its exit code: SIGTERM 143, SIGINT (Ctrl-C) 130."""
+    return ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception as one line: its type and its message's first line."""
+    return _first_line(error)
+
+
 def _stopped(stop: BaseException, run_dir: Path | None) -> None:
     """One line for a run stopped by SIGINT (exit 130) or SIGTERM (exit 143): where, and how to go on."""
-    name, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
+    name, code = _signal_of(stop)
     where = f"{records.where_stopped(run_dir)} of {run_dir}" if run_dir else "before the run started"
     print(f"metareward: stopped by {name} {where}; run the same command to resume", file=sys.stderr)
     raise SystemExit(code)
@@ -90,7 +100,7 @@ def _check_out(path: Path, prog: str) -> None:
 
 def _interrupted(stop: BaseException, prog: str, kept: str) -> None:
     """One line for a command stopped by SIGINT (exit 130) or SIGTERM (exit 143): what is kept."""
-    name, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("SIGINT", 130)
+    name, code = _signal_of(stop)
     print(f"{prog}: stopped by {name}; {kept}: run the same command to go on", file=sys.stderr)
     raise SystemExit(code)
 
@@ -233,12 +243,12 @@ def _run(cfg: DictConfig) -> float | None:
             _fail(_no_space_line(error), code=1)
         if isinstance(error, FileNotFoundError):
             _fail(str(error), code=1)
-        _fail(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}", code=1)
+        _fail(_first_line(error), code=1)
     except (RunStopped, runlock.RunLocked, RecordError, TrackingError, OpenAIError) as error:
         _fail(str(error), code=1)
     except ValueError as error:
         # E.g. transformers refusing a model (remote code not trusted, no safetensors weights).
-        _fail(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}", code=1)
+        _fail(_first_line(error), code=1)
     log.info("run directory: %s", run.dir)
     # What an optimising sweeper (hydra/sweeper=optuna) optimises; the basic one ignores it.
     return run_objective(config, history)
@@ -426,7 +436,7 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
     except (RecordError, OpenAIError) as error:
         _fail(str(error), code=1, prog=prog)
     except ValueError as error:  # e.g. transformers refusing a model (remote code not trusted)
-        _fail(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}", code=1, prog=prog)
+        _fail(_first_line(error), code=1, prog=prog)
     print(report.format_suite_table(result))
     if cascaded:
         print(report.format_cascade_table(result))

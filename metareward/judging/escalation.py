@@ -38,7 +38,7 @@ from pathlib import Path
 
 from metareward.config import EscalationConfig, GeneratorConfig, ModelSpec
 from metareward.generation import Generator, Usage
-from metareward.judging.judge_metrics import JudgedPair, mean_or_none
+from metareward.judging.judge_metrics import JudgedPair, mean_or_none, mean_score
 from metareward.store.layout import JUDGEMENTS, META_JUDGEMENTS
 from metareward.store.records import read_jsonl
 
@@ -313,8 +313,7 @@ def iteration_metrics(directory: Path, escalations: dict[str, StageEscalation]) 
 
 def scores_agree(local: list[dict], strong: list[dict]) -> bool | None:
     """A response's local and strong mean scores are within half a point of each other."""
-    a = mean_or_none([r["score"] for r in local if r.get("score") is not None])
-    b = mean_or_none([r["score"] for r in strong if r.get("score") is not None])
+    a, b = mean_score(local), mean_score(strong)
     return None if a is None or b is None else abs(a - b) <= 0.5
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections import Counter
 
 from metareward.config import Config, ConfigError, EvalConfig
 from metareward.generation import Generator, SamplingParams, reads_probabilities
@@ -29,7 +30,7 @@ from metareward.judging.cascade import Cascade
 from metareward.judging.context_fit import ContextFit
 from metareward.judging.escalation import StrongJudge, prices_of
 from metareward.judging.heldout import generate_responses, load_heldout_prompts, win_rate
-from metareward.judging.judge_metrics import JudgedPair, Verdict, mean_or_none, suite_metrics
+from metareward.judging.judge_metrics import JudgedPair, Verdict, mean_score, suite_metrics
 from metareward.judging.official import official_score, pair_credit
 from metareward.judging.prompts import Templates
 from metareward.judging.recorded import RecordedVerdicts
@@ -96,26 +97,26 @@ def judge_pointwise(
     (``score_from=text_or_expected``, or ``read_probs``), its probability that A wins is read from them."""
     # Each distinct response is scored once: a candidate of a best-of-N row, met in several pairs,
     # keeps one score.
-    requests, index_of = [], {}
+    requests, index_of, sides_of = [], {}, []
     for pair in pairs:
+        sides = []
         for response in (pair.response_a, pair.response_b):
             key = (json.dumps(pair.prompt, sort_keys=True), response)
             if key not in index_of:
                 index_of[key] = len(requests)
                 requests.append(templates.judge_messages(pair.prompt, response))
+            sides.append(index_of[key])
+        sides_of.append(tuple(sides))
     judged = judge_requests(
         generator, requests, _sampling(cfg, cfg.num_judgements, seed), score_from, desc, read_probs
     )
     out, charged = [], set()
-    for pair in pairs:
-        prompt = json.dumps(pair.prompt, sort_keys=True)
-        sides = (index_of[prompt, pair.response_a], index_of[prompt, pair.response_b])
+    for pair, sides in zip(pairs, sides_of, strict=True):
         rows_a, rows_b = judged[sides[0]], judged[sides[1]]
         # Calls and tokens count once, on the first pair that shows the response (cost is not doubled).
         paid = [row for index in dict.fromkeys(sides) if index not in charged for row in judged[index]]
         charged.update(sides)
-        score_a = mean_or_none([r["score"] for r in rows_a if r["score"] is not None])
-        score_b = mean_or_none([r["score"] for r in rows_b if r["score"] is not None])
+        score_a, score_b = mean_score(rows_a), mean_score(rows_b)
         if score_a is None or score_b is None:
             winner = None
         else:
@@ -269,7 +270,7 @@ def evaluate_suites(
                     "prob_a": j.prob_a(),
                     "subset": j.subset,
                     # Pointwise: each side's mean score, so a recorded re-scoring has what best-of-N needs.
-                    "scores": [_side_score(rows) for rows in j.score_rows] if j.score_rows else None,
+                    "scores": [mean_score(rows) for rows in j.score_rows] if j.score_rows else None,
                 }
                 for j in judged
             ]
@@ -294,23 +295,11 @@ def evaluate_suites(
     return result, per_pair
 
 
-def _side_score(rows) -> float | None:
-    return mean_or_none([r["score"] for r in rows if r.get("score") is not None])
-
-
 def _whole_groups(all_pairs: list[SuitePair], kept: list[SuitePair]) -> list[SuitePair]:
     """``kept`` without the pairs of any row with several candidates that lost one of its pairs."""
-    sizes: dict[str, int] = {}
-    for pair in all_pairs:
-        if pair.group is not None:
-            sizes[pair.group] = sizes.get(pair.group, 0) + 1
-    if not sizes:
-        return kept
-    left: dict[str, int] = {}
-    for pair in kept:
-        if pair.group is not None:
-            left[pair.group] = left.get(pair.group, 0) + 1
-    dropped = {group for group, size in sizes.items() if left.get(group, 0) not in (0, size)}
+    sizes = Counter(pair.group for pair in all_pairs if pair.group is not None)
+    left = Counter(pair.group for pair in kept if pair.group is not None)
+    dropped = {group for group, size in sizes.items() if left[group] not in (0, size)}
     if dropped:
         log.warning(
             "metareward: %d row(s) with several candidates left out whole (a pair could not be judged)",

@@ -32,6 +32,11 @@ def mean_or_none(values) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
+def mean_score(rows) -> float | None:
+    """The mean of the parsed scores of one response's judgement rows (None when none parsed)."""
+    return mean_or_none([r["score"] for r in rows if r.get("score") is not None])
+
+
 SIDES = ("A", "B")
 # Equal-width confidence bins of the expected calibration error.
 ECE_BINS = 10

@@ -53,7 +53,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 
-from metareward.judging.judge_metrics import SIDES, JudgedPair, mean_or_none
+from metareward.judging.judge_metrics import SIDES, JudgedPair, mean_or_none, mean_score
 
 # allenai/reward-bench rewardbench/constants.py: each subset's example count (math-prm is weighted as
 # all six hep-* sets together) and the sections they make.
@@ -283,17 +283,13 @@ def _groups(judged: list[JudgedPair]) -> dict[str, list[JudgedPair]]:
     return groups
 
 
-def _side_score(rows) -> float | None:
-    return mean_or_none(r["score"] for r in rows if r.get("score") is not None)
-
-
 def _candidate_scores(pairs: list[JudgedPair]) -> tuple[dict[int, float | None], dict[int, float | None]]:
     """Pointwise: each chosen and each rejected candidate's mean score, from the pairs it is in."""
     chosen, rejected = {}, {}
     for j in pairs:
         if j.score_rows and j.slot is not None:
-            chosen[j.slot[0]] = _side_score(j.score_rows[0])
-            rejected[j.slot[1]] = _side_score(j.score_rows[1])
+            chosen[j.slot[0]] = mean_score(j.score_rows[0])
+            rejected[j.slot[1]] = mean_score(j.score_rows[1])
     return chosen, rejected
 
 
@@ -374,7 +370,7 @@ def _rewardbench2(judged: list[JudgedPair]) -> dict:
 
 def _rmbench_cell(j: JudgedPair) -> float:
     if j.score_rows:
-        a, b = _side_score(j.score_rows[0]), _side_score(j.score_rows[1])
+        a, b = mean_score(j.score_rows[0]), mean_score(j.score_rows[1])
         return float(a is not None and b is not None and a > b)
     return mean_or_none(float(v.winner == "A") for v in j.verdicts) or 0.0
 

@@ -391,11 +391,10 @@ def read_suite_rows(rows, origin: str, suite: str, fmt: str | None = None) -> li
     """Suite pairs from ``(line or row number, row)`` of ``origin`` (a file, or a dataset's split)."""
     if fmt is not None and fmt not in FORMATS:
         raise RecordError(f"{origin}: unknown suite format {fmt!r}; known: {', '.join(FORMATS)}")
-    path = origin
     pairs, seen = [], {}
     first: tuple[str, int] | None = None  # (format, line) of the first row, when detected
     for index, (number, row) in enumerate(rows):
-        where = f"{path}:{number}"
+        where = f"{origin}:{number}"
         if fmt is not None:
             if not any(key in row for key in _SIGNATURES.get(fmt, _SIGNATURES["pairs"])):
                 try:
@@ -425,7 +424,7 @@ def read_suite_rows(rows, origin: str, suite: str, fmt: str | None = None) -> li
         else:
             pairs.append(suite_pair(row, row_fmt, suite, pair_id, where))
     if not pairs:
-        raise RecordError(f"{path}: no pairs (the file is empty or holds only blank lines)")
+        raise RecordError(f"{origin}: no pairs (the file is empty or holds only blank lines)")
     return pairs
 
 

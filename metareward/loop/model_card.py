@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from metareward.config import Config
+from metareward.report.text import number
 from metareward.store import layout, records
 
 # A Hub model id: owner/name, nothing that reads as a local path.
@@ -17,7 +18,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def _number(value, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
+    return number(value, spec, missing="-")
 
 
 def model_card(cfg: Config, iteration: int, trained_from: str, metrics: dict) -> str:

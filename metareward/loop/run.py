@@ -40,6 +40,7 @@ from metareward.loop.dataset_card import played_by, write_dataset_card
 from metareward.loop.metrics import iteration_metrics
 from metareward.loop.model_card import write_model_card
 from metareward.report import tracking
+from metareward.report.runs import metric_at, num
 from metareward.report.tracking import make_tracker
 from metareward.store import layout, records, runlock
 from metareward.store.layout import iter_dir
@@ -163,7 +164,7 @@ def check_endpoint_models(cfg: Config) -> None:
         return
     plays = [role for role in ("actor", "judge", "meta_judge") if not getattr(cfg.roles, role).own_model]
     served = cfg.generator.openai.model or cfg.model.path or "the seed model"
-    where = Path(cfg.runs_dir) / cfg.run_name / "iter_1" / layout.MODEL
+    where = iter_dir(Path(cfg.runs_dir) / cfg.run_name, 1) / layout.MODEL
     then = (
         f"run iterations=1, serve M_1 ({where}) and start the next run from it (model.path=<M_1> "
         f"generator.openai.model=<its served name>), or use generator=hf or generator=vllm, which load "
@@ -550,15 +551,13 @@ def run_objective(cfg: Config, history: list[dict]) -> float | None:
     ``eval.select_by``; None (with a warning) when the run has no such number."""
     last = history[-1] if history else {}
     if cfg.objective:
-        value: object = last
-        for part in cfg.objective.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
+        value = num(metric_at(last, cfg.objective))
     elif last.get("eval"):
         suite, protocol = select_key(cfg, last["eval"])
-        value = last["eval"].get(suite, {}).get(protocol, {}).get("accuracy")
+        value = num(last["eval"].get(suite, {}).get(protocol, {}).get("accuracy"))
     else:
         value = None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if value is None:
         what = cfg.objective or "the judge's accuracy (eval.enabled=false?)"
         log.warning("metareward: the run has no number at %s to return to a sweeper", what)
         return None

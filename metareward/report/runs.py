@@ -56,7 +56,8 @@ SUITE_KEYS = {
 }
 
 
-def _get(data, path: str):
+def metric_at(data, path: str):
+    """The value at dotted ``path`` ("eval_actor.win_rate") of nested dicts, or None."""
     for key in path.split("."):
         data = data.get(key) if isinstance(data, dict) else None
     return data
@@ -71,7 +72,7 @@ def num(value) -> float | int | None:
 def _row(iteration: int, metrics: dict) -> dict:
     row: dict = {"iteration": iteration}
     for key, paths in [*((key, paths) for key, _, _, paths in COLUMNS[1:]), *PATHS.items()]:
-        row[key] = next((v for path in paths if (v := num(_get(metrics, path))) is not None), None)
+        row[key] = next((v for path in paths if (v := num(metric_at(metrics, path))) is not None), None)
     train = metrics.get("train") if isinstance(metrics.get("train"), dict) else {}
     history = train.get("log_history") or metrics.get("train_log") or []
     last = next((e for e in reversed(history) if isinstance(e, dict) and "loss" in e), {})
@@ -83,7 +84,7 @@ def _row(iteration: int, metrics: dict) -> dict:
     row["judge_accuracy"] = next(
         (v for k, v in row.items() if k.startswith("acc:") and "_ci_" not in k), None
     )
-    histogram = _get(metrics, "actor.score_histogram")
+    histogram = metric_at(metrics, "actor.score_histogram")
     ok = isinstance(histogram, list) and histogram and all(num(c) is not None for c in histogram)
     row["score_histogram"] = histogram if ok else None
     return row
@@ -99,7 +100,7 @@ def _suite_keys(evaluated) -> dict:
             if not isinstance(m, dict):
                 continue
             for prefix, metric in SUITE_KEYS.items():
-                found[f"{prefix}{suite}/{protocol}"] = num(_get(m, metric))
+                found[f"{prefix}{suite}/{protocol}"] = num(metric_at(m, metric))
             found[f"acc:{suite}/{protocol}_ci_low"] = num(m.get("ci_low"))
             found[f"acc:{suite}/{protocol}_ci_high"] = num(m.get("ci_high"))
     return found

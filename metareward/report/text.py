@@ -11,9 +11,9 @@ def cell(value, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def number(value, spec: str = ".2f") -> str:
-    """``value`` in ``spec`` (".2f"), "n/a" when missing."""
-    return "n/a" if value is None else format(value, spec)
+def number(value, spec: str = ".2f", missing: str = "n/a") -> str:
+    """``value`` in ``spec`` (".2f"), ``missing`` when there is none."""
+    return missing if value is None else format(value, spec)
 
 
 def clip(text: str, limit: int = CLIP) -> str:

@@ -45,8 +45,6 @@ POOL_REJECTED = "prompt_pool_rejected.jsonl"
 # --- align/: the judge alignment (the EFT step, metareward-align-judge) ----------------------------
 ALIGN_DIR = "align"
 ALIGN_METRICS = "metrics.json"
-# The iteration's dataset card: its YAML configs make the folder a Hugging Face dataset.
-DATASET_CARD = "README.md"
 ALIGN_BEFORE = "heldout_before.json"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_SETTINGS = "settings.json"
@@ -61,6 +59,8 @@ ACTOR_PAIRS = "actor_pairs.jsonl"
 JUDGE_PAIRS = "judge_pairs.jsonl"
 METRICS = "metrics.json"
 EVAL = "eval.json"
+# The iteration's dataset card: its YAML configs make the folder a Hugging Face dataset.
+DATASET_CARD = "README.md"
 # How many of an iteration's prompts were kept, skipped as too long, or truncated (data.long_prompts).
 PROMPT_FIT = "prompt_fit.json"
 MODEL = "model"

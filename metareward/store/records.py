@@ -257,8 +257,9 @@ def _line_digest(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()[:16]
 
 
-def _sums_of(path: Path) -> dict:
-    lines = [_line_digest(line) for line in path.read_bytes().splitlines(keepends=True)]
+def _sums_of(data: bytes) -> dict:
+    """A stage file's record in checksums.json: its row count and each row's digest."""
+    lines = [_line_digest(line) for line in data.splitlines(keepends=True)]
     return {"rows": len(lines), "lines": lines}
 
 
@@ -266,7 +267,7 @@ def _adopted(directory: Path) -> dict:
     """The checksums of stage files a folder already holds when its first checksum is recorded: files
     written before checksums were kept (a run resumed from an older metareward), taken as they are."""
     return {
-        path.name: _sums_of(path)
+        path.name: _sums_of(path.read_bytes())
         for path in sorted(directory.glob("*.jsonl"))
         if path.name in layout.STAGE_FILES or path.stem.endswith(("_local", "_strong"))
     }
@@ -279,8 +280,7 @@ def write_stage_file(path: Path, rows: list[dict]) -> None:
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     sums_path = path.parent / layout.CHECKSUMS
     sums = read_json(sums_path) if sums_path.is_file() else _adopted(path.parent)
-    lines = [_line_digest(line) for line in text.encode("utf-8").splitlines(keepends=True)]
-    sums[path.name] = {"rows": len(lines), "lines": lines}
+    sums[path.name] = _sums_of(text.encode("utf-8"))
     write_json(sums_path, sums)
     _atomic_write_text(path, text)
 
