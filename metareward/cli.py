@@ -267,12 +267,12 @@ def main() -> None:
         for config in configs:
             print_plan(config)
         return
-    from metareward.compute.models import check_model_paths
+    from metareward.compute.models import check_models
     from metareward.judging.evaluation import load_suites
 
     try:
         for config in configs:
-            check_model_paths(config)
+            check_models(config)
             check_run_models(config)
             if config.eval.enabled:
                 load_suites(config.eval)
@@ -399,7 +399,7 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
     budget, and nothing is paid twice. A model that is only served is known by its served name alone:
     evaluate another model under the same name with another --out."""
     from metareward.compute.allocator import keep_freed_memory
-    from metareward.compute.models import check_model_paths
+    from metareward.compute.models import check_models
     from metareward.engines import Engines
     from metareward.generation.openai import OpenAIError
     from metareward.judging.evaluation import load_suites
@@ -412,7 +412,7 @@ def eval_judge_main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(None, args.overrides)
-        check_model_paths(config)
+        check_models(config)
         # Suites first: a bad file should fail before minutes of model loading.
         suites = load_suites(config.eval)
     except (ConfigError, FileNotFoundError) as error:

@@ -43,9 +43,11 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import DPOConfig, DPOTrainer
 
 from metareward.compute.hardware import bf16_is_native
+from metareward.compute.master_weights import StartMasterFromCheckpoint, apply_trained, gather_trained
 from metareward.config import DEFAULT_ACCELERATE_CONFIG, DPOSettings, FineTuning
 from metareward.report.tracking import flatten
 from metareward.store import faults, layout, records
@@ -83,10 +85,20 @@ def _completions_only_on_cpu() -> Iterator[None]:
         trl_utils._use_triton = original
 
 
+def launched_with_deepspeed() -> bool:
+    """Whether this process is one of a DeepSpeed training job (``accelerate launch`` with a DeepSpeed
+    config, or a Ray Train worker given its settings)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
 def _dpo_config(
     settings: DPOSettings, work_dir: Path, seed: int, report_to: str, trust_remote_code: bool
 ) -> DPOConfig:
     on_gpu = torch.cuda.is_available()
+    # DeepSpeed also runs on CPU processes (its CPU accelerator, over gloo); use_cpu would have
+    # accelerate run them as plain multi-CPU processes, without DeepSpeed.
+    deepspeed_on_cpu = not on_gpu and launched_with_deepspeed()
+    bf16 = autocasts_bf16(settings)
     # Gradient checkpointing is `activation_checkpointing` from transformers 5.21 on (TRL defaults it
     # to on; we follow our settings); transformers 5.20, which vLLM 0.33 pins, has the older name.
     names = {f.name for f in dataclasses.fields(DPOConfig)}
@@ -96,7 +108,7 @@ def _dpo_config(
     # DPO's own options, passed through here only: RPO is TRL's "sft" term added at weight rpo_alpha.
     losses = [settings.loss_type] + (["sft"] if settings.rpo_alpha is not None else [])
     weights = [1.0, settings.rpo_alpha] if settings.rpo_alpha is not None else None
-    return DPOConfig(
+    config = DPOConfig(
         **{checkpointing: settings.gradient_checkpointing},
         output_dir=str(work_dir),
         beta=settings.beta,
@@ -121,9 +133,14 @@ def _dpo_config(
         report_to=report_to,
         push_to_hub=False,
         dataloader_num_workers=0,
-        use_cpu=not on_gpu,
-        bf16=autocasts_bf16(settings),
+        use_cpu=not on_gpu and not deepspeed_on_cpu,
+        ddp_backend="gloo" if deepspeed_on_cpu else None,
+        bf16=bf16 and not deepspeed_on_cpu,
     )
+    if deepspeed_on_cpu:
+        # TrainingArguments refuses bf16 off the GPU unless use_cpu; DeepSpeed needs it to match its own.
+        config.bf16 = bf16
+    return config
 
 
 def autocasts_bf16(settings: FineTuning) -> bool:
@@ -226,20 +243,32 @@ def save_atomically(model, tokenizer, out_dir: Path, log: dict) -> None:
     records.fsync_dir(out_dir.parent)
 
 
-def _save_gathered(trainer, tokenizer, settings: DPOSettings, out_dir: Path, log: dict) -> None:
-    """Save from several processes (DeepSpeed ZeRO-3 shards the weights): TRL's save_model gathers
-    the full weights on the main process, which then writes the plain model atomically."""
-    raw = out_dir.parent / (out_dir.name + ".gathered")
-    trainer.save_model(str(raw))
+def _save_gathered(
+    trainer, model_dir: str, tokenizer, settings: DPOSettings, out_dir: Path, log: dict
+) -> None:
+    """Save from several processes (DDP, or DeepSpeed, which holds bf16 copies and shards them with
+    ZeRO-3): every process takes part in gathering the trained weights in fp32
+    (:func:`~metareward.compute.master_weights.gather_trained`); the main process puts them into M_{t-1}
+    loaded in fp32 (LoRA: into its adapters, then merged) and writes the plain model atomically."""
+    weights = gather_trained(trainer)
     if trainer.accelerator.is_main_process:
+        # Loading while the trainer's DeepSpeed config is registered would partition the model
+        # (zero.Init), a collective the other processes, waiting below, never join.
+        unset_hf_deepspeed_config()
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=torch.float32,
+            trust_remote_code=trainer.args.trust_remote_code,
+            use_safetensors=True,
+        )
         if settings.use_lora:
-            from peft import AutoPeftModelForCausalLM
+            from peft import get_peft_model
 
-            model = AutoPeftModelForCausalLM.from_pretrained(raw, dtype=torch.float32).merge_and_unload()
-        else:
-            model = AutoModelForCausalLM.from_pretrained(raw, dtype=torch.float32, use_safetensors=True)
+            model = get_peft_model(model, lora_config(settings))
+        apply_trained(model, weights)
+        if settings.use_lora:
+            model = model.merge_and_unload()
         save_atomically(model, tokenizer, out_dir, log)
-        shutil.rmtree(raw)
     trainer.accelerator.wait_for_everyone()
 
 
@@ -285,6 +314,8 @@ def train_dpo(
         # precompute_ref_log_probs it scores the pairs with the untrained policy before step one.
         clock = _StepClock()
         callbacks = [_KillPoint(), clock] + ([_OnLog(on_log, clock)] if on_log is not None else [])
+        if launched_with_deepspeed() and not settings.use_lora:
+            callbacks.append(StartMasterFromCheckpoint(model_dir))
         with _completions_only_on_cpu():
             trainer = DPOTrainer(
                 model=model,
@@ -307,7 +338,7 @@ def train_dpo(
         "processes": trainer.accelerator.num_processes,
     }
     if trainer.accelerator.num_processes > 1 or trainer.is_deepspeed_enabled:
-        _save_gathered(trainer, tokenizer, settings, Path(out_dir), log)
+        _save_gathered(trainer, model_dir, tokenizer, settings, Path(out_dir), log)
         return log
     trained = trainer.accelerator.unwrap_model(trainer.model)
     if settings.use_lora:

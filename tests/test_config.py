@@ -428,7 +428,8 @@ def test_shipped_accelerate_configs_are_valid_launch_configs():
 
     zero3 = load_config_from_file(str(DEFAULT_ACCELERATE_CONFIG))
     assert zero3.distributed_type == "DEEPSPEED" and zero3.deepspeed_config["zero_stage"] == 3
-    assert zero3.deepspeed_config["zero3_save_16bit_model"] is True
+    # M_t is gathered in fp32 from the master weights (compute.master_weights), not as 16-bit copies.
+    assert zero3.deepspeed_config["zero3_save_16bit_model"] is False
     single = load_config_from_file(str(ACCELERATE_CONFIGS / "single_process.yaml"))
     assert single.num_processes == 1
 

@@ -266,7 +266,7 @@ def test_training_workers_get_the_deepspeed_settings_accelerate_launch_would_giv
         "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
         "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
         "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true",
-        "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true",
+        "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "false",
         "ACCELERATE_MIXED_PRECISION": "bf16",
     }
     # CPU workers: the shipped (GPU) default falls back to DDP; one named explicitly is refused.

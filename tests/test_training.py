@@ -251,6 +251,58 @@ def test_accelerate_launch_failure_names_the_log(tiny_model, tmp_path):
     assert not (tmp_path / "m1").exists()
 
 
+def _deepspeed_config(tmp_path: Path, processes: int) -> Path:
+    """The shipped ZeRO-3 accelerate config (bf16), with ``processes`` training processes."""
+    import yaml
+
+    config = yaml.safe_load((ACCELERATE_CONFIGS / "deepspeed_zero3.yaml").read_text())
+    config["num_processes"] = processes
+    path = tmp_path / "zero3.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _safetensors(model_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_deepspeed_zero3_saves_m_t_in_fp32_with_every_small_update_kept(tiny_model, tmp_path, use_lora):
+    """The shipped ZeRO-3 config (bf16 mixed precision) on two CPU processes, at DPO's own learning rate:
+    M_t is written in fp32 and every weight moved by at most what two Adam steps can move it. A bf16 copy
+    of M_t, or a master started from M_{t-1} rounded to bf16, would move weights by bf16's rounding (about
+    1e-4 here) and leave most of them where bf16 puts them."""
+    pytest.importorskip("deepspeed")
+    from metareward.training import launch_dpo
+
+    lr = 5e-7
+    out_dir = tmp_path / "m1"
+    result = launch_dpo(
+        tiny_model,
+        _pairs(8),
+        _settings(learning_rate=lr, precision="bf16", use_lora=use_lora, lora_r=4),
+        out_dir,
+        seed=0,
+        job_dir=tmp_path / "job",
+        accelerate_config=str(_deepspeed_config(tmp_path, 2)),
+    )
+    assert result["processes"] == 2 and result["global_steps"] == 2
+    before, after = _safetensors(tiny_model), _safetensors(out_dir)
+    assert before.keys() == after.keys()
+    assert {tensor.dtype for tensor in after.values()} == {torch.float32}
+    moved = max((after[k] - before[k]).abs().max().item() for k in before)
+    changed = sum(int((after[k] != before[k]).sum()) for k in before)
+    changed /= sum(tensor.numel() for tensor in before.values())
+    # Adam moves a weight by at most about the learning rate a step.
+    assert 0 < moved <= 3 * lr * result["global_steps"]
+    # Full fine-tuning moves every weight; merged LoRA adapters (B starts at zero) move the adapted ones.
+    assert changed > (0.9 if not use_lora else 0.05)
+    _assert_trained_plain_model(tiny_model, out_dir)
+
+
 # ---------------------------------------------------------------- DPO's own options
 
 

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from metareward.config import Config, ModelConfig
+from metareward.config import Config, ConfigError, ModelConfig
 from metareward.store import records
 from metareward.store.runlock import exclusive
 
@@ -99,27 +99,30 @@ def check_model_path(spec: ModelConfig, key: str = "model") -> None:
         raise FileNotFoundError(f"{key}.path={spec.path!r}: no such directory (and not a hub id)")
 
 
-def check_model_paths(cfg: Config) -> None:
-    """Every model path the run will load, checked before it starts and named by its full key
+def check_models(cfg: Config) -> None:
+    """Every model the run will load, checked before it starts and named by its full key
     (``judge.escalation.judge.model.path``): the seed, each role's and the evaluator's own model, and
-    the strong judges in use. A model behind an endpoint is only a served name: not checked here."""
-    seats = [("model", cfg.model, cfg.generator)]
+    the strong judges in use; and the engine each is served by (``roles.judge.generator.backend=vllm``
+    where vLLM cannot run). A model behind an endpoint is only a served name: not checked here."""
+    from metareward.generation.availability import vllm_problem
+
+    seats = [("", cfg.model, cfg.generator)]
     owned = {
-        f"roles.{role}": getattr(cfg.roles, role) for role in ("actor", "judge", "meta_judge", "prompter")
+        f"roles.{role}.": getattr(cfg.roles, role) for role in ("actor", "judge", "meta_judge", "prompter")
     }
-    owned["eval.evaluator"] = cfg.eval.evaluator
-    seats += [(f"{key}.model", spec.model, spec.generator) for key, spec in owned.items() if spec.own_model]
+    owned["eval.evaluator."] = cfg.eval.evaluator
+    seats += [(where, spec.model, spec.generator) for where, spec in owned.items() if spec.own_model]
     strong = {
-        "judge.escalation.judge": cfg.judge.escalation,
-        "meta_judge.escalation.judge": cfg.meta_judge.escalation,
-        "eval.escalation.judge": cfg.eval.escalation,
+        "judge.escalation.judge.": cfg.judge.escalation,
+        "meta_judge.escalation.judge.": cfg.meta_judge.escalation,
+        "eval.escalation.judge.": cfg.eval.escalation,
     }
-    seats += [
-        (f"{key}.model", esc.judge.model, esc.judge.generator) for key, esc in strong.items() if esc.enabled
-    ]
-    for key, model, generator in seats:
+    seats += [(where, esc.judge.model, esc.judge.generator) for where, esc in strong.items() if esc.enabled]
+    for where, model, generator in seats:
         if generator.backend != "openai":
-            check_model_path(model, key)
+            check_model_path(model, f"{where}model")
+        if generator.backend == "vllm" and (problem := vllm_problem()) is not None:
+            raise ConfigError("backend", "vllm", problem, where=f"{where}generator.")
 
 
 def check_model_dir(path: Path, setting: str) -> None:

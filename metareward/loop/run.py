@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from metareward import report
 from metareward.align.data import ALIGN_METRICS, align_paths, load_align_split
-from metareward.compute.models import check_model_paths
+from metareward.compute.models import check_models
 from metareward.config import Config, ConfigError
 from metareward.data import fit_to_model, load_prompts, prompts_for_iteration, reuse_notice, to_prompt_rows
 from metareward.engines import ClusterError, Engines, engines_for
@@ -245,8 +245,8 @@ class Run:
         # Bad prompts or a bad model path fail before config.yaml exists: a run that never started
         # leaves no config that would then refuse the corrected one.
         all_prompts = load_prompts(cfg.data)
-        check_model_paths(cfg)
         try:
+            check_models(cfg)
             check_run_models(cfg)
         except ConfigError as error:
             raise RunStopped(str(error)) from None
