@@ -28,8 +28,10 @@ from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
 from metareward.compute.hardware import bf16_is_native
 from metareward.config import GeneratorConfig, ModelConfig, VLLMSettings
+from metareward.generation import orphans
 from metareward.generation.availability import cpu_build
 from metareward.generation.base import Completion, Messages, SamplingParams, Usage
+from metareward.generation.sampling import sample_seed
 from metareward.generation.tokens import encode, next_token_query, stop_token_ids
 
 
@@ -111,7 +113,8 @@ class VLLMGenerator:
         self.stop_ids = stop_token_ids(self.tokenizer, _generation_eos(model_dir, model.trust_remote_code))
         engine = settings.vllm
         on_cpu = cpu_build()
-        with _environment(cpu_thread_binding(engine) if on_cpu else {}):
+        cpu_binding = cpu_thread_binding(engine) if on_cpu else {}
+        with _environment(cpu_binding), orphans.new_processes() as engine_processes:
             self.llm: LLM | None = LLM(
                 model=model_dir,
                 tokenizer=model_dir,
@@ -128,6 +131,8 @@ class VLLMGenerator:
                 load_format="safetensors",
                 distributed_executor_backend=executor,
             )
+        # The engine's processes would outlive a run killed outright, keeping its memory and cores.
+        self.watcher = orphans.watch(engine_processes)
 
     def _engine(self) -> LLM:
         if self.llm is None:
@@ -146,14 +151,19 @@ class VLLMGenerator:
         greedy = params.temperature == 0
         # vLLM refuses n > 1 when greedy; greedy samples are all the same, so one is asked for and repeated.
         sent_n = 1 if greedy else params.n
-        sampling = VLLMSamplingParams(
-            n=sent_n,
-            temperature=params.temperature,
-            top_p=1.0 if greedy else params.top_p,
-            max_tokens=params.max_new_tokens,
-            seed=params.seed,
-            stop_token_ids=self.stop_ids,
-        )
+        # Each request is seeded by (seed, its prompt), as the transformers backend seeds its samples: its
+        # samples depend on nothing else in the batch, and two prompts never share their random draws.
+        sampling = [
+            VLLMSamplingParams(
+                n=sent_n,
+                temperature=params.temperature,
+                top_p=1.0 if greedy else params.top_p,
+                max_tokens=params.max_new_tokens,
+                seed=sample_seed(params.seed, ids, 0),
+                stop_token_ids=self.stop_ids,
+            )
+            for ids in prompts
+        ]
         outputs = self._engine().generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in prompts], sampling, use_tqdm=self.settings.progress
         )
@@ -212,3 +222,4 @@ class VLLMGenerator:
         del llm
         # Parallel groups, the torch process group, then gc and the CUDA cache, so DPO gets the memory.
         cleanup_dist_env_and_memory()
+        self.watcher.stop()

@@ -91,7 +91,11 @@ def test_a_requests_samples_depend_on_its_seed_alone(vllm_gen):
 
 def test_greedy_repeats_one_text_and_agrees_with_the_transformers_backend(vllm_gen, hf_gen):
     requests = [row["messages"] for row in PROMPTS[:12]]
+    calls, samples = vllm_gen.usage.generate_calls, vllm_gen.usage.samples
     fast, reference = vllm_gen.generate(requests, GREEDY), hf_gen.generate(requests, GREEDY)
+    # One engine call for the lot; each greedy request is asked once and its answer repeated n times.
+    assert vllm_gen.usage.generate_calls == calls + 1 and vllm_gen.usage.samples == samples + 12 * 3
+    assert [s[0].prompt_tokens for s in fast] == [s[0].prompt_tokens for s in reference]
     for samples in fast:
         assert len(samples) == 3 and len({c.text for c in samples}) == 1
     same = [v[0].text == h[0].text for v, h in zip(fast, reference, strict=True)]
