@@ -105,10 +105,15 @@ def shutdown() -> None:
 
 
 def engine_gpus(cfg: ClusterConfig, settings: GeneratorConfig) -> int:
-    """GPUs per engine: ``cluster.gpus_per_replica``, else vLLM's tensor-parallel size, else none."""
+    """GPUs per engine: ``cluster.gpus_per_replica``, else vLLM's tensor-parallel size (its GPU build;
+    the CPU build's workers are processes on the actor's CPUs), else none."""
     if cfg.gpus_per_replica is not None:
         return cfg.gpus_per_replica
-    return settings.vllm.tensor_parallel_size if settings.backend == "vllm" else 0
+    if settings.backend != "vllm":
+        return 0
+    from metareward.generation.availability import cpu_build
+
+    return 0 if cpu_build() else settings.vllm.tensor_parallel_size
 
 
 def engine_bundle(cfg: ClusterConfig, settings: GeneratorConfig) -> dict:
