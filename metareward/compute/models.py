@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from metareward.compute.availability import cpu_build, cpu_engine_problem, vllm_problem
 from metareward.config import Config, ConfigError, ModelConfig
 from metareward.store import records
 from metareward.store.runlock import exclusive
@@ -104,7 +105,6 @@ def check_models(cfg: Config) -> None:
     (``judge.escalation.judge.model.path``): the seed, each role's and the evaluator's own model, and
     the strong judges in use; and the engine each is served by (``roles.judge.generator.backend=vllm``
     where vLLM cannot run). A model behind an endpoint is only a served name: not checked here."""
-    from metareward.generation.availability import cpu_build, cpu_engine_problem, vllm_problem
 
     seats = [("", cfg.model, cfg.generator)]
     owned = {

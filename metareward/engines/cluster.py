@@ -111,7 +111,7 @@ def engine_gpus(cfg: ClusterConfig, settings: GeneratorConfig) -> int:
         return cfg.gpus_per_replica
     if settings.backend != "vllm":
         return 0
-    from metareward.generation.availability import cpu_build
+    from metareward.compute.availability import cpu_build
 
     return 0 if cpu_build() else settings.vllm.tensor_parallel_size
 

@@ -26,11 +26,11 @@ from vllm import LLM, CompletionOutput, TokensPrompt
 from vllm import SamplingParams as VLLMSamplingParams
 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
+from metareward.compute.availability import cpu_build
 from metareward.compute.hardware import bf16_is_native
 from metareward.config import GeneratorConfig, ModelConfig, VLLMSettings
-from metareward.generation import orphans
-from metareward.generation.availability import cpu_build
 from metareward.generation.base import Completion, Messages, SamplingParams, Usage
+from metareward.generation.orphans import new_processes, watch
 from metareward.generation.sampling import sample_seed
 from metareward.generation.tokens import encode, next_token_query, stop_token_ids
 
@@ -114,7 +114,7 @@ class VLLMGenerator:
         engine = settings.vllm
         on_cpu = cpu_build()
         cpu_binding = cpu_thread_binding(engine) if on_cpu else {}
-        with _environment(cpu_binding), orphans.new_processes() as engine_processes:
+        with _environment(cpu_binding), new_processes() as engine_processes:
             self.llm: LLM | None = LLM(
                 model=model_dir,
                 tokenizer=model_dir,
@@ -132,7 +132,7 @@ class VLLMGenerator:
                 distributed_executor_backend=executor,
             )
         # The engine's processes would outlive a run killed outright, keeping its memory and cores.
-        self.watcher = orphans.watch(engine_processes)
+        self.watcher = watch(engine_processes)
 
     def _engine(self) -> LLM:
         if self.llm is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from metareward.generation.availability import vllm_problem
+from metareward.compute.availability import vllm_problem
 
 PROBLEM = vllm_problem()
 if PROBLEM is not None and os.environ.get("METAREWARD_ENGINE_TESTS") == "1":
