@@ -20,6 +20,12 @@ Sections of the report:
   machine slows both alike; compare the ratio, not the absolute rates, across machines. ``engine``
   says which engine of the backend served the model ("fast": its own decode loop; "transformers":
   ``model.generate``, for architectures the fast one is not proven on) and ``engine_reason`` why.
+- ``generation.engines``: peers side by side on two workloads shaped like a run's (``actor``: short
+  prompts, 128 new tokens; ``judge``: the rubric prompt with an answer, about 500 tokens, 16 new
+  tokens): the project's transformers engine (``backend``), plain ``model.generate`` (``plain``),
+  transformers' continuous batching (``continuous``, ``model.generate_batch``) and vLLM's CPU engine
+  (``vllm``, eager, only where vLLM is installed, e.g. ``.venv-engines/bin/python scripts/bench.py``;
+  else ``vllm_missing`` says why), all in the same dtype and sampling; tokens/s and ``vs_backend``.
 - ``dpo``: DPO training MFU: (6 x parameters x trained tokens + 2 x parameters x tokens for the
   reference forward, unless it is precomputed before the first step, as the demo does) / training
   time / fp32 matmul rate, over the optimiser steps after the first
@@ -161,6 +167,103 @@ def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_si
         report[name] = {"generated_tokens": tokens, "seconds": round(seconds, 3)}
         report[name]["tokens_per_s"] = round(tokens / seconds, 2)
     report["backend_vs_plain"] = round(report["backend"]["tokens_per_s"] / report["plain"]["tokens_per_s"], 3)
+    return report
+
+
+def continuous_generate(model, tokenizer, stop_ids, requests, params) -> int:
+    """transformers' continuous batching (``model.generate_batch``): every request queued at once;
+    returns the tokens generated, counted as the backend counts them."""
+    from metareward.generation.sampling import generation_config
+
+    config = generation_config(params, tokenizer.pad_token_id, stop_ids)
+    config.num_return_sequences = params.n
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in requests]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    torch.manual_seed(params.seed)
+    with torch.inference_mode():
+        outputs = model.generate_batch(ids, generation_config=config, progress_bar=False)
+    generated = 0
+    for output in outputs.values():
+        row = list(output.generated_tokens)
+        generated += next((k for k, t in enumerate(row) if t in stop_ids), len(row))
+    return generated
+
+
+def generated_tokens(generator, requests, params) -> int:
+    return sum(c.num_tokens for samples in generator.generate(requests, params) for c in samples)
+
+
+def workloads(prompts: int, quick: bool) -> dict[str, tuple[list[list[dict]], int]]:
+    """The two shapes of a run's generation, as (requests, max_new_tokens): the actor's (short prompts,
+    long answers) and the judge's (the rubric prompt, about 500 tokens with an answer in it, shared by
+    every request, and a short verdict)."""
+    from metareward.judging.prompts import Templates
+
+    requests = bench_requests(prompts)
+    answer = " ".join(["The answer explains each step in turn and gives an example."] * 12)
+    judge = [Templates().judge_messages(messages, answer) for messages in requests]
+    return {"actor": (requests, 8 if quick else 128), "judge": (judge, 4 if quick else 16)}
+
+
+def engines_section(model_dir: str, model_cfg, prompts: int, params, batch_size: int, quick: bool) -> dict:
+    """The project's transformers engine, plain ``model.generate``, transformers' continuous batching
+    and vLLM's CPU engine (where it is installed: ``make test-engines`` builds such an environment) on
+    the same requests, sampling and dtype, for each workload: tokens/s and each one's ratio to the
+    project's engine. Per workload every engine runs one uncounted warm-up turn, then one timed turn,
+    one engine after the other."""
+    from dataclasses import replace
+
+    from metareward.compute.availability import vllm_problem
+    from metareward.config import GeneratorConfig, VLLMSettings
+    from metareward.generation.hf import HFGenerator
+
+    hf = HFGenerator(model_dir, model_cfg, GeneratorConfig(batch_size=batch_size, progress=False))
+    runners = {
+        "backend": lambda requests, p: generated_tokens(hf, requests, p),
+        "plain": lambda requests, p: plain_generate(
+            hf.model, hf.tokenizer, hf.stop_ids, requests, p, batch_size
+        ),
+        "continuous": lambda requests, p: continuous_generate(
+            hf.model, hf.tokenizer, hf.stop_ids, requests, p
+        ),
+    }
+    report: dict = {"computes_in": str(hf.model.dtype).removeprefix("torch."), "engine": hf.engine}
+    vllm = None
+    if (problem := vllm_problem()) is None:
+        from metareward.generation.vllm import VLLMGenerator
+
+        # Eager, as small runs and the tests use it: compiling would add about two minutes of start-up.
+        settings = GeneratorConfig(backend="vllm", progress=False, vllm=VLLMSettings(enforce_eager=True))
+        vllm_model = replace(model_cfg, dtype=report["computes_in"])  # the same dtype as the others
+        start = time.perf_counter()
+        vllm = VLLMGenerator(model_dir, vllm_model, settings)
+        report["vllm_start_seconds"] = round(time.perf_counter() - start, 1)
+        runners["vllm"] = lambda requests, p: generated_tokens(vllm, requests, p)
+    else:
+        report["vllm_missing"] = problem
+    for name, (requests, max_new_tokens) in workloads(prompts, quick).items():
+        shaped = replace(params, max_new_tokens=max_new_tokens)
+        texts = [
+            hf.tokenizer.apply_chat_template(r, tokenize=False, add_generation_prompt=True) for r in requests
+        ]
+        lengths = [len(hf.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+        row: dict = {"requests": len(requests), "mean_prompt_tokens": round(statistics.mean(lengths), 1)}
+        row["max_new_tokens"] = max_new_tokens
+        for turn in ("warm-up", "timed"):
+            for engine, generate in runners.items():
+                hf.memo = {}  # no answer from an earlier turn is served from memory
+                started = time.perf_counter()
+                tokens = generate(requests, replace(shaped, seed=shaped.seed + (turn == "timed")))
+                seconds = time.perf_counter() - started
+                if turn == "timed":
+                    row[engine] = {"generated_tokens": tokens, "seconds": round(seconds, 3)}
+                    row[engine]["tokens_per_s"] = round(tokens / seconds, 2)
+        for engine in runners:
+            row[engine]["vs_backend"] = round(row[engine]["tokens_per_s"] / row["backend"]["tokens_per_s"], 3)
+        report[name] = row
+    hf.close()
+    if vllm is not None:
+        vllm.close()
     return report
 
 
@@ -445,6 +548,9 @@ def run(args) -> dict:
         params,
         args.batch_size,
         1 if quick else args.rounds,
+    )
+    report["generation"]["engines"] = engines_section(
+        model_dir, model_cfg, 4 if quick else args.prompts, params, args.batch_size, quick
     )
     probe()
     dpo = demo_cfg.train.dpo

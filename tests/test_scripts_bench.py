@@ -52,6 +52,19 @@ def test_quick_report_on_the_tiny_model(bench, tiny_model_dir, tmp_path):
         for key in ("generated_tokens", "seconds", "tokens_per_s", "decode_mfu", "decode_mfu_vs_own_dtype"):
             assert positive(generation[engine][key]), (engine, key)
 
+    # The peers on the actor's and the judge's workload, each timed on the same requests.
+    engines = generation["engines"]
+    assert engines["judge"]["mean_prompt_tokens"] > 2 * engines["actor"]["mean_prompt_tokens"]
+    for workload in ("actor", "judge"):
+        row = engines[workload]
+        peers = ["backend", "plain", "continuous", *(["vllm"] if "vllm_missing" not in engines else [])]
+        for engine in peers:
+            assert positive(row[engine]["tokens_per_s"]), (workload, engine)
+        assert row["backend"]["vs_backend"] == 1.0
+        assert row["plain"]["vs_backend"] == pytest.approx(
+            row["plain"]["tokens_per_s"] / row["backend"]["tokens_per_s"], abs=1e-3
+        )
+
     dpo = report["dpo"]
     for key in ("steps", "trained_tokens", "train_seconds", "seconds_per_step", "mfu", "mfu_with_first_step"):
         assert positive(dpo[key]), key
