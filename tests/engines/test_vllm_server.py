@@ -74,6 +74,24 @@ def server(tmp_path_factory):
     process.wait(timeout=60)
 
 
+def _eval_judge(out, *overrides: str) -> dict:
+    """``metareward-eval-judge`` on 4 LLMBar pairs with ``overrides``; its result for the suite."""
+    result = run_cli(
+        "eval.suites=[llmbar_natural]",
+        "eval.num_pairs=4",
+        "eval.bootstrap_samples=20",
+        "eval.winner_from=text_or_probs",
+        *overrides,
+        "--out",
+        str(out),
+        script="metareward-eval-judge",
+        cwd=out.parent,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())["suites"]["llmbar_natural"]
+
+
 def _endpoint(url: str, where: str = "") -> list[str]:
     return [
         f"{where}generator.backend=openai",
@@ -124,25 +142,15 @@ def test_eval_judge_reads_the_servers_log_probabilities(server, tmp_path):
     # The model's own directory, for its tokenizer: the probability fallbacks render the chat template
     # here and ask the server to continue it.
     model_dir = resolve_model(ModelConfig(kind="smollm2_135m"))
-    result = run_cli(
+    suite = _eval_judge(
+        out,
         "model=hf",
         f"model.path={model_dir}",
         *_endpoint(server),
-        "eval.suites=[llmbar_natural]",
         "eval.protocols=[pointwise,pairwise]",
-        "eval.num_pairs=4",
         "eval.max_new_tokens=32",
-        "eval.bootstrap_samples=20",
-        "eval.winner_from=text_or_probs",
         "judge.score_from=text_or_expected",
-        "--out",
-        str(out),
-        script="metareward-eval-judge",
-        cwd=tmp_path,
-        timeout=900,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    suite = json.loads(out.read_text())["suites"]["llmbar_natural"]
     for protocol in ("pointwise", "pairwise"):
         assert suite[protocol]["pairs"] == 4
     # With 32 tokens the model rarely finishes a verdict: the probabilities decide, and they came back.
@@ -155,27 +163,18 @@ def test_eval_judge_reads_the_servers_log_probabilities(server, tmp_path):
 def test_the_vllm_server_is_escalations_strong_judge(server, tmp_path):
     before = _served_requests(server)
     out = tmp_path / "cascade.json"
-    result = run_cli(
+    suite = _eval_judge(
+        out,
         "model=tiny",
         "generator.progress=false",
-        "eval.suites=[llmbar_natural]",
         "eval.protocols=[pairwise]",
-        "eval.num_pairs=4",
         "eval.max_new_tokens=8",
-        "eval.bootstrap_samples=20",
-        "eval.winner_from=text_or_probs",
         "eval.escalation.enabled=true",
         *_endpoint(server, "eval.escalation.judge."),
         "eval.escalation.judge.model.kind=hf",
         f"eval.escalation.judge.model.path={SERVED}",
-        "--out",
-        str(out),
-        script="metareward-eval-judge",
-        cwd=tmp_path,
-        timeout=900,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    curve = json.loads(out.read_text())["suites"]["llmbar_natural"]["pairwise"]["escalation"]
+    curve = suite["pairwise"]["escalation"]
     assert curve, "no cascade curve"
     # The strong judge answered every pair, in both orders.
     assert _served_requests(server) - before >= 4 * 2
