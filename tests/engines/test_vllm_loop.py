@@ -16,7 +16,6 @@ import pytest
 
 import metareward.training
 from metareward.config import load_config
-from metareward.generation.vllm import VLLMGenerator
 from metareward.store import layout, records
 from tests.helpers import CHAIN_RUN, ROW_FILES, TINY_RUN, run_cli
 
@@ -48,6 +47,7 @@ def engine_processes() -> set[psutil.Process]:
 
 @pytest.mark.slow
 def test_two_iterations_use_one_engine_each_shut_down_before_training(tiny32_dir, tmp_path, monkeypatch):
+    from metareward.generation.vllm import VLLMGenerator  # importable only where vLLM is
     from metareward.loop.run import Run
 
     events = []
