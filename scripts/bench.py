@@ -14,12 +14,13 @@ Sections of the report:
   (``*_probes``) and MFU is given against the median probe.
 - ``generation``: tokens/s of the transformers backend and of a plain batched ``model.generate``
   loop on the same prompts, dtype and sampling settings, their ratio, and decode MFU
-  (tokens/s x 2 x parameters / fp32 matmul rate) for both; ``decode_mfu_vs_own_dtype`` divides by
-  the matmul rate of the dtype the model computes in instead (``model.dtype: auto`` is bf16 on CPUs
-  with native bf16). The two are timed in turns after one uncounted warm-up turn each, so a busy
-  machine slows both alike; compare the ratio, not the absolute rates, across machines. ``engine``
-  says which engine of the backend served the model ("fast": its own decode loop; "transformers":
-  ``model.generate``, for architectures the fast one is not proven on) and ``engine_reason`` why.
+  (tokens/s x 2 x parameters / the matmul rate of the dtype the model computes in, ``computes_in``:
+  ``model.dtype: auto`` is bf16 on CPUs with native bf16) for both; ``decode_mfu_vs_float32``
+  divides by the fp32 rate instead, to compare with machines without bf16. The two are timed in
+  turns after one uncounted warm-up turn each, so a busy machine slows both alike; compare the
+  ratio, not the absolute rates, across machines. ``engine`` says which engine of the backend
+  served the model ("fast": its own decode loop; "transformers": ``model.generate``, for
+  architectures the fast one is not proven on) and ``engine_reason`` why.
 - ``generation.engines``: peers side by side on two workloads shaped like a run's (``actor``: short
   prompts, 128 new tokens; ``judge``: the rubric prompt with an answer, about 500 tokens, 16 new
   tokens): the project's transformers engine (``backend``), plain ``model.generate`` (``plain``),
@@ -28,11 +29,11 @@ Sections of the report:
   else ``vllm_missing`` says why), all in the same dtype and sampling; tokens/s and ``vs_backend``.
 - ``dpo``: DPO training MFU: (6 x parameters x trained tokens + 2 x parameters x tokens for the
   reference forward, unless it is precomputed before the first step, as the demo does) / training
-  time / fp32 matmul rate, over the optimiser steps after the first
+  time / matmul rate of the dtype training computes in, over the optimiser steps after the first
   (which also allocates the optimiser state and gradients; ``mfu_with_first_step`` counts it).
   Training autocasts to bf16 where ``train.dpo.precision: auto`` finds native bf16
-  (``computes_in``; ``mfu_vs_own_dtype`` uses that dtype's rate). The count is the usual one: the
-  LM head, which runs on completion positions only, is counted on every token.
+  (``computes_in``; ``mfu_vs_float32`` divides by the fp32 rate instead). The count is the usual
+  one: the LM head, which runs on completion positions only, is counted on every token.
 - ``endpoint``: the OpenAI-compatible backend (``generator=openai``) at its default settings against a
   stand-in server on 127.0.0.1 (tests/openai_standin.py, in a process of its own) that answers each
   request after a fixed delay: requests per second and the mean number of requests in flight (the
@@ -173,17 +174,29 @@ def generation_section(model_dir: str, model_cfg, prompts: int, params, batch_si
 def continuous_generate(model, tokenizer, stop_ids, requests, params) -> int:
     """transformers' continuous batching (``model.generate_batch``): every request queued at once;
     returns the tokens generated, counted as the backend counts them."""
+    from transformers import ContinuousBatchingConfig
+
     from metareward.generation.sampling import generation_config
 
     config = generation_config(params, tokenizer.pad_token_id, stop_ids)
     config.num_return_sequences = params.n
     texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in requests]
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    # Left to itself the paged cache takes 90% of the machine's free memory on a CPU; size it to the
+    # requests instead (every sample's prompt and answer), as the other engines are sized.
+    page = ContinuousBatchingConfig().page_size
+    blocks = sum(math.ceil((len(row) + params.max_new_tokens) / page) for row in ids) * params.n
+    cache = ContinuousBatchingConfig(num_blocks=blocks)
     torch.manual_seed(params.seed)
-    with torch.inference_mode():
-        outputs = model.generate_batch(ids, generation_config=config, progress_bar=False)
+    # No inference_mode here: the batching runs in a thread of its own, and an inference tensor made
+    # in this one fails its in-place updates there (every request then fails, empty).
+    outputs = model.generate_batch(
+        ids, generation_config=config, continuous_batching_config=cache, progress_bar=False
+    )
     generated = 0
     for output in outputs.values():
+        if output.error:
+            raise RuntimeError(f"continuous batching failed a request: {output.error}")
         row = list(output.generated_tokens)
         generated += next((k for k, t in enumerate(row) if t in stop_ids), len(row))
     return generated
@@ -319,12 +332,12 @@ def mfu(flops_per_s: float, gflops: float) -> float:
 
 
 def add_decode_mfu(report: dict, rates: dict) -> None:
-    """Decode MFU against the fp32 matmul rate and against that of the dtype the model computes in."""
+    """Decode MFU against the matmul rate of the dtype the model computes in (and against fp32's)."""
     own = rates[getattr(torch, report["computes_in"])]
     for name in ("backend", "plain"):
         flops_per_s = report[name]["tokens_per_s"] * 2 * report["parameters"]
-        report[name]["decode_mfu"] = mfu(flops_per_s, rates[torch.float32])
-        report[name]["decode_mfu_vs_own_dtype"] = mfu(flops_per_s, own)
+        report[name]["decode_mfu"] = mfu(flops_per_s, own)
+        report[name]["decode_mfu_vs_float32"] = mfu(flops_per_s, rates[torch.float32])
 
 
 def dpo_pairs(count: int) -> list[dict]:
@@ -390,9 +403,9 @@ def add_dpo_mfu(report: dict, rates: dict) -> None:
     own = rates[getattr(torch, report["computes_in"])]
     steady = flops_per_token * report["trained_tokens"] / report["train_seconds"]
     every = flops_per_token * sum(report["step_tokens"]) / sum(report["step_seconds"])
-    report["mfu"] = mfu(steady, rates[torch.float32])
-    report["mfu_vs_own_dtype"] = mfu(steady, own)
-    report["mfu_with_first_step"] = mfu(every, rates[torch.float32])
+    report["mfu"] = mfu(steady, own)
+    report["mfu_vs_float32"] = mfu(steady, rates[torch.float32])
+    report["mfu_with_first_step"] = mfu(every, own)
 
 
 # ---------------------------------------------------------------- the demo iteration (child process)
