@@ -177,6 +177,9 @@ def test_each_iteration_directory_loads_as_a_dataset_by_its_card(two_iterations,
         iteration = run_dir / f"iter_{t}"
         card = (iteration / layout.DATASET_CARD).read_text()
         assert card.startswith("---\nconfigs:\n") and f"iteration {t}" in card
+        played_by = "tiny" if t == 1 else str(run_dir / "iter_1" / layout.MODEL)
+        assert f"Actor: M_{t - 1} (`{played_by}`); judge: M_{t - 1} (`{played_by}`);" in card
+        assert f"DPO trained M_{t} from M_{t - 1} on the `trained` rows." in card
         files = {
             "actor": iteration / layout.ACTOR_PAIRS,
             "judge": iteration / layout.JUDGE_PAIRS,
@@ -204,6 +207,13 @@ def test_each_model_has_a_card_naming_its_base_iteration_and_judge_skill(two_ite
         assert f"| actor pairs | {metrics['pairs']['actor']['pairs']} |" in card
         accuracy = metrics["eval"]["hh_rlhf"]["pointwise"]["accuracy"]
         assert f"| hh_rlhf | pointwise | {accuracy:.3f} |" in card
+        # Every DPO setting the step ran with (LoRA's only where it was on), as the run's config has it.
+        settings = json.loads(card.split("DPO settings:\n\n```json\n")[1].split("```")[0])
+        dpo = yaml.safe_load((run_dir / layout.CONFIG).read_text())["train"]["dpo"]
+        assert settings == {k: v for k, v in dpo.items() if not k.startswith("lora_")} | {
+            "launcher": "inline"
+        }
+        assert settings["learning_rate"] == 1e-3 and "max_grad_norm" in settings
 
 
 def test_iterations_train_from_the_previous_model(two_iterations, tiny_model_dir):

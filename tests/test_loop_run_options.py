@@ -234,6 +234,10 @@ def test_a_role_on_its_own_model_keeps_it_while_the_others_move_to_m_t(tmp_path,
         assert per_role["meta_judge"].model_dir == "/models/acme/external-judge"
     assert len(made) == 4 and all(g.closed for g in made)
     assert all(g.usage.samples > 0 for g in made)
+    # Each iteration's dataset card says who played which role.
+    card = (run_dir / "iter_2" / layout.DATASET_CARD).read_text()
+    m1 = run_dir / "iter_1" / layout.MODEL
+    assert f"Actor: M_1 (`{m1}`); judge: M_1 (`{m1}`); meta-judge: `acme/external-judge` (a fixed" in card
 
 
 def test_roles_default_to_the_trained_model_and_accept_overrides():

@@ -36,7 +36,7 @@ def _rows(path: Path) -> int | None:
 
 def dataset_card(directory: Path, cfg: Config, iteration: int, model: str) -> str:
     """The card of iteration directory ``directory`` (iteration ``iteration`` of the run ``cfg``, whose
-    roles were played by ``model``)."""
+    roles without a model of their own were played by ``model``)."""
     counts = {name: _rows(directory / file) for name, file, _ in CONFIGS}
     yaml = ["---", "configs:"]
     for name, file, _ in CONFIGS:
@@ -61,14 +61,16 @@ def dataset_card(directory: Path, cfg: Config, iteration: int, model: str) -> st
                   "judge_chosen_score_cap": pairs.judge_chosen_score_cap},
         "train_judge_pairs": iteration in cfg.train.judge_iterations,
     }  # fmt: skip
+    players = {role: _player(cfg, role, iteration, model) for role in ("actor", "judge", "meta_judge")}
     body = [
         f"# {cfg.run_name}, iteration {iteration}",
         "",
-        f"Preference pairs made by metareward's Meta-Rewarding loop with M_{iteration - 1} (`{model}`) "
-        "as actor, judge and meta-judge: the actor sampled responses, the judge scored each with the "
-        "additive 5-point rubric, the meta-judge compared judgements of one response in both orders. Actor "
-        "pairs follow the length-controlled rule (rho), judge pairs the position-weighted Elo of the "
-        "meta-judge's battles. DPO trained M_{iteration} from M_{iteration - 1} on the `trained` rows.",
+        "Preference pairs made by metareward's Meta-Rewarding loop. Actor: "
+        f"{players['actor']}; judge: {players['judge']}; meta-judge: {players['meta_judge']}. The actor "
+        "sampled responses, the judge scored each with the additive 5-point rubric, the meta-judge compared "
+        "judgements of one response in both orders. Actor pairs follow the length-controlled rule (rho), "
+        "judge pairs the position-weighted Elo of the meta-judge's battles. DPO trained "
+        f"M_{iteration} from M_{iteration - 1} on the `trained` rows.",
         "",
         "| config | file | rows are | rows |",
         "| --- | --- | --- | --- |",
@@ -91,6 +93,14 @@ def dataset_card(directory: Path, cfg: Config, iteration: int, model: str) -> st
         "",
     ]
     return "\n".join(yaml + body)
+
+
+def _player(cfg: Config, role: str, iteration: int, model: str) -> str:
+    """Who played ``role``: M_{t-1} (``model``), or the role's own fixed model."""
+    spec = getattr(cfg.roles, role)
+    if spec.own_model:
+        return f"`{spec.model.path or spec.model.kind}` (a fixed model of its own)"
+    return f"M_{iteration - 1} (`{model}`)"
 
 
 def played_by(cfg: Config, run_dir: Path, iteration: int) -> str:

@@ -5,6 +5,7 @@ the model and how well it judged, so the folder says what it is when it is copie
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -31,26 +32,17 @@ def model_card(cfg: Config, iteration: int, trained_from: str, metrics: dict) ->
         yaml.append(f"base_model: {cfg.model.path}")
     yaml += ["tags:", "- dpo", "- trl", "- meta-rewarding", "- llm-as-a-judge", "---", ""]
     pairs, train = metrics.get("pairs", {}), metrics.get("train", {})
-    dpo = cfg.train.dpo
-    settings = {
-        "beta": dpo.beta,
-        "loss_type": dpo.loss_type,
-        "rpo_alpha": dpo.rpo_alpha,
-        "learning_rate": dpo.learning_rate,
-        "num_epochs": dpo.num_epochs,
-        "batch_size": dpo.batch_size,
-        "gradient_accumulation_steps": dpo.gradient_accumulation_steps,
-        "max_length": dpo.max_length,
-        "use_lora": dpo.use_lora,
-        "launcher": cfg.train.launcher,
-    }
+    # Every DPO setting, so the card reproduces the step (the LoRA ones only where LoRA was on).
+    settings = dataclasses.asdict(cfg.train.dpo)
+    if not settings["use_lora"]:
+        settings = {k: v for k, v in settings.items() if not k.startswith("lora_")}
+    settings["launcher"] = cfg.train.launcher
     body = [
         f"# {cfg.run_name}: M_{iteration}",
         "",
         f"Iteration {iteration} of a Meta-Rewarding run (metareward): the seed model `{seed}`, trained by "
-        f"DPO from `{trained_from}` (also its reference) on the preference pairs that model made as actor, "
-        "judge and meta-judge. The pairs are the dataset in the folder above this one (its `trained` "
-        "config).",
+        f"DPO from `{trained_from}` (also its reference) on its iteration's preference pairs: the dataset "
+        "in the folder above this one (its `trained` config; its card says which model played each role).",
         "",
         "| | |",
         "| --- | --- |",
