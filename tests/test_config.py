@@ -187,6 +187,9 @@ BAD = [
     (["roles.judge.model.dtype=fp8"], "roles.judge.model.dtype", "fp8"),
     (["roles.actor.model.kind=hf"], "roles.actor.model.path", "None"),
     (["roles.judge.generator.vllm.max_model_len=8"], "roles.judge.generator.vllm.max_model_len", "8"),
+    (["generator.vllm.cpu_kv_cache_gib=0"], "generator.vllm.cpu_kv_cache_gib", "0"),
+    (["generator.vllm.cpu_threads=0"], "generator.vllm.cpu_threads", "0"),
+    (["generator.vllm.enforce_eager=maybe"], "generator.vllm.enforce_eager", "maybe"),
     (
         ["roles.meta_judge.generator.openai.base_urls=[ftp://x]"],
         "roles.meta_judge.generator.openai.base_urls",
