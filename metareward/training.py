@@ -99,6 +99,11 @@ def _dpo_config(
     # accelerate run them as plain multi-CPU processes, without DeepSpeed.
     deepspeed_on_cpu = not on_gpu and launched_with_deepspeed()
     bf16 = autocasts_bf16(settings)
+    if launched_with_deepspeed():
+        # The accelerate config's mixed_precision (bf16 in the shipped ZeRO-3 one) reaches DeepSpeed's
+        # config through this variable, and DeepSpeed refuses a trainer whose bf16 differs from it:
+        # train.dpo.precision decides, as on every other launcher.
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "no"
     # Gradient checkpointing is `activation_checkpointing` from transformers 5.21 on (TRL defaults it
     # to on; we follow our settings); transformers 5.20, which vLLM 0.33 pins, has the older name.
     names = {f.name for f in dataclasses.fields(DPOConfig)}

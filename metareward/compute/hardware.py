@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from metareward.compute.availability import cpu_flags
+
 
 def cpu_has_bf16() -> bool:
     """AVX512-BF16 or AMX; elsewhere torch emulates bf16 on CPU and it is slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    flags = cpu_flags() or set()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -53,7 +53,10 @@ class StartMasterFromCheckpoint(TrainerCallback):
                 continue
             with safe_open(tensors[name], framework="pt") as handle:
                 exact = handle.get_tensor(name).to(param.device, torch.float32)
-            safe_set_full_fp32_param(param, exact)
+            if hasattr(param, "ds_id"):
+                _set_zero3_master(param, exact)
+            else:
+                safe_set_full_fp32_param(param, exact)
         if unmatched:
             log.warning(
                 "%d trainable weights are not stored under their own names in %s (e.g. %s): they start "
@@ -62,6 +65,21 @@ class StartMasterFromCheckpoint(TrainerCallback):
                 self.model_dir,
                 unmatched[0],
             )
+
+
+def _set_zero3_master(param, value: torch.Tensor) -> None:
+    """Set this process's partition of a ZeRO-3 weight's fp32 master to its slice of ``value``.
+
+    DeepSpeed's own setter (``set_full_hp_param``, 0.19) takes every partition to be whole, but the last
+    one is padded when the weight's size does not divide by the number of processes, and reading its
+    slice then runs past the weight's end; here the slice is cut at the end and the padding left alone."""
+    optimizer = param._z3_optimizer
+    partition, group = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    start = partition.numel() * optimizer._get_param_partition_rank(param)
+    piece = value.flatten()[start : start + partition.numel()]
+    partition.data[: piece.numel()].copy_(piece)
+    if optimizer._swappable_optimizer_subgroup(group):  # offloaded to NVMe: written back there
+        optimizer._optimizer_states_and_gradient_swap_out(group)
 
 
 def gather_trained(trainer) -> dict[str, torch.Tensor] | None:
@@ -81,7 +99,10 @@ def gather_trained(trainer) -> dict[str, torch.Tensor] | None:
     for name, param in accelerator.unwrap_model(trainer.model).named_parameters():  # tied ones once
         if not param.requires_grad:  # LoRA's base: M_{t-1}'s, unchanged; it has no master either
             continue
+        # DeepSpeed keeps no master where it trains the parameters themselves (ZeRO-0 in fp32).
         full = full_fp32(param)
+        if full is None:
+            full = param
         if accelerator.is_main_process:
             weights[name] = full.detach().to("cpu", torch.float32).clone()
     return weights if accelerator.is_main_process else None

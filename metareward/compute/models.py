@@ -118,10 +118,13 @@ def check_models(cfg: Config) -> None:
         "eval.escalation.judge.": cfg.eval.escalation,
     }
     seats += [(where, esc.judge.model, esc.judge.generator) for where, esc in strong.items() if esc.enabled]
+    # On a running Ray cluster the engines start on its nodes, whose vLLM and devices may differ from
+    # this one's (a head node without a GPU); each engine then says itself what it lacks.
+    engines_here = cfg.cluster.kind != "ray" or cfg.cluster.address is None
     for where, model, generator in seats:
         if generator.backend != "openai":
             check_model_path(model, f"{where}model")
-        if generator.backend == "vllm":
+        if generator.backend == "vllm" and engines_here:
             if (problem := vllm_problem()) is not None:
                 raise ConfigError("backend", "vllm", problem, where=f"{where}generator.")
             if cpu_build() and (bad := cpu_engine_problem(generator.vllm)) is not None:

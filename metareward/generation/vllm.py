@@ -18,7 +18,6 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -28,6 +27,7 @@ from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
 from metareward.compute.availability import cpu_build
 from metareward.compute.hardware import bf16_is_native
+from metareward.compute.memory import available_gib
 from metareward.config import GeneratorConfig, ModelConfig, VLLMSettings
 from metareward.generation.base import Completion, Messages, SamplingParams, Usage
 from metareward.generation.orphans import new_processes, watch
@@ -44,19 +44,12 @@ def _generation_eos(model_dir: str, trust_remote_code: bool) -> int | list[int] 
         return getattr(config, "eos_token_id", None)
 
 
-def available_gib(meminfo: Path = Path("/proc/meminfo")) -> float:
-    """Memory available to new processes, in GiB (MemAvailable)."""
-    for line in meminfo.read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 2**20
-    raise RuntimeError(f"{meminfo} gives no MemAvailable")
-
-
 def cpu_engine_args(engine: VLLMSettings) -> dict:
-    """Engine arguments for vLLM's CPU build."""
+    """Engine arguments for vLLM's CPU build. The KV cache (``cpu_kv_cache_gib``, the engine's in all)
+    is split between its tensor-parallel workers, as vLLM reserves the size given for each."""
     gib = engine.cpu_kv_cache_gib or max(1, int(available_gib() / 4))
     return {
-        "kv_cache_memory_bytes": gib * 2**30,
+        "kv_cache_memory_bytes": gib * 2**30 // engine.tensor_parallel_size,
         # A seeded request whose prompt is computed over several steps crashes the CPU engine (vLLM
         # 0.32 rewinds the request's torch.Generator, which CPU generators cannot do), and every
         # request is seeded; without chunked prefill a prompt is computed in one step.

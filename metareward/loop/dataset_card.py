@@ -98,6 +98,9 @@ def dataset_card(directory: Path, cfg: Config, iteration: int, model: str) -> st
 def _player(cfg: Config, role: str, iteration: int, model: str) -> str:
     """Who played ``role``: M_{t-1} (``model``), or the role's own fixed model."""
     spec = getattr(cfg.roles, role)
+    if spec.own_model and spec.generator.backend == "openai":  # named as the endpoint serves it
+        served = spec.generator.openai.model or spec.model.path
+        return f"`{served}` (a fixed model of its own, behind an endpoint)"
     if spec.own_model:
         return f"`{spec.model.path or spec.model.kind}` (a fixed model of its own)"
     return f"M_{iteration - 1} (`{model}`)"
