@@ -97,9 +97,10 @@ def _dpo_config(
     on_gpu = torch.cuda.is_available()
     # DeepSpeed also runs on CPU processes (its CPU accelerator, over gloo); use_cpu would have
     # accelerate run them as plain multi-CPU processes, without DeepSpeed.
-    deepspeed_on_cpu = not on_gpu and launched_with_deepspeed()
+    with_deepspeed = launched_with_deepspeed()
+    deepspeed_on_cpu = not on_gpu and with_deepspeed
     bf16 = autocasts_bf16(settings)
-    if launched_with_deepspeed():
+    if with_deepspeed:
         # The accelerate config's mixed_precision (bf16 in the shipped ZeRO-3 one) reaches DeepSpeed's
         # config through this variable, and DeepSpeed refuses a trainer whose bf16 differs from it:
         # train.dpo.precision decides, as on every other launcher.

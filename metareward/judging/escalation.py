@@ -160,8 +160,8 @@ def prices_of(settings: GeneratorConfig) -> Prices | None:
     return Prices(api.prompt_price_per_mtok or 0.0, api.completion_price_per_mtok or 0.0)
 
 
-def judge_name(spec: ModelSpec) -> str:
-    """The name rows give a judge: its served model name behind an endpoint, else its model."""
+def model_name(spec: ModelSpec) -> str:
+    """The name rows and cards give a model: its served name behind an endpoint, else its model."""
     if spec.generator.backend == "openai":
         return spec.generator.openai.model or spec.model.path or "endpoint"
     return spec.model.path or spec.model.kind
@@ -174,7 +174,7 @@ class StrongJudge:
 
     def __init__(self, spec: ModelSpec, start: Callable[[ModelSpec], Generator]):
         self.spec, self.start = spec, start
-        self.name = judge_name(spec)
+        self.name = model_name(spec)
         self.prices = prices_of(spec.generator)
         self._generator: Generator | None = None
 
@@ -214,7 +214,7 @@ def for_iteration(cfg, t: int, start: Callable[[ModelSpec], Generator]) -> dict[
             continue
         spec = getattr(cfg.roles, role)
         if spec.own_model:
-            local_name, local_generator = judge_name(spec), spec.generator
+            local_name, local_generator = model_name(spec), spec.generator
         else:
             local_name, local_generator = f"M_{t - 1}", cfg.generator
         found[role] = StageEscalation(

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from metareward.config import Config
+from metareward.judging.escalation import model_name
 from metareward.store import layout, records
 
 # (config name, file in the iteration directory, what its rows are)
@@ -98,12 +99,10 @@ def dataset_card(directory: Path, cfg: Config, iteration: int, model: str) -> st
 def _player(cfg: Config, role: str, iteration: int, model: str) -> str:
     """Who played ``role``: M_{t-1} (``model``), or the role's own fixed model."""
     spec = getattr(cfg.roles, role)
-    if spec.own_model and spec.generator.backend == "openai":  # named as the endpoint serves it
-        served = spec.generator.openai.model or spec.model.path
-        return f"`{served}` (a fixed model of its own, behind an endpoint)"
-    if spec.own_model:
-        return f"`{spec.model.path or spec.model.kind}` (a fixed model of its own)"
-    return f"M_{iteration - 1} (`{model}`)"
+    if not spec.own_model:
+        return f"M_{iteration - 1} (`{model}`)"
+    where = ", behind an endpoint" if spec.generator.backend == "openai" else ""
+    return f"`{model_name(spec)}` (a fixed model of its own{where})"
 
 
 def played_by(cfg: Config, run_dir: Path, iteration: int) -> str:
